@@ -1,0 +1,19 @@
+"""Training losses for class-imbalanced, alert-budget problems, exact under DDP."""
+
+from ._base import Pool, QueuedRankingLoss
+from ._distributed import all_gather_no_grad, all_gather_with_grad
+from ._queue import MemoryQueue
+from .metrics import recall_at_quantile
+from .recall_loss import RecallAtQuantileLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MemoryQueue",
+    "Pool",
+    "QueuedRankingLoss",
+    "RecallAtQuantileLoss",
+    "all_gather_no_grad",
+    "all_gather_with_grad",
+    "recall_at_quantile",
+]

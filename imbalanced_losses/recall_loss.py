@@ -1,0 +1,147 @@
+"""Differentiable recall above a score quantile (the alert budget)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+from torch import Tensor
+
+from ._base import Pool, QueuedRankingLoss
+from .functional import INTERPOLATIONS, quantile_threshold, soft_recall_per_class
+
+
+def _check_temperature(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ValueError(f"temperature must be a finite float > 0, got {value!r}")
+    return float(value)
+
+
+class RecallAtQuantileLoss(QueuedRankingLoss):
+    r"""``1 - soft recall`` of each class's positives above its alert threshold.
+
+    For class ``c`` the threshold is the ``(1 - quantile)`` quantile of the
+    pooled scores of column ``c`` (live rows of every rank, then the memory
+    queue), with ``torch.quantile``'s ``quantile_interpolation`` and no
+    gradient; then
+
+    .. math:: \text{loss}_c = 1 - \frac{\sum_{i \in P_c} w_i\,
+              \sigma((s_{ic} - \theta_c)/\tau)}{\sum_{i \in P_c} w_i}
+
+    Multi-class is one-vs-rest per column; ``num_classes=1`` is binary (column
+    0, positives have target 1). ``quantile`` must exceed the positive
+    fraction, otherwise even a perfect model leaves positives below the
+    threshold (at 1% positives, use ``quantile > 0.01``).
+
+    Args:
+        num_classes: number of columns of ``logits``; 1 for binary.
+        quantile: alert budget, the top fraction of scores, in (0, 1).
+        queue_size: rows of past (detached) scores kept to stabilise the
+            threshold; 0 disables the queue.
+        temperature: sigmoid width ``tau``; settable between steps (annealing)
+            and saved in ``state_dict()``.
+        reduction: ``"mean"`` / ``"sum"`` over classes with a positive, or
+            ``"none"`` for ``[C]`` with NaN where a class has no positive.
+        ignore_index: target of padding rows; they never count nor enter the queue.
+        update_queue_in_eval: also write the queue in ``eval()`` mode.
+        gather_distributed: pool all ranks' rows (``None``: whenever
+            ``torch.distributed`` is initialised with world size > 1, decided
+            at each forward).
+        quantile_interpolation: as in ``torch.quantile``; ``"higher"`` never
+            puts the threshold under the true cutoff.
+        max_pool_size: estimate the threshold from a uniform sample of this
+            many pooled rows (recall still uses every positive).
+        seed: seed of that sample's private generator (the global RNG is untouched).
+
+    Shape:
+        ``logits`` ``[N, C]`` float, ``targets`` ``[N]`` or ``[N, 1]`` integer or bool,
+        ``sample_weight`` ``[N]`` non-negative (moves recall, never the threshold).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        quantile: float = 0.005,
+        queue_size: int = 1024,
+        temperature: float = 0.01,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        update_queue_in_eval: bool = False,
+        gather_distributed: Optional[bool] = None,
+        quantile_interpolation: str = "higher",
+        max_pool_size: Optional[int] = None,
+        *,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            num_classes,
+            queue_size=queue_size,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            update_queue_in_eval=update_queue_in_eval,
+            gather_distributed=gather_distributed,
+            max_pool_size=max_pool_size,
+            seed=seed,
+        )
+        if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not (
+            0.0 < quantile < 1.0
+        ):
+            raise ValueError(f"quantile must be a float in (0, 1), got {quantile!r}")
+        if quantile_interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"quantile_interpolation must be one of {INTERPOLATIONS}, "
+                f"got {quantile_interpolation!r}"
+            )
+        self.quantile = float(quantile)
+        self.quantile_interpolation = quantile_interpolation
+        self.temperature = temperature
+        self._warned_small_pool = False
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = _check_temperature(value)
+
+    def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
+        sample = pool.threshold_scores()
+        if sample.shape[0] * self.quantile < 1 and not self._warned_small_pool:
+            self._warned_small_pool = True
+            warnings.warn(
+                f"the pool holds {sample.shape[0]} rows, too few for quantile={self.quantile} "
+                f"(pool * quantile < 1), so the threshold sits at the top of the pool; "
+                f"use a larger queue_size or batch.",
+                stacklevel=4,
+            )
+        theta = quantile_threshold(sample, self.quantile, self.quantile_interpolation)
+        recall, mass = soft_recall_per_class(
+            pool.scores, pool.positive_column, theta, self.temperature, pool.weights
+        )
+        return 1.0 - recall, mass > 0
+
+    def config_fingerprint(self) -> dict[str, float]:
+        return {
+            **super().config_fingerprint(),
+            "quantile": self.quantile,
+            "temperature": self.temperature,
+            "quantile_interpolation": float(INTERPOLATIONS.index(self.quantile_interpolation)),
+        }
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "temperature": self.temperature}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self.temperature = state["temperature"]
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, quantile={self.quantile}, "
+            f"queue_size={self.queue.capacity}, temperature={self.temperature}, "
+            f"reduction={self.reduction!r}, interpolation={self.quantile_interpolation!r}"
+        )

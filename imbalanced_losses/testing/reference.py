@@ -1,0 +1,251 @@
+"""Plain reference implementation of Recall-at-Quantile (contract §3/§4).
+
+Written from the contract, not from the library: a Python loop over classes, boolean masks and
+``torch.quantile`` per class. It is the oracle of the test-suite and the baseline of
+``scripts/bench.py``. It is deliberately slow and deliberately keeps ``torch.quantile``'s
+2^24-row limit. It does no input validation, no subsampling and no distributed gather.
+
+Math, per class ``c`` (binary mode ``num_classes == 1``: column 0, positives are target 1)::
+
+    pool     = live rows whose target != ignore_index, then the queue rows
+    theta_c  = torch.quantile(pool[:, c], 1 - quantile, interpolation)     (detached)
+    recall_c = sum_{i pos} w_i * sigmoid((s_ic - theta_c) / temperature) / sum_{i pos} w_i
+    loss_c   = 1 - recall_c,  valid_c = (sum_{i pos} w_i > 0)
+
+``mean``/``sum`` reduce over valid classes; with no valid class the loss is a zero that is still
+connected to the graph. ``none`` returns ``[C]`` with NaN for invalid classes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "reference_recall_at_quantile_loss",
+    "reference_recall_at_quantile",
+    "ReferenceRecallAtQuantileLoss",
+]
+
+
+def _positive_label(num_classes: int, c: int) -> int:
+    return 1 if num_classes == 1 else c
+
+
+def reference_recall_at_quantile_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    num_classes: int,
+    quantile: float,
+    temperature: float,
+    interpolation: str = "higher",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    sample_weight: Optional[Tensor] = None,
+    queue_scores: Optional[Tensor] = None,
+    queue_targets: Optional[Tensor] = None,
+    queue_weights: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return ``(loss, per_class [C] with NaN where invalid, valid [C] bool)``."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    if queue_scores is not None:
+        dtype = torch.promote_types(dtype, queue_scores.dtype)
+    num_columns = logits.shape[1]
+    targets = targets.reshape(-1).long()
+    if sample_weight is None:
+        weights = torch.ones(logits.shape[0], dtype=dtype, device=logits.device)
+    else:
+        weights = sample_weight.detach().to(dtype)
+
+    # Pool: live rows that are not padding, then the queue rows (which carry no gradient).
+    keep = targets != ignore_index
+    scores = logits.to(dtype)[keep]
+    labels = targets[keep]
+    weights = weights[keep]
+    if queue_scores is not None and queue_scores.shape[0] > 0:
+        if queue_weights is None:
+            queue_weights = torch.ones(queue_scores.shape[0], dtype=dtype)
+        scores = torch.cat([scores, queue_scores.detach().to(dtype)])
+        labels = torch.cat([labels, queue_targets.long()])
+        weights = torch.cat([weights, queue_weights.detach().to(dtype)])
+
+    # A zero that is connected to the graph (an empty sum: no NaN even if logits hold NaN).
+    zero = logits[:0].sum().to(dtype)
+    nan = torch.tensor(float("nan"), dtype=dtype, device=logits.device)
+
+    per_class = []
+    valid = []
+    for c in range(num_columns):
+        is_pos = labels == _positive_label(num_classes, c)
+        w_pos = weights[is_pos]
+        if w_pos.sum() <= 0:  # also covers an empty pool and a class with no positive
+            per_class.append(nan + zero)
+            valid.append(False)
+            continue
+        column = scores[:, c]
+        theta = torch.quantile(column.detach(), 1.0 - quantile, interpolation=interpolation)
+        soft = torch.sigmoid((column[is_pos] - theta) / temperature)
+        recall = (w_pos * soft).sum() / w_pos.sum()
+        per_class.append(1.0 - recall)
+        valid.append(True)
+
+    per_class_t = torch.stack(per_class) if per_class else zero.reshape(0)
+    valid_t = torch.tensor(valid, dtype=torch.bool, device=logits.device)
+    valid_losses = [p for p, v in zip(per_class, valid) if v]
+    if reduction == "none":
+        loss = per_class_t
+    elif not valid_losses:
+        loss = zero
+    elif reduction == "sum":
+        loss = torch.stack(valid_losses).sum()
+    elif reduction == "mean":
+        loss = torch.stack(valid_losses).mean()
+    else:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return loss, per_class_t, valid_t
+
+
+def reference_recall_at_quantile(
+    scores: Tensor,
+    targets: Tensor,
+    quantile: float,
+    *,
+    interpolation: str = "higher",
+    ignore_index: int = -100,
+    reduction: str = "none",
+) -> Tensor:
+    """Hard recall at the same threshold rule: a positive counts when ``score >= theta``.
+
+    ``scores`` ``[N]`` (binary, returns a 0-d tensor) or ``[N, C]`` (``C == 1`` binary, else
+    one-vs-rest) gives ``[C]`` with NaN for a class without positives; ``reduction="mean"``
+    averages the classes that have positives.
+    """
+    one_dim = scores.dim() == 1
+    scores2d = scores.reshape(-1, 1) if one_dim else scores
+    num_columns = scores2d.shape[1]
+    targets = targets.reshape(-1).long()
+    keep = targets != ignore_index
+    pool = scores2d[keep].detach().to(torch.promote_types(scores.dtype, torch.float32))
+    labels = targets[keep]
+    recalls = []
+    for c in range(num_columns):
+        is_pos = labels == _positive_label(num_columns, c)
+        if not bool(is_pos.any()):
+            recalls.append(float("nan"))
+            continue
+        theta = torch.quantile(pool[:, c], 1.0 - quantile, interpolation=interpolation)
+        hits = (pool[is_pos, c] >= theta).sum().item()
+        recalls.append(hits / int(is_pos.sum()))
+    result = torch.tensor(recalls, dtype=pool.dtype)
+    if reduction == "mean":
+        return result.nanmean()
+    if reduction != "none":
+        raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
+    return result[0] if one_dim else result
+
+
+class ReferenceRecallAtQuantileLoss:
+    """Stateful reference: the functional reference plus a plain circular queue.
+
+    Rows are written as if one by one at ``ptr`` (advancing modulo ``queue_size``), after the
+    loss, only in training mode (or with ``update_queue_in_eval``), and only rows that count:
+    target != ignore_index and every logit finite. Queue rows are kept in ``dtype``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        quantile: float = 0.005,
+        queue_size: int = 1024,
+        temperature: float = 0.01,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        update_queue_in_eval: bool = False,
+        quantile_interpolation: str = "higher",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.num_classes = num_classes
+        self.quantile = quantile
+        self.queue_size = queue_size
+        self.temperature = temperature
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.update_queue_in_eval = update_queue_in_eval
+        self.interpolation = quantile_interpolation
+        self.training = True
+        width = max(num_classes, 1)
+        self.scores = torch.zeros(queue_size, width, dtype=dtype)
+        self.targets = torch.zeros(queue_size, dtype=torch.long)
+        self.weights = torch.zeros(queue_size, dtype=dtype)
+        self.ptr = 0
+        self.count = 0
+
+    def train(self, mode: bool = True) -> ReferenceRecallAtQuantileLoss:
+        self.training = mode
+        return self
+
+    def eval(self) -> ReferenceRecallAtQuantileLoss:
+        return self.train(False)
+
+    def reset_queue(self) -> None:
+        self.ptr = 0
+        self.count = 0
+        self.scores.zero_()
+        self.targets.zero_()
+        self.weights.zero_()
+
+    def rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The filled slots, in slot order."""
+        n = self.count
+        return self.scores[:n], self.targets[:n], self.weights[:n]
+
+    def push(self, scores: Tensor, targets: Tensor, weights: Tensor) -> None:
+        """Write rows as if one at a time: row i goes to slot (ptr + i) % queue_size."""
+        q, m = self.queue_size, scores.shape[0]
+        if q == 0 or m == 0:
+            return
+        # Writing one by one, only the last q rows survive; the first of them lands at
+        # slot (ptr + m - q) % q.
+        first = max(m - q, 0)
+        slots = (self.ptr + first + torch.arange(m - first)) % q
+        self.scores[slots] = scores[first:].detach().to(self.scores.dtype)
+        self.targets[slots] = targets[first:].long()
+        self.weights[slots] = weights[first:].detach().to(self.weights.dtype)
+        self.ptr = (self.ptr + m) % q
+        self.count = min(self.count + m, q)
+
+    def __call__(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        *,
+        return_per_class: bool = False,
+        sample_weight: Optional[Tensor] = None,
+    ):
+        queue_scores, queue_targets, queue_weights = self.rows()
+        loss, per_class, valid = reference_recall_at_quantile_loss(
+            logits,
+            targets,
+            num_classes=self.num_classes,
+            quantile=self.quantile,
+            temperature=self.temperature,
+            interpolation=self.interpolation,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            sample_weight=sample_weight,
+            queue_scores=queue_scores,
+            queue_targets=queue_targets,
+            queue_weights=queue_weights,
+        )
+        if self.training or self.update_queue_in_eval:
+            flat_targets = targets.reshape(-1).long()
+            if sample_weight is None:
+                sample_weight = torch.ones(logits.shape[0], dtype=self.weights.dtype)
+            counts = (flat_targets != self.ignore_index) & torch.isfinite(logits).all(dim=1)
+            self.push(logits.detach()[counts], flat_targets[counts], sample_weight[counts])
+        if return_per_class:
+            return loss, per_class, valid
+        return loss

@@ -1,0 +1,195 @@
+"""The rank-spawning engine itself: results come back, and every way a rank can go wrong is
+reported quickly, with the evidence, and without leaving a process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import unittest
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+
+from imbalanced_losses.testing import NotEnoughGPUs, RankFailure, RankTimeout, run_ranks
+
+# Spawning a rank costs an interpreter start plus `import torch` (~1-3 s on a loaded 2-core box).
+FAST_FAILURE_S = 15.0
+
+
+# --- rank bodies (module level: each spawned rank imports them by name) ---------------------
+
+
+def _describe_world(rank: int, tag: str) -> dict:
+    dist.barrier()
+    return {
+        "rank": rank,
+        "dist_rank": dist.get_rank(),
+        "world_size": dist.get_world_size(),
+        "backend": str(dist.get_backend()),
+        "env_rank": os.environ["RANK"],
+        "tag": tag,
+        "tensor": torch.arange(3, dtype=torch.float64) * rank,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _raise_on_rank_one(rank: int) -> None:
+    if rank == 1:
+        raise ValueError("boom from rank 1")
+    dist.barrier()  # without fail-fast, rank 0 would wait here until the process-group timeout
+
+
+def _sleep_on_rank_one(rank: int) -> None:
+    if rank == 1:
+        time.sleep(120)  # the hung rank
+    dist.barrier()
+
+
+def _sigkill_on_rank_one(rank: int) -> None:
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+
+
+def _exit_without_result(rank: int) -> None:
+    if rank == 0:
+        os._exit(0)
+    dist.barrier()
+
+
+def _start_grandchild_then_fail(rank: int, pid_dir: str) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(os.path.join(pid_dir, f"rank{rank}.pids"), "w") as f:
+        f.write(f"{os.getpid()} {child.pid}")
+    dist.barrier()  # both ranks have written their pids
+    if rank == 1:
+        raise RuntimeError("rank 1 fails while it and rank 0 have children running")
+    dist.barrier()
+
+
+def _claim_another_world(rank: int) -> None:
+    from imbalanced_losses.testing._spawn import _check_world
+
+    _check_world(rank, 3, "nccl")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _our_processes() -> set[int]:
+    """This test process's descendants, minus multiprocessing's shared resource tracker."""
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(proc.cmdline()):
+                pids.add(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _run_expecting(error: type[Exception], fn, world_size: int, **kw) -> tuple[Exception, float]:
+    before = _our_processes()
+    start = time.monotonic()
+    with pytest.raises(error) as info:
+        run_ranks(fn, world_size, **kw)
+    elapsed = time.monotonic() - start
+    assert _our_processes() - before == set(), "a rank outlived run_ranks"
+    return info.value, elapsed
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+def test_each_rank_returns_its_result_in_rank_order_and_sees_the_asked_world():
+    results = run_ranks(_describe_world, 3, args=("x",), timeout_s=60)
+    assert [r["rank"] for r in results] == [0, 1, 2]
+    assert [r["dist_rank"] for r in results] == [0, 1, 2]
+    assert [r["env_rank"] for r in results] == ["0", "1", "2"]
+    assert all(r["world_size"] == 3 and r["backend"] == "gloo" for r in results)
+    assert all(r["tag"] == "x" and r["threads"] == 1 for r in results)
+    torch.testing.assert_close(
+        results[2]["tensor"], torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64)
+    )
+
+
+def test_rank_that_raises_is_reported_with_its_traceback_within_seconds():
+    error, elapsed = _run_expecting(RankFailure, _raise_on_rank_one, 2, timeout_s=120)
+    assert elapsed < FAST_FAILURE_S, f"took {elapsed:.1f} s: the parent did not fail fast"
+    message = str(error)
+    assert "rank 1 failed first" in message
+    assert "ValueError: boom from rank 1" in message
+    assert "_raise_on_rank_one" in message  # the traceback, not just the exception text
+    assert "ValueError: boom from rank 1" in error.failures[1]
+    assert not isinstance(error, RankTimeout)
+
+
+def test_hung_rank_fails_at_the_deadline_with_every_ranks_stack():
+    error, elapsed = _run_expecting(RankTimeout, _sleep_on_rank_one, 2, timeout_s=10)
+    assert elapsed < 10 + FAST_FAILURE_S
+    message = str(error)
+    assert "deadline of 10 s expired" in message
+    # faulthandler's dump names the frame each rank was stuck in.
+    assert "in _sleep_on_rank_one" in error.logs[1]
+    assert "in barrier" in error.logs[0]
+    assert "in _sleep_on_rank_one" in message
+
+
+def test_death_by_signal_counts_as_failure():
+    error, elapsed = _run_expecting(RankFailure, _sigkill_on_rank_one, 2, timeout_s=120)
+    assert elapsed < FAST_FAILURE_S
+    assert error.failures[1] == "killed by signal SIGKILL"
+    assert "killed by signal SIGKILL" in str(error)
+
+
+def test_rank_that_exits_zero_without_a_result_counts_as_failure():
+    error, _ = _run_expecting(RankFailure, _exit_without_result, 2, timeout_s=120)
+    assert "without reporting a result" in error.failures[0]
+
+
+def test_no_rank_or_child_of_a_rank_outlives_a_failed_run(tmp_path):
+    _run_expecting(
+        RankFailure, _start_grandchild_then_fail, 2, args=(str(tmp_path),), timeout_s=120
+    )
+    pids = [int(p) for f in tmp_path.glob("rank*.pids") for p in f.read_text().split()]
+    assert len(pids) == 4, "both ranks should have recorded themselves and their child"
+    deadline = time.monotonic() + 5  # an orphaned grandchild is reaped by init, asynchronously
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [pid for pid in pids if _alive(pid)] == []
+
+
+def test_rank_refuses_a_world_other_than_the_one_asked_for():
+    error, _ = _run_expecting(RankFailure, _claim_another_world, 2, timeout_s=120)
+    assert "process group has world_size=2, backend='gloo'" in str(error)
+    assert "expected world_size=3, backend='nccl'" in str(error)
+
+
+def test_nccl_with_fewer_gpus_than_ranks_is_a_skip_with_the_reason():
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(NotEnoughGPUs, match=f"needs one GPU per rank; this machine has {found}"):
+        run_ranks(_describe_world, found + 1, backend="nccl", args=("x",))
+    assert issubclass(NotEnoughGPUs, unittest.SkipTest)  # pytest reports it as a skip
+
+
+def test_nccl_two_ranks_return_results():
+    """Runs on a machine with 2+ GPUs; elsewhere run_ranks raises NotEnoughGPUs: a skip."""
+    results = run_ranks(_describe_world, 2, backend="nccl", args=("gpu",), timeout_s=120)
+    assert [r["backend"] for r in results] == ["nccl", "nccl"]
+
+
+def test_unpicklable_function_is_refused_before_spawning():
+    with pytest.raises(TypeError, match="module-level function"):
+        run_ranks(lambda rank: rank, 2)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import _distributed
 from ._queue import MemoryQueue
-from .functional import positive_columns, reduce_per_class
+from .functional import positive_scores, reduce_per_class
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -27,30 +27,47 @@ LossOutput = Union[Tensor, tuple[Tensor, Tensor, Tensor]]
 
 
 @dataclass
-class Pool:
-    """The rows a loss ranks this step: live rows first (they carry gradient), then the queue.
-
-    ``threshold_rows`` indexes the rows to estimate thresholds from when
-    ``max_pool_size`` capped them (``None``: all rows); every row still counts
-    in per-row terms such as recall.
-    """
+class Rows:
+    """A block of pooled rows: ``scores [n, C]``, ``targets [n]``, ``weights [n]``."""
 
     scores: Tensor
     targets: Tensor
     weights: Tensor
-    num_live: int
+
+
+@dataclass
+class Pool:
+    """The rows a loss ranks this step: the live rows (with gradient) and the queued rows.
+
+    They are kept as two blocks rather than concatenated, so a step does not
+    copy the whole queue. ``threshold_rows`` indexes (live first, then queue)
+    the rows to estimate thresholds from when ``max_pool_size`` capped them
+    (``None``: all rows); every row still counts in per-row terms such as recall.
+    """
+
+    live: Rows
+    queued: Rows
     num_classes: int
     threshold_rows: Optional[Tensor] = None
 
     @property
-    def positive_column(self) -> Tensor:
-        """Per row, the class it is a positive of (binary: 0 for target 1), or -1."""
-        return positive_columns(self.targets, self.num_classes)
+    def size(self) -> int:
+        return self.live.scores.shape[0] + self.queued.scores.shape[0]
 
-    def threshold_scores(self) -> Tensor:
-        """Detached scores of the rows the threshold is estimated from."""
-        scores = self.scores.detach()
-        return scores if self.threshold_rows is None else scores[self.threshold_rows]
+    def threshold_blocks(self) -> list[Tensor]:
+        """Detached score blocks to estimate thresholds from (a subsample when capped)."""
+        blocks = [self.live.scores.detach(), self.queued.scores]
+        if self.threshold_rows is None:
+            return blocks
+        return [torch.cat(blocks)[self.threshold_rows]]
+
+    def positives(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every positive's own-class score, class and weight (live ones carry gradient)."""
+        parts = [
+            positive_scores(rows.scores, rows.targets, rows.weights, self.num_classes)
+            for rows in (self.live, self.queued)
+        ]
+        return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -172,8 +189,10 @@ class QueuedRankingLoss(nn.Module):
         self._raise_on_any_problem(metas, problem, targets, sample_weight)
 
         rank = _distributed.world()[0] if distributed else 0
-        rows = keep.nonzero_static(size=int(metas[rank][_Meta.ROWS])).squeeze(1)
-        scores, tgt, weights = scores[rows], tgt[rows], weights[rows]
+        num_kept = int(metas[rank][_Meta.ROWS])
+        if num_kept < tgt.shape[0]:  # padding present: keep real rows only
+            rows = keep.nonzero_static(size=num_kept).squeeze(1)
+            scores, tgt, weights = scores[rows], tgt[rows], weights[rows]
         if distributed:
             sizes = [int(m[_Meta.ROWS]) for m in metas]
             packed = torch.cat([scores, tgt.to(scores.dtype)[:, None], weights[:, None]], dim=1)
@@ -182,7 +201,7 @@ class QueuedRankingLoss(nn.Module):
         num_finite = int(sum(m[_Meta.FINITE_ROWS] for m in metas))
 
         pool = self._pool(scores, tgt, weights)
-        if pool.scores.shape[0] == 0:
+        if pool.size == 0:
             per_class = scores.new_zeros(self.num_classes)
             valid = torch.zeros(self.num_classes, dtype=torch.bool, device=scores.device)
         else:
@@ -190,11 +209,14 @@ class QueuedRankingLoss(nn.Module):
         loss = reduce_per_class(per_class, valid, self.reduction, anchor=scores)
 
         if self._writes_queue():
-            finite = torch.isfinite(scores.detach()).all(dim=1)
-            rows = finite.nonzero_static(size=num_finite).squeeze(1)
-            self.queue.push(scores.detach()[rows], tgt[rows], weights[rows])
+            live = (scores.detach(), tgt, weights)
+            if num_finite < scores.shape[0]:  # rows with inf/NaN never take a slot
+                finite = torch.isfinite(live[0]).all(dim=1)
+                rows = finite.nonzero_static(size=num_finite).squeeze(1)
+                live = (live[0][rows], tgt[rows], weights[rows])
+            self.queue.push(*live)
         if return_per_class:
-            return loss, per_class.detach().masked_fill(~valid, float("nan")), valid
+            return loss, per_class.masked_fill(~valid, float("nan")), valid
         return loss
 
     # ---------------------------------------------------------------- helpers
@@ -340,15 +362,12 @@ class QueuedRankingLoss(nn.Module):
     def _pool(self, scores: Tensor, targets: Tensor, weights: Tensor) -> Pool:
         q_scores, q_targets, q_weights = self.queue.rows()
         pool = Pool(
-            scores=torch.cat([scores, q_scores.to(scores.dtype)]),
-            targets=torch.cat([targets, q_targets]),
-            weights=torch.cat([weights, q_weights.to(weights.dtype)]),
-            num_live=scores.shape[0],
+            live=Rows(scores, targets, weights),
+            queued=Rows(q_scores.to(scores.dtype), q_targets, q_weights.to(weights.dtype)),
             num_classes=self.num_classes,
         )
-        size = pool.scores.shape[0]
-        if self.max_pool_size is not None and size > self.max_pool_size:
-            pool.threshold_rows = self._subsample(size).to(scores.device)
+        if self.max_pool_size is not None and pool.size > self.max_pool_size:
+            pool.threshold_rows = self._subsample(pool.size).to(scores.device)
         return pool
 
     def _subsample(self, size: int) -> Tensor:

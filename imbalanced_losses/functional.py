@@ -9,7 +9,7 @@ refuses inputs past 2**24 elements).
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -47,43 +47,61 @@ def _order_statistic_positions(
     return below, min(above, num_rows - 1), weight
 
 
-def _select_ascending(scores: Tensor, positions: tuple[int, ...]) -> list[Tensor]:
-    """Per-column values at the given ascending order-statistic positions (0-based)."""
-    num_rows = scores.shape[0]
-    lowest = min(positions)
-    needed = num_rows - lowest  # top-k must reach down to the lowest position
+def _select_ascending(
+    blocks: Sequence[Tensor], positions: tuple[int, ...]
+) -> tuple[list[Tensor], Tensor]:
+    """Per-column values at ascending order-statistic positions (0-based) of the stacked blocks.
+
+    A small upper tail is found by a top-k of each block and a top-k of their
+    union (no concatenation of the blocks); otherwise one quickselect per
+    position over the concatenated column. Also returns a per-column NaN flag
+    (torch.quantile returns NaN for such a column).
+    """
+    num_rows = sum(block.shape[0] for block in blocks)
+    needed = num_rows - min(positions)  # the top-k must reach the lowest position
     if needed <= max(1, int(_TOPK_MAX_FRACTION * num_rows)):
-        top = torch.topk(scores, needed, dim=0, largest=True, sorted=True).values
-        return [top[num_rows - 1 - p] for p in positions]
-    return [torch.kthvalue(scores, p + 1, dim=0).values for p in positions]
+        tails = [
+            torch.topk(block, min(needed, block.shape[0]), dim=0).values
+            for block in blocks
+            if block.shape[0] > 0
+        ]
+        union = tails[0] if len(tails) == 1 else torch.cat(tails)
+        top = torch.topk(union, needed, dim=0, sorted=True).values
+        # top-k orders NaN above every number, so a NaN column shows it first.
+        return [top[num_rows - 1 - p] for p in positions], torch.isnan(top[0])
+    column = torch.cat(list(blocks)) if len(blocks) > 1 else blocks[0]
+    values = [torch.kthvalue(column, p + 1, dim=0).values for p in positions]
+    return values, torch.isnan(column).any(dim=0)
 
 
 def quantile_threshold(
-    scores: Tensor, quantile: float, interpolation: str = "higher"
+    scores: Union[Tensor, Sequence[Tensor]], quantile: float, interpolation: str = "higher"
 ) -> Tensor:
     """Per-column ``(1 - quantile)`` quantile of ``scores`` ``[P, C]``; returns ``[C]``.
 
     Same value as ``torch.quantile(scores, 1 - quantile, dim=0,
     interpolation=interpolation)`` (NaN for a column holding a NaN), computed
-    without a sort and without a size limit. ``P`` must be at least 1.
-    The result carries no gradient: the threshold is a stop-gradient target.
+    by selection, without a sort and without a size limit. ``scores`` may be a
+    sequence of row blocks ``[P_i, C]`` (e.g. live rows and the queue), taken as
+    if concatenated. The result carries no gradient: it is a stop-gradient target.
     """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be [P, C], got shape {tuple(scores.shape)}")
-    if scores.shape[0] == 0:
+    blocks = [scores] if isinstance(scores, Tensor) else list(scores)
+    if not blocks or any(b.dim() != 2 or b.shape[1] != blocks[0].shape[1] for b in blocks):
+        shapes = [tuple(b.shape) for b in blocks]
+        raise ValueError(f"scores must be [P, C] blocks with equal C, got shapes {shapes}")
+    num_rows = sum(b.shape[0] for b in blocks)
+    if num_rows == 0:
         raise ValueError("scores must hold at least one row to define a quantile")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    scores = scores.detach()
+    blocks = [b.detach() for b in blocks]
     below, above, weight = _order_statistic_positions(
-        scores.shape[0], 1.0 - quantile, interpolation, scores.dtype
+        num_rows, 1.0 - quantile, interpolation, blocks[0].dtype
     )
-    if interpolation in ("linear", "midpoint") and above != below:
-        low, high = _select_ascending(scores, (below, above))
-        theta = torch.lerp(low, high, weight)
-    else:
-        (theta,) = _select_ascending(scores, (below,))
-    has_nan = torch.isnan(scores).any(dim=0)
+    interpolate = interpolation in ("linear", "midpoint") and above != below
+    positions = (below, above) if interpolate else (below,)
+    values, has_nan = _select_ascending(blocks, positions)
+    theta = torch.lerp(values[0], values[1], weight) if interpolate else values[0]
     return theta.masked_fill(has_nan, float("nan"))
 
 
@@ -94,30 +112,37 @@ def positive_columns(targets: Tensor, num_classes: int) -> Tensor:
     return targets
 
 
+def positive_scores(
+    scores: Tensor, targets: Tensor, weights: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each positive row's score in its own class column: ``(score [K], class [K], weight [K])``.
+
+    A row is a positive of at most one class (one-vs-rest), so per-positive
+    terms cost ``O(P)`` rather than ``O(P * C)``.
+    """
+    column = positive_columns(targets, num_classes)
+    rows = (column >= 0).nonzero(as_tuple=True)[0]
+    cls = column[rows]
+    return scores[rows, cls], cls, weights[rows]
+
+
 def soft_recall_per_class(
-    scores: Tensor,
-    positive_column: Tensor,
+    own_scores: Tensor,
+    own_class: Tensor,
+    weights: Tensor,
     threshold: Tensor,
     temperature: float,
-    weights: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Weighted mean of ``sigmoid((s - theta) / tau)`` over each class's positives.
+    """Weighted mean of ``sigmoid((s - theta_c) / tau)`` over each class's positives.
 
-    Each row is a positive of at most one class, so only ``O(P)`` sigmoids are
-    evaluated (not ``O(P * C)``): the positive's own score is gathered and
-    scattered back into its class. Returns ``(soft_recall [C], weight_mass [C])``;
-    classes with zero positive mass get recall 0 (callers mask them).
+    Inputs are the positives from :func:`positive_scores`. Returns
+    ``(soft_recall [C], weight_mass [C])``; a class with zero mass gets recall
+    0 (the caller masks it as invalid).
     """
-    num_classes = threshold.shape[0]
-    is_positive = positive_column >= 0
-    rows = is_positive.nonzero(as_tuple=True)[0]
-    cls = positive_column[rows]
-    own_scores = scores[rows, cls]
-    recall_terms = torch.sigmoid((own_scores - threshold[cls]) / temperature)
-    w = weights[rows].to(recall_terms.dtype)
-    mass = torch.zeros(num_classes, dtype=recall_terms.dtype, device=scores.device)
-    mass = mass.index_add(0, cls, w)
-    weighted = torch.zeros_like(mass).index_add(0, cls, w * recall_terms)
+    recall_terms = torch.sigmoid((own_scores - threshold[own_class]) / temperature)
+    w = weights.to(recall_terms.dtype)
+    mass = torch.zeros_like(threshold).index_add(0, own_class, w)
+    weighted = torch.zeros_like(threshold).index_add(0, own_class, w * recall_terms)
     recall = weighted / mass.clamp_min(torch.finfo(mass.dtype).tiny)
     return recall, mass
 

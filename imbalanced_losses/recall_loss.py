@@ -109,19 +109,18 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         self._temperature = _check_temperature(value)
 
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
-        sample = pool.threshold_scores()
-        if sample.shape[0] * self.quantile < 1 and not self._warned_small_pool:
+        blocks = pool.threshold_blocks()
+        sample_size = sum(block.shape[0] for block in blocks)
+        if sample_size * self.quantile < 1 and not self._warned_small_pool:
             self._warned_small_pool = True
             warnings.warn(
-                f"the pool holds {sample.shape[0]} rows, too few for quantile={self.quantile} "
+                f"the pool holds {sample_size} rows, too few for quantile={self.quantile} "
                 f"(pool * quantile < 1), so the threshold sits at the top of the pool; "
                 f"use a larger queue_size or batch.",
                 stacklevel=4,
             )
-        theta = quantile_threshold(sample, self.quantile, self.quantile_interpolation)
-        recall, mass = soft_recall_per_class(
-            pool.scores, pool.positive_column, theta, self.temperature, pool.weights
-        )
+        theta = quantile_threshold(blocks, self.quantile, self.quantile_interpolation)
+        recall, mass = soft_recall_per_class(*pool.positives(), theta, self.temperature)
         return 1.0 - recall, mass > 0
 
     def config_fingerprint(self) -> dict[str, float]:

@@ -98,10 +98,14 @@ def quantile_threshold(
     below, above, weight = _order_statistic_positions(
         num_rows, 1.0 - quantile, interpolation, blocks[0].dtype
     )
-    interpolate = interpolation in ("linear", "midpoint") and above != below
-    positions = (below, above) if interpolate else (below,)
+    positions = (below,) if above == below else (below, above)
     values, has_nan = _select_ascending(blocks, positions)
-    theta = torch.lerp(values[0], values[1], weight) if interpolate else values[0]
+    if interpolation in ("linear", "midpoint"):
+        # Always lerp, as torch.quantile does, even when both ends coincide:
+        # lerp(-inf, -inf, w) is NaN there, and we match it bit for bit.
+        theta = torch.lerp(values[0], values[-1], weight)
+    else:
+        theta = values[0]
     return theta.masked_fill(has_nan, float("nan"))
 
 

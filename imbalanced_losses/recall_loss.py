@@ -117,7 +117,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
                 f"the pool holds {sample_size} rows, too few for quantile={self.quantile} "
                 f"(pool * quantile < 1), so the threshold sits at the top of the pool; "
                 f"use a larger queue_size or batch.",
-                stacklevel=4,
+                stacklevel=5,  # the caller of loss_fn(...)
             )
         theta = quantile_threshold(blocks, self.quantile, self.quantile_interpolation)
         recall, mass = soft_recall_per_class(*pool.positives(), theta, self.temperature)

@@ -274,12 +274,15 @@ def _rank_main(rank: int, spec: dict, fn: Callable[..., Any], args: tuple, kwarg
         os.replace(tmp, _path(workdir, rank, "result"))
         dist.barrier()  # nobody tears down while a peer may still be talking to it
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
     except BaseException:
         text = traceback.format_exc()
         with open(_path(workdir, rank, "error.tmp"), "w") as f:
             f.write(text)
         os.replace(_path(workdir, rank, "error.tmp"), _path(workdir, rank, "error"))
         os._exit(1)  # skip interpreter teardown: a broken process group can hang in it
+    os._exit(0)  # the result is on disk; tearing down torch only costs time
 
 
 def _check_world(rank: int, world_size: int, backend: str) -> None:

@@ -1,0 +1,522 @@
+"""Check a queued ranking loss under real DDP against a single-process float64 oracle.
+
+The promise being checked (contract §5): training with the loss under DistributedDataParallel
+is *the same computation* as one process fed the concatenated global batch. So the check runs a
+small seeded float64 model twice -- on real ranks under DDP, and in this process without DDP on
+the global batch -- and compares, step by step: the loss (bit-identical on every rank, equal to
+the oracle's), the gradients DDP leaves on the parameters, the loss's queue (bit-identical on
+every rank and equal to the oracle's), and the parameters after each optimiser step.
+
+Each step of the plan says how many rows every rank gets (uneven, even zero), so the world size
+is ``len(step.sizes)``. A plan whose world size changes between steps is a checkpoint test: the
+ranks save ``loss.state_dict()`` (and the model's and optimiser's), a new world of the next size
+loads it (``torch.load(weights_only=True)``) and carries on, and the oracle never stops.
+
+The rank's model computes logits block by block on the same row blocks the oracle uses, so on
+CPU every quantity the loss sees is bit-identical to the oracle's; differences can only come
+from the loss. With NCCL the oracle (CPU) is compared within ``rtol`` instead of bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from imbalanced_losses.testing._spawn import run_ranks
+
+__all__ = ["Check", "DdpMismatch", "DdpReport", "Step", "check_ddp_exactness"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training (or eval) step: ``sizes[r]`` rows for rank ``r``.
+
+    ``pad_frac`` of the rows get ``ignore_index`` targets; ``weighted`` passes a non-negative
+    ``sample_weight`` (some zeros); ``train=False`` runs the step in ``eval()`` mode without
+    backward; ``kwargs`` go to the loss's forward (e.g. ``{"return_per_class": True}``).
+    """
+
+    sizes: tuple[int, ...]
+    pad_frac: float = 0.0
+    weighted: bool = False
+    train: bool = True
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Check:
+    step: int
+    world_size: int
+    name: str
+    error: float
+    limit: float
+    scale: float = 0.0  # magnitude of the oracle's value: a check of zeros proves little
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.limit  # NaN error: not ok
+
+
+class DdpMismatch(AssertionError):
+    """Raised by :meth:`DdpReport.raise_if_failed`; the message is the report."""
+
+
+@dataclass
+class DdpReport:
+    checks: list[Check]
+    final_state: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def __str__(self) -> str:
+        lines = [f"DDP exactness: {'PASS' if self.ok else 'FAIL'} ({len(self.checks)} checks)"]
+        for name in dict.fromkeys(c.name for c in self.checks):
+            group = [c for c in self.checks if c.name == name]
+            bad = [c for c in group if not c.ok]
+            worst = max((c.error for c in group), key=lambda e: (e != e, e))
+            lines.append(
+                f"  {'FAIL' if bad else 'ok  '} {name:<38} max error {worst:.3g} "
+                f"(limit {group[0].limit:g}) over {len(group)} steps"
+                + (f"; fails at steps {[c.step for c in bad][:10]}" if bad else "")
+            )
+        return "\n".join(lines)
+
+    def table(self) -> str:
+        """Every check of every step, one per line."""
+        return "\n".join(
+            f"step {c.step:3d} ws={c.world_size} {'ok  ' if c.ok else 'FAIL'} "
+            f"{c.name:<38} {c.error:.3g} (limit {c.limit:g})"
+            + (f" oracle magnitude {c.scale:.3g}" if c.scale else "")
+            for c in self.checks
+        )
+
+    def raise_if_failed(self) -> None:
+        if not self.ok:
+            failing = "\n".join(
+                f"  step {c.step} ws={c.world_size}: {c.name}: error {c.error:.3g} > {c.limit:g}"
+                for c in self.failures()[:20]
+            )
+            raise DdpMismatch(f"{self}\nfirst failures:\n{failing}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One check: a loss, a plan and the training layout (see :func:`check_ddp_exactness`)."""
+
+    loss_factory: Callable[[], Any]
+    plan: Sequence[Step]
+    loss_inside_ddp: bool = False
+    broadcast_buffers: bool = True
+    local_ce_weight: float = 0.0
+    oracle_factory: Callable[[], Any] | None = None
+    in_features: int = 5
+    lr: float = 0.5
+    seed: int = 0
+    rtol: float = 1e-9
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What a rank needs to rebuild a case (the plan travels separately, segment by segment)."""
+
+    case: Case
+    num_classes: int
+    ignore_index: int
+    backend: str
+
+
+def check_ddp_exactness(
+    loss_factory: Callable[[], Any],
+    plan: Sequence[Step],
+    *,
+    backend: str = "gloo",
+    timeout_s: float = 180.0,
+    **options: Any,
+) -> DdpReport:
+    """Run ``plan`` under DDP and on the single-process oracle; return the per-step report.
+
+    ``loss_factory()`` builds the loss (a picklable callable, e.g. ``functools.partial`` of the
+    class; leave ``gather_distributed`` on auto); it is cast to float64. Options (fields of
+    :class:`Case`): ``oracle_factory`` (default: the same factory) builds the single-process
+    loss, e.g. a plain reference implementation; ``loss_inside_ddp`` puts the loss inside the
+    DDP-wrapped module; ``broadcast_buffers`` is DDP's option; ``local_ce_weight`` adds a
+    per-rank cross-entropy (sum over the rank's rows / its row count), which DDP's average
+    turns into the global mean only for equal per-rank batches, so it requires them;
+    ``rtol`` bounds the relative error of values and gradients against the oracle.
+    """
+    case = Case(loss_factory, plan, **options)
+    return check_many([case], backend=backend, timeout_s=timeout_s)[0]
+
+
+def check_many(
+    cases: Sequence[Case], *, backend: str = "gloo", timeout_s: float = 180.0
+) -> list[DdpReport]:
+    """Like :func:`check_ddp_exactness` for several cases, sharing spawned worlds.
+
+    Spawning ranks costs seconds; the n-th segment of every case with the same world size runs
+    in one spawned world, one case after the other.
+    """
+    setups, segments, oracles, probes = [], [], [], []
+    for case in cases:
+        if not case.plan:
+            raise ValueError("a plan must hold at least one Step")
+        for i, step in enumerate(case.plan):
+            if case.local_ce_weight and len(set(step.sizes)) != 1:
+                raise ValueError(
+                    f"step {i}: local_ce_weight needs equal per-rank sizes, got {step.sizes}"
+                )
+        probe = _as_float64(case.loss_factory())
+        ignore_index = int(getattr(probe, "ignore_index", -100))
+        setup = _Setup(case, int(probe.num_classes), ignore_index, backend)
+        setups.append(setup)
+        probes.append(probe)
+        oracles.append(_oracle(setup, case.oracle_factory or case.loss_factory))
+        groups = itertools.groupby(enumerate(case.plan), key=lambda item: len(item[1].sizes))
+        segments.append([[i for i, _ in group] for _, group in groups])
+
+    checks: list[list[Check]] = [[] for _ in cases]
+    states: list[Any] = [None] * len(cases)
+    for round_ in range(max(len(s) for s in segments)):
+        worlds: dict[int, list[int]] = {}
+        for c, segs in enumerate(segments):
+            if round_ < len(segs):
+                worlds.setdefault(len(cases[c].plan[segs[round_][0]].sizes), []).append(c)
+        for world_size, members in sorted(worlds.items()):
+            jobs = [
+                (
+                    setups[c],
+                    segments[c][round_][0],
+                    [cases[c].plan[i] for i in segments[c][round_]],
+                    states[c],
+                )
+                for c in members
+            ]
+            results = run_ranks(
+                _rank_jobs, world_size, backend=backend, timeout_s=timeout_s, args=(jobs,)
+            )
+            for j, c in enumerate(members):
+                per_rank = [r[j] for r in results]
+                checks[c] += _compare_segment(
+                    setups[c], segments[c][round_], per_rank, oracles[c], probes[c]
+                )
+                states[c] = per_rank[0][1]
+    return [DdpReport(ch, final_state=st or {}) for ch, st in zip(checks, states)]
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
+def _rank_jobs(rank: int, jobs: list) -> list:
+    """Body of one rank: run each case's segment in turn in this process group."""
+    return [_rank_segment(rank, *job) for job in jobs]
+
+
+def _rank_segment(rank: int, setup: _Setup, first: int, steps: list[Step], state: Any) -> Any:
+    """DDP training over ``steps``; returns per-step records and the end state to resume from."""
+    device = torch.device("cuda", rank) if setup.backend == "nccl" else torch.device("cpu")
+    model, loss_fn, optimizer = _build(setup, setup.case.loss_factory, device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optim"])
+        loss_fn.load_state_dict(torch.load(io.BytesIO(state["loss"]), weights_only=True))
+    net = _Net(model, loss_fn if setup.case.loss_inside_ddp else None)
+    ddp = DistributedDataParallel(
+        net,
+        device_ids=[rank] if device.type == "cuda" else None,
+        broadcast_buffers=setup.case.broadcast_buffers,
+    )
+    records = []
+    for i, step in enumerate(steps, start=first):
+        x, y, w = _batch(setup, i, step, device)
+        lo = sum(step.sizes[:rank])
+        rows = slice(lo, lo + step.sizes[rank])
+        x, y, w = x[rows], y[rows], (None if w is None else w[rows])
+
+        def forward(x=x, y=y, w=w, kwargs=step.kwargs):
+            if setup.case.loss_inside_ddp:
+                return ddp(x, y, w, dict(kwargs))
+            logits = ddp(x)
+            return logits, loss_fn(logits, y, sample_weight=w, **kwargs)
+
+        records.append(_train_step(setup, step, forward, (ddp, loss_fn), loss_fn, optimizer, y))
+    buffer = io.BytesIO()
+    torch.save(loss_fn.state_dict(), buffer)
+    end = {
+        "model": _cpu(model.state_dict()),
+        "optim": _cpu(optimizer.state_dict()),
+        "loss": buffer.getvalue(),
+        "loss_state": _cpu(loss_fn.state_dict()),
+    }
+    return records, end
+
+
+def _oracle(setup: _Setup, factory: Callable[[], Any]) -> list[dict]:
+    """The single-process run: same model, optimiser and data; the global batch in rank order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks run one thread each: same BLAS path, same bits
+    try:
+        model, loss_fn, optimizer = _build(setup, factory, torch.device("cpu"))
+        records = []
+        for i, step in enumerate(setup.case.plan):
+            x, y, w = _batch(setup, i, step, torch.device("cpu"))
+            edges = [0, *itertools.accumulate(step.sizes)]
+
+            def forward(x=x, y=y, w=w, kwargs=step.kwargs, edges=edges):
+                logits = torch.cat([model(x[a:b]) for a, b in zip(edges, edges[1:])])
+                return logits, loss_fn(logits, y, sample_weight=w, **kwargs)
+
+            records.append(
+                _train_step(setup, step, forward, (model, loss_fn), loss_fn, optimizer, y)
+            )
+        return records
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_step(setup, step, forward, modules, loss_fn, optimizer, y) -> dict:
+    """One step, identical for ranks and oracle; records what the comparison needs."""
+    for module in modules:
+        module.train(step.train)
+    optimizer.zero_grad()
+    with torch.set_grad_enabled(step.train):
+        logits, out = forward()
+        if step.train:
+            total = _scalar(out)
+            if setup.case.local_ce_weight:
+                total = total + setup.case.local_ce_weight * _local_ce(logits, y, setup)
+            total.backward()
+            optimizer.step()
+    params = optimizer.param_groups[0]["params"]
+    return {
+        "out": _cpu(_detach(out)),
+        "logits": logits.detach().cpu(),
+        "grads": [p.grad.detach().cpu().clone() for p in params] if step.train else None,
+        "params": [p.detach().cpu().clone() for p in params],
+        "queue": _queue_state(loss_fn),
+    }
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+class _Net(nn.Module):
+    """What DDP wraps: the model, and optionally the loss (the 'loss inside DDP' layout)."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module | None) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        w: Tensor | None = None,
+        kwargs: dict | None = None,
+    ) -> Any:
+        logits = self.model(x)
+        if self.loss_fn is None:
+            return logits
+        return logits, self.loss_fn(logits, y, sample_weight=w, **(kwargs or {}))
+
+
+def _build(setup: _Setup, factory: Callable[[], Any], device: torch.device) -> tuple:
+    gen = torch.Generator().manual_seed(setup.case.seed)
+    model = nn.Linear(setup.case.in_features, setup.num_classes, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(model.weight.shape, generator=gen, dtype=torch.float64))
+        model.bias.copy_(0.1 * torch.randn(model.bias.shape, generator=gen, dtype=torch.float64))
+    model = model.to(device)
+    loss_fn = _as_float64(factory())
+    if isinstance(loss_fn, nn.Module):
+        loss_fn = loss_fn.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=setup.case.lr, momentum=0.9)
+    return model, loss_fn, optimizer
+
+
+def _batch(setup: _Setup, index: int, step: Step, device: torch.device) -> tuple:
+    """The global batch of step ``index`` (rank ``r`` takes rows ``sizes[:r]`` onwards)."""
+    gen = torch.Generator().manual_seed(setup.case.seed * 1_000_003 + index)
+    n = sum(step.sizes)
+    x = torch.randn(n, setup.case.in_features, generator=gen, dtype=torch.float64)
+    if setup.num_classes == 1:
+        y = (torch.rand(n, generator=gen) < 0.3).long()
+    else:
+        y = torch.randint(0, setup.num_classes, (n,), generator=gen)
+    y = torch.where(torch.rand(n, generator=gen) < step.pad_frac, setup.ignore_index, y)
+    w = None
+    if step.weighted:
+        w = 2 * torch.rand(n, generator=gen, dtype=torch.float64)
+        w = torch.where(torch.rand(n, generator=gen) < 0.2, 0.0, w).to(device)
+    return x.to(device), y.to(device), w
+
+
+def _local_ce(logits: Tensor, y: Tensor, setup: _Setup) -> Tensor:
+    """Cross-entropy summed over this block's counted rows, divided by the block's row count."""
+    keep = y != setup.ignore_index
+    if setup.num_classes == 1:
+        terms = F.binary_cross_entropy_with_logits(
+            logits[:, 0], y.clamp(0, 1).to(logits.dtype), reduction="none"
+        )
+        total = (terms * keep).sum()
+    else:
+        total = F.cross_entropy(logits, y, ignore_index=setup.ignore_index, reduction="sum")
+    return total / max(y.shape[0], 1)
+
+
+def _as_float64(loss_fn: Any) -> Any:
+    return loss_fn.double() if isinstance(loss_fn, nn.Module) else loss_fn
+
+
+def _scalar(out: Any) -> Tensor:
+    """What to backpropagate: the loss, or the sum of its finite per-class entries ('none')."""
+    loss = out[0] if isinstance(out, tuple) else out
+    return torch.where(torch.isnan(loss), 0.0, loss).sum() if loss.dim() else loss
+
+
+def _queue_state(loss_fn: Any) -> tuple | None:
+    q = getattr(loss_fn, "queue", loss_fn)
+    if not hasattr(q, "scores"):
+        return None
+    return (
+        q.scores.detach().cpu().clone(),
+        q.targets.detach().cpu().clone(),
+        q.weights.detach().cpu().clone(),
+        int(q.ptr),
+        int(q.count),
+    )
+
+
+def _detach(out: Any) -> Any:
+    return tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+# ------------------------------------------------------------------------- comparison
+
+
+def _compare_segment(setup, indices, per_rank, oracle, probe) -> list[Check]:
+    """Checks of each step of one segment, plus the agreement of the states it ends with."""
+    checks = []
+    exact = setup.backend != "nccl"
+    for k, i in enumerate(indices):
+        ranks = [records[k] for records, _ in per_rank]
+        previous = oracle[i - 1]["queue"] if i else None
+        step = setup.case.plan[i]
+        checks += _compare(i, step, ranks, oracle[i], previous, probe, setup.case.rtol, exact)
+    states = [_no_bytes(state) for _, state in per_rank]
+    error = max(_diff(s, states[0]) for s in states)
+    checks.append(
+        Check(indices[-1], len(per_rank), "checkpoint identical on every rank", error, 0.0)
+    )
+    return checks
+
+
+def _compare(i, step, ranks, oracle, previous_queue, probe, rtol, exact) -> list[Check]:
+    ws = len(step.sizes)
+    vs_oracle = 0.0 if exact else rtol
+    out = []
+
+    def add(name: str, error: float, limit: float, scale: float = 0.0) -> None:
+        out.append(Check(i, ws, name, error, limit, scale))
+
+    add("loss identical on every rank", max(_diff(r["out"], ranks[0]["out"]) for r in ranks), 0.0)
+    add("loss vs oracle", _rel(ranks[0]["out"], oracle["out"]), rtol)
+    edges = [0, *itertools.accumulate(step.sizes)]
+    add(
+        "logits vs oracle",
+        max(_rel(r["logits"], oracle["logits"][a:b]) for r, a, b in zip(ranks, edges, edges[1:])),
+        vs_oracle,
+    )
+    if step.train:
+        add(
+            "grads identical on every rank",
+            max(_diff(r["grads"], ranks[0]["grads"]) for r in ranks),
+            0.0,
+        )
+        add(
+            "DDP grads vs oracle",
+            _rel(ranks[0]["grads"], oracle["grads"]),
+            rtol,
+            _scale(oracle["grads"]),
+        )
+    add("params vs oracle", _rel(ranks[0]["params"], oracle["params"]), rtol)
+    if oracle["queue"] is not None and ranks[0]["queue"] is not None:
+        add(
+            "queue identical on every rank",
+            max(_diff(r["queue"], ranks[0]["queue"]) for r in ranks),
+            0.0,
+        )
+        add("queue vs oracle", _rel(ranks[0]["queue"], oracle["queue"]), vs_oracle)
+        frozen = not step.train and not getattr(probe, "update_queue_in_eval", False)
+        if frozen and previous_queue is not None:
+            add("queue frozen in eval", _diff(ranks[0]["queue"], previous_queue), 0.0)
+    return out
+
+
+def _flat(obj: Any) -> list:
+    if isinstance(obj, dict):
+        return [v for k in sorted(obj) for v in _flat(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [v for item in obj for v in _flat(item)]
+    return [obj]
+
+
+def _diff(a: Any, b: Any) -> float:
+    """Largest absolute difference (NaN matches NaN; a shape or structure mismatch is inf)."""
+    fa, fb = _flat(a), _flat(b)
+    if len(fa) != len(fb):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(fa, fb):
+        if isinstance(x, Tensor) and isinstance(y, Tensor):
+            if x.shape != y.shape:
+                return float("inf")
+            if x.numel():
+                x, y = x.double(), y.double()
+                same = (x == y) | (torch.isnan(x) & torch.isnan(y))
+                gap = torch.where(same, 0.0, (x - y).abs().nan_to_num(float("inf")))
+                worst = max(worst, float(gap.max()))
+        elif x != y:
+            worst = max(worst, abs(float(x) - float(y)) if _numeric(x, y) else float("inf"))
+    return worst
+
+
+def _scale(obj: Any) -> float:
+    tensors = [t for t in _flat(obj) if isinstance(t, Tensor) and t.numel()]
+    return max((float(t.double().nan_to_num(0).abs().max()) for t in tensors), default=0.0)
+
+
+def _rel(a: Any, b: Any) -> float:
+    """``_diff`` relative to the oracle's magnitude (floored so that exact zeros compare)."""
+    return _diff(a, b) / max(_scale(b), 1e-8)
+
+
+def _no_bytes(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not isinstance(v, bytes)}
+
+
+def _numeric(x: Any, y: Any) -> bool:
+    return isinstance(x, (int, float)) and isinstance(y, (int, float))

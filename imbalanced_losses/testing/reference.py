@@ -139,7 +139,7 @@ def reference_recall_at_quantile(
         theta = torch.quantile(pool[:, c], 1.0 - quantile, interpolation=interpolation)
         hits = (pool[is_pos, c] >= theta).sum().item()
         recalls.append(hits / int(is_pos.sum()))
-    result = torch.tensor(recalls, dtype=pool.dtype)
+    result = torch.tensor(recalls, dtype=torch.float64)
     if reduction == "mean":
         return result.nanmean()
     if reduction != "none":

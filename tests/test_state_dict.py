@@ -1,0 +1,114 @@
+"""Contract §4: everything needed to resume is in state_dict(), loads under
+torch.load(weights_only=True), and a state that does not fit is refused with a clear error."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from _support import TIGHT, assert_same_queue, fill_queue, make_pair, queue_state, random_batch
+
+from imbalanced_losses import RecallAtQuantileLoss
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*pool.*:UserWarning")
+
+
+def round_trip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("queue_size", [0, 5, 64])
+def test_round_trip_preserves_queue_pointer_and_temperature(queue_size):
+    kwargs = dict(quantile=0.2, queue_size=queue_size, temperature=0.3)
+    original, ref = make_pair(3, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        logits, targets, weights = random_batch(gen, 7, 3, weighted=True)
+        original(logits, targets, sample_weight=weights)
+        ref(logits, targets, sample_weight=weights)
+    original.temperature = 0.07  # annealed by hand
+    ref.temperature = 0.07
+    resumed = RecallAtQuantileLoss(3, **kwargs).double()
+    resumed.load_state_dict(round_trip(original.state_dict()))
+    assert resumed.temperature == 0.07
+    a, b = queue_state(original), queue_state(resumed)
+    assert a[3:] == b[3:]
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+    assert_same_queue(resumed, ref)
+    for _ in range(3):  # and the runs continue identically
+        logits, targets, _ = random_batch(gen, 7, 3)
+        expected = ref(logits, targets)
+        torch.testing.assert_close(resumed(logits, targets), expected, **TIGHT)
+    assert_same_queue(resumed, ref)
+
+
+def test_resumed_and_original_stay_bit_identical():
+    kwargs = dict(quantile=0.2, queue_size=9, temperature=0.3, max_pool_size=12)
+    original = RecallAtQuantileLoss(2, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    fill_queue(original, gen, steps=4, n=7)
+    resumed = RecallAtQuantileLoss(2, **kwargs)
+    resumed.load_state_dict(round_trip(original.state_dict()))
+    for _ in range(4):
+        logits, targets, _ = random_batch(gen, 7, 2, dtype=torch.float32)
+        assert torch.equal(original(logits, targets), resumed(logits, targets))
+    a, b = queue_state(original), queue_state(resumed)
+    assert a[3:] == b[3:] and all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+
+
+def test_state_dict_holds_only_plain_data():
+    loss_fn = RecallAtQuantileLoss(2, queue_size=4)
+    fill_queue(loss_fn, torch.Generator().manual_seed(2))
+    state = loss_fn.state_dict()
+
+    def plain(value):
+        if isinstance(value, torch.Tensor):
+            return True
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return isinstance(value, (int, float, str, bool, type(None)))
+
+    assert all(plain(v) for v in state.values()), state
+
+
+@pytest.mark.parametrize(
+    "saved_kwargs,target_kwargs",
+    [
+        (dict(num_classes=3, queue_size=16), dict(num_classes=3, queue_size=8)),
+        (dict(num_classes=3, queue_size=8), dict(num_classes=3, queue_size=16)),
+        (dict(num_classes=3, queue_size=8), dict(num_classes=4, queue_size=8)),
+        (dict(num_classes=1, queue_size=8), dict(num_classes=2, queue_size=8)),
+    ],
+    ids=["smaller-queue", "larger-queue", "wider", "binary-to-2-classes"],
+)
+def test_state_of_another_shape_is_refused(saved_kwargs, target_kwargs):
+    saved = RecallAtQuantileLoss(**saved_kwargs)
+    target = RecallAtQuantileLoss(**target_kwargs)
+    with pytest.raises((ValueError, RuntimeError), match="queue|size|shape|width"):
+        target.load_state_dict(round_trip(saved.state_dict()))
+
+
+def _position_state(state):
+    """The dict in the state that holds the queue's write pointer."""
+    found = [v for v in state.values() if isinstance(v, dict) and "ptr" in v]
+    assert len(found) == 1, f"expected one saved dict with the queue pointer, got {state.keys()}"
+    return found[0]
+
+
+@pytest.mark.parametrize(
+    "field,value", [("ptr", 8), ("ptr", 100), ("ptr", -1), ("count", 9), ("count", -1)]
+)
+def test_pointer_or_count_out_of_range_is_refused(field, value):
+    loss_fn = RecallAtQuantileLoss(3, queue_size=8)
+    fill_queue(loss_fn, torch.Generator().manual_seed(3), steps=3, n=4)  # full queue
+    state = round_trip(loss_fn.state_dict())
+    _position_state(state)[field] = value
+    fresh = RecallAtQuantileLoss(3, queue_size=8)
+    with pytest.raises((ValueError, RuntimeError), match=field):
+        fresh.load_state_dict(state)

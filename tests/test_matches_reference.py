@@ -15,7 +15,7 @@ from _support import (
     objective,
     random_batch,
 )
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 QUANTILES = st.one_of(
@@ -46,6 +46,7 @@ def histories(draw):
         weighted=draw(st.booleans()),
         pad_frac=0.0 if bool_targets else draw(st.sampled_from([0.0, 0.2, 0.6, 1.0])),
         targets_2d=draw(st.booleans()),
+        targets_dtype=draw(st.sampled_from([torch.int64, torch.int32])),
         bool_targets=bool_targets,
         return_per_class=draw(st.booleans()),
         pos_rate=draw(st.sampled_from([0.05, 0.3, 0.7])),
@@ -77,6 +78,7 @@ def run_history(h):
             gen, n, c, ties=h["ties"], pad_frac=h["pad_frac"], ignore_index=h["ignore_index"],
             weighted=h["weighted"], pos_rate=h["pos_rate"],
         )
+        targets = targets.to(h.get("targets_dtype", torch.int64))
         if h["bool_targets"]:
             targets = targets.bool()
         if h["targets_2d"]:
@@ -108,6 +110,7 @@ def run_history(h):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=150)
 @given(histories())
 def test_multi_step_history_matches_reference(h):
     run_history(h)
@@ -195,3 +198,25 @@ def test_padding_rows_with_garbage_logits_do_not_count():
     assert torch.equal(grad[30:], torch.zeros(4, 3, dtype=torch.float64))
     torch.testing.assert_close(grad[:30], torch.autograd.grad(exp, logits)[0], **TIGHT)
     assert_same_queue(lib, ref)
+
+
+@pytest.mark.parametrize("interpolation,theta", [("higher", 2.0), ("lower", 1.0), ("linear", 1.5),
+                                                 ("midpoint", 1.5), ("nearest", 2.0)])
+def test_hand_computed_binary_example(interpolation, theta):
+    # Pool scores 0, 1, 2, 3; quantile 0.5 -> rank 1.5 of the sorted pool; positives at 2 and 3.
+    import math
+
+    from imbalanced_losses import RecallAtQuantileLoss
+    from imbalanced_losses.testing.reference import reference_recall_at_quantile_loss
+
+    logits = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    targets = torch.tensor([0, 0, 1, 1])
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    expected = 1 - (sig((2 - theta) / 0.5) + sig((3 - theta) / 0.5)) / 2
+    lib = RecallAtQuantileLoss(1, quantile=0.5, temperature=0.5, queue_size=0,
+                               quantile_interpolation=interpolation).double()
+    ref, _, _ = reference_recall_at_quantile_loss(
+        logits, targets, num_classes=1, quantile=0.5, temperature=0.5, interpolation=interpolation
+    )
+    assert abs(lib(logits, targets).item() - expected) < 1e-15
+    assert abs(ref.item() - expected) < 1e-15

@@ -220,3 +220,22 @@ def test_hand_computed_binary_example(interpolation, theta):
     )
     assert abs(lib(logits, targets).item() - expected) < 1e-15
     assert abs(ref.item() - expected) < 1e-15
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_many_classes_and_non_contiguous_inputs():
+    lib, ref = make_pair(50, quantile=0.05, queue_size=300, temperature=0.2,
+                         quantile_interpolation="linear")
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(4):
+        base, targets, weights = random_batch(gen, 120, 50, weighted=True, pad_frac=0.1)
+        logits = base.t().contiguous().t().requires_grad_(True)  # column-major view
+        assert not logits.is_contiguous()
+        weights = torch.stack([weights, weights], 1)[:, 0]  # strided weights
+        loss = lib(logits, targets, sample_weight=weights)
+        exp = ref(logits, targets, sample_weight=weights)
+        torch.testing.assert_close(loss, exp, **TIGHT)
+        torch.testing.assert_close(
+            torch.autograd.grad(loss, logits)[0], torch.autograd.grad(exp, logits)[0], **TIGHT
+        )
+    assert_same_queue(lib, ref)

@@ -107,6 +107,7 @@ def test_binary_target_outside_0_1_is_an_error_not_a_warning():
             loss_fn(logits, torch.tensor([0, 1, 3, 0, 1, 0]))
 
 
+@pytest.mark.filterwarnings("ignore:.*pool.*:UserWarning")
 def test_ignore_index_targets_are_not_out_of_range():
     loss_fn = RecallAtQuantileLoss(3, ignore_index=7, quantile=0.25).double()
     logits, _ = good_batch(3)

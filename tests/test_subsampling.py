@@ -38,7 +38,9 @@ def recover_theta(loss, positives, pool):
             hi = mid
     theta = 0.5 * (lo + hi)
     nearest = pool[(pool - theta).abs().argmin()]
-    assert abs(float(nearest) - theta) < 1e-8, "the loss is not 1 - recall over ALL positives at a pool value"
+    assert abs(float(nearest) - theta) < 1e-8, (
+        "the loss is not 1 - recall over ALL positives at a pool value"
+    )
     return nearest
 
 
@@ -62,7 +64,7 @@ def test_threshold_sample_is_unbiased_and_every_positive_counts():
     sim_mean, sim_sd = simulated.mean(), simulated.std()
 
     thetas = []
-    for step in range(20):
+    for _ in range(20):
         x = logits.clone().requires_grad_(True)
         loss = loss_fn(x, targets)
         theta = recover_theta(loss.detach(), positives, pool)
@@ -80,7 +82,8 @@ def test_threshold_sample_is_unbiased_and_every_positive_counts():
     # Each draw is a plausible uniform-sample threshold, and on average they sit where a uniform
     # sample sits (a positive quota of 25% would put theta near 3.8; here it is near 1.7).
     assert (thetas - sim_mean).abs().max() < 6 * sim_sd, (thetas, sim_mean, sim_sd)
-    assert abs(thetas.mean() - sim_mean) < 5 * sim_sd / len(thetas) ** 0.5, (thetas.mean(), sim_mean)
+    tolerance = 5 * sim_sd / len(thetas) ** 0.5
+    assert abs(thetas.mean() - sim_mean) < tolerance, (thetas.mean(), sim_mean)
     assert abs(sim_mean - full_theta) < 3 * sim_sd  # the uniform sample itself is near the truth
 
 

@@ -18,8 +18,6 @@ connected to the graph. ``none`` returns ``[C]`` with NaN for invalid classes.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -44,10 +42,10 @@ def reference_recall_at_quantile_loss(
     interpolation: str = "higher",
     ignore_index: int = -100,
     reduction: str = "mean",
-    sample_weight: Optional[Tensor] = None,
-    queue_scores: Optional[Tensor] = None,
-    queue_targets: Optional[Tensor] = None,
-    queue_weights: Optional[Tensor] = None,
+    sample_weight: Tensor | None = None,
+    queue_scores: Tensor | None = None,
+    queue_targets: Tensor | None = None,
+    queue_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(loss, per_class [C] with NaN where invalid, valid [C] bool)``."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -66,6 +64,8 @@ def reference_recall_at_quantile_loss(
     labels = targets[keep]
     weights = weights[keep]
     if queue_scores is not None and queue_scores.shape[0] > 0:
+        if queue_targets is None:
+            raise ValueError("queue_targets must be given with queue_scores")
         if queue_weights is None:
             queue_weights = torch.ones(queue_scores.shape[0], dtype=dtype)
         scores = torch.cat([scores, queue_scores.detach().to(dtype)])
@@ -223,7 +223,7 @@ class ReferenceRecallAtQuantileLoss:
         targets: Tensor,
         *,
         return_per_class: bool = False,
-        sample_weight: Optional[Tensor] = None,
+        sample_weight: Tensor | None = None,
     ):
         queue_scores, queue_targets, queue_weights = self.rows()
         loss, per_class, valid = reference_recall_at_quantile_loss(

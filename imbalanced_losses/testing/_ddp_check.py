@@ -19,9 +19,10 @@ from the loss. With NCCL the oracle (CPU) is compared within ``rtol`` instead of
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -183,7 +184,7 @@ def check_many(
         setup = _Setup(case, int(probe.num_classes), ignore_index, backend)
         setups.append(setup)
         probes.append(probe)
-        oracles.append(_oracle(setup, case.oracle_factory or case.loss_factory))
+        oracles.append(_Oracle(setup, case.oracle_factory or case.loss_factory))
         groups = itertools.groupby(enumerate(case.plan), key=lambda item: len(item[1].sizes))
         segments.append([[i for i, _ in group] for _, group in groups])
 
@@ -251,7 +252,9 @@ def _rank_segment(rank: int, setup: _Setup, first: int, steps: list[Step], state
             logits = ddp(x)
             return logits, loss_fn(logits, y, sample_weight=w, **kwargs)
 
-        records.append(_train_step(setup, step, forward, (ddp, loss_fn), loss_fn, optimizer, y))
+        records.append(
+            _train_step(setup, step, forward, (ddp, loss_fn), loss_fn, model, optimizer, y)
+        )
     buffer = io.BytesIO()
     torch.save(loss_fn.state_dict(), buffer)
     end = {
@@ -263,34 +266,70 @@ def _rank_segment(rank: int, setup: _Setup, first: int, steps: list[Step], state
     return records, end
 
 
-def _oracle(setup: _Setup, factory: Callable[[], Any]) -> list[dict]:
-    """The single-process run: same model, optimiser and data; the global batch in rank order."""
+class _Oracle:
+    """The single-process side of a case: CPU, one thread (the ranks' BLAS path), float64.
+
+    Two runs. The *replay* recomputes each step on the global batch with the very parameters
+    the ranks had before that step, so everything the loss sees is bit-identical to what the
+    ranks fed it, and its value and queue must be too (the DDP gradient differs only by the
+    order of a float64 sum over ranks: ``rtol``); its loss object runs on across checkpoints.
+    The *free run* trains its own model from the same start, so the parameters after several
+    optimiser steps are compared with a trajectory that never saw the ranks.
+    """
+
+    def __init__(self, setup: _Setup, factory: Callable[[], Any]) -> None:
+        self.setup = setup
+        with _one_thread():
+            model, loss_fn, optimizer = _build(setup, factory, torch.device("cpu"))
+            self.free = [
+                _single_process_step(setup, i, step, model, loss_fn, optimizer)
+                for i, step in enumerate(setup.case.plan)
+            ]
+        self.model, self.loss_fn, _ = _build(setup, factory, torch.device("cpu"))
+        self.params = [p.detach().clone() for p in self.model.parameters()]
+        self.replayed: list[dict] = []
+
+    def replay(self, i: int, step: Step, params_after: list[Tensor]) -> dict:
+        """Step ``i`` from the ranks' parameters; remember theirs after it for the next step."""
+        with torch.no_grad():
+            for p, value in zip(self.model.parameters(), self.params):
+                p.copy_(value)
+        with _one_thread():
+            record = _single_process_step(self.setup, i, step, self.model, self.loss_fn, None)
+        self.params = params_after
+        self.replayed.append(record)
+        return record
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks run one thread each: same BLAS path, same bits
     try:
-        model, loss_fn, optimizer = _build(setup, factory, torch.device("cpu"))
-        records = []
-        for i, step in enumerate(setup.case.plan):
-            x, y, w = _batch(setup, i, step, torch.device("cpu"))
-            edges = [0, *itertools.accumulate(step.sizes)]
-
-            def forward(x=x, y=y, w=w, kwargs=step.kwargs, edges=edges):
-                logits = torch.cat([model(x[a:b]) for a, b in zip(edges, edges[1:])])
-                return logits, loss_fn(logits, y, sample_weight=w, **kwargs)
-
-            records.append(
-                _train_step(setup, step, forward, (model, loss_fn), loss_fn, optimizer, y)
-            )
-        return records
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_step(setup, step, forward, modules, loss_fn, optimizer, y) -> dict:
+def _single_process_step(setup, i, step, model, loss_fn, optimizer) -> dict:
+    """Step ``i`` on the global batch, logits computed on the ranks' row blocks in rank order."""
+    x, y, w = _batch(setup, i, step, torch.device("cpu"))
+    edges = [0, *itertools.accumulate(step.sizes)]
+
+    def forward() -> tuple[Tensor, Any]:
+        logits = torch.cat([model(x[a:b]) for a, b in zip(edges, edges[1:])])
+        return logits, loss_fn(logits, y, sample_weight=w, **step.kwargs)
+
+    return _train_step(setup, step, forward, (model, loss_fn), loss_fn, model, optimizer, y)
+
+
+def _train_step(setup, step, forward, modules, loss_fn, model, optimizer, y) -> dict:
     """One step, identical for ranks and oracle; records what the comparison needs."""
     for module in modules:
         module.train(step.train)
-    optimizer.zero_grad()
+    params = list(model.parameters())
+    for p in params:
+        p.grad = None
     with torch.set_grad_enabled(step.train):
         logits, out = forward()
         if step.train:
@@ -298,8 +337,8 @@ def _train_step(setup, step, forward, modules, loss_fn, optimizer, y) -> dict:
             if setup.case.local_ce_weight:
                 total = total + setup.case.local_ce_weight * _local_ce(logits, y, setup)
             total.backward()
-            optimizer.step()
-    params = optimizer.param_groups[0]["params"]
+            if optimizer is not None:
+                optimizer.step()
     return {
         "out": _cpu(_detach(out)),
         "logits": logits.detach().cpu(),
@@ -420,12 +459,12 @@ def _cpu(obj: Any) -> Any:
 def _compare_segment(setup, indices, per_rank, oracle, probe) -> list[Check]:
     """Checks of each step of one segment, plus the agreement of the states it ends with."""
     checks = []
-    exact = setup.backend != "nccl"
     for k, i in enumerate(indices):
         ranks = [records[k] for records, _ in per_rank]
-        previous = oracle[i - 1]["queue"] if i else None
+        previous_queue = oracle.replayed[-1]["queue"] if oracle.replayed else None
         step = setup.case.plan[i]
-        checks += _compare(i, step, ranks, oracle[i], previous, probe, setup.case.rtol, exact)
+        replay = oracle.replay(i, step, ranks[0]["params"])
+        checks += _compare(setup, i, step, ranks, replay, oracle.free[i], previous_queue, probe)
     states = [_no_bytes(state) for _, state in per_rank]
     error = max(_diff(s, states[0]) for s in states)
     checks.append(
@@ -434,45 +473,37 @@ def _compare_segment(setup, indices, per_rank, oracle, probe) -> list[Check]:
     return checks
 
 
-def _compare(i, step, ranks, oracle, previous_queue, probe, rtol, exact) -> list[Check]:
-    ws = len(step.sizes)
-    vs_oracle = 0.0 if exact else rtol
+def _compare(setup, i, step, ranks, replay, free, previous_queue, probe) -> list[Check]:
+    rtol = setup.case.rtol
+    exact = 0.0 if setup.backend != "nccl" else rtol  # CPU oracle vs GPU ranks: not bit for bit
     out = []
 
     def add(name: str, error: float, limit: float, scale: float = 0.0) -> None:
-        out.append(Check(i, ws, name, error, limit, scale))
+        out.append(Check(i, len(step.sizes), name, error, limit, scale))
 
-    add("loss identical on every rank", max(_diff(r["out"], ranks[0]["out"]) for r in ranks), 0.0)
-    add("loss vs oracle", _rel(ranks[0]["out"], oracle["out"]), rtol)
+    def across_ranks(key: str) -> float:
+        return max(_diff(r[key], ranks[0][key]) for r in ranks)
+
     edges = [0, *itertools.accumulate(step.sizes)]
-    add(
-        "logits vs oracle",
-        max(_rel(r["logits"], oracle["logits"][a:b]) for r, a, b in zip(ranks, edges, edges[1:])),
-        vs_oracle,
+    logits = max(
+        _rel(r["logits"], replay["logits"][a:b]) for r, a, b in zip(ranks, edges, edges[1:])
     )
+    add("logits vs oracle (same parameters)", logits, exact)
+    add("loss identical on every rank", across_ranks("out"), 0.0)
+    add("loss vs oracle", _rel(ranks[0]["out"], replay["out"]), rtol)
     if step.train:
-        add(
-            "grads identical on every rank",
-            max(_diff(r["grads"], ranks[0]["grads"]) for r in ranks),
-            0.0,
-        )
-        add(
-            "DDP grads vs oracle",
-            _rel(ranks[0]["grads"], oracle["grads"]),
-            rtol,
-            _scale(oracle["grads"]),
-        )
-    add("params vs oracle", _rel(ranks[0]["params"], oracle["params"]), rtol)
-    if oracle["queue"] is not None and ranks[0]["queue"] is not None:
-        add(
-            "queue identical on every rank",
-            max(_diff(r["queue"], ranks[0]["queue"]) for r in ranks),
-            0.0,
-        )
-        add("queue vs oracle", _rel(ranks[0]["queue"], oracle["queue"]), vs_oracle)
+        add("grads identical on every rank", across_ranks("grads"), 0.0)
+        scale = _scale(replay["grads"])
+        add("DDP grads vs oracle", _rel(ranks[0]["grads"], replay["grads"]), rtol, scale)
+    if replay["queue"] is not None and ranks[0]["queue"] is not None:
+        add("queue identical on every rank", across_ranks("queue"), 0.0)
+        add("queue vs oracle", _rel(ranks[0]["queue"], replay["queue"]), exact)
         frozen = not step.train and not getattr(probe, "update_queue_in_eval", False)
         if frozen and previous_queue is not None:
             add("queue frozen in eval", _diff(ranks[0]["queue"], previous_queue), 0.0)
+    add("params identical on every rank", across_ranks("params"), 0.0)
+    add("params vs free-running oracle", _rel(ranks[0]["params"], free["params"]), rtol)
+    add("loss vs free-running oracle", _rel(ranks[0]["out"], free["out"]), rtol)
     return out
 
 

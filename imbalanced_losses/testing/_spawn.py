@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import os
-import pickle
 import shutil
 import signal
 import sys
@@ -89,7 +88,8 @@ def run_ranks(
     Inside ``fn`` the default process group is initialised (``backend``, this world size, a
     process-group timeout of ``pg_timeout_s``, default ``timeout_s``) and, for NCCL, the current
     CUDA device is ``rank``. ``fn``, ``args`` and the results must be picklable (``fn`` a
-    module-level function: the spawned ranks import it by name).
+    module-level function: the spawned ranks import it by name); every rank gets its own copy
+    of ``args`` (tensors included: nothing is shared between ranks).
 
     Raises ``RankFailure`` as soon as one rank fails, ``RankTimeout`` when all ranks have not
     returned within ``timeout_s`` seconds of the spawn, and ``NotEnoughGPUs`` (a skip) for
@@ -105,15 +105,17 @@ def run_ranks(
                 f"backend 'nccl' with world_size={world_size} needs one GPU per rank; "
                 f"this machine has {found}"
             )
+    workdir = tempfile.mkdtemp(prefix="imbalanced_losses_ranks_")
     try:
-        pickle.dumps((fn, tuple(args), kwargs or {}))
+        # Through a file, not the spawn pipe: torch's pickler would hand every rank the same
+        # shared-memory tensor, and one rank's in-place update would show up in the others.
+        torch.save((fn, tuple(args), kwargs or {}), os.path.join(workdir, "call.pt"))
     except Exception as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
         raise TypeError(
             "run_ranks: fn and its arguments must be picklable (fn a module-level function), "
             f"because each rank is a fresh process that imports them: {exc}"
         ) from exc
-
-    workdir = tempfile.mkdtemp(prefix="imbalanced_losses_ranks_")
     spec = {
         "world_size": world_size,
         "backend": backend,
@@ -129,7 +131,7 @@ def run_ranks(
         for rank in range(world_size):
             proc = ctx.Process(
                 target=_rank_main,
-                args=(rank, spec, fn, tuple(args), kwargs or {}),
+                args=(rank, spec),
                 name=f"rank{rank}",
             )
             proc.start()
@@ -242,7 +244,7 @@ def _kill_all(procs: list[Any]) -> None:
             proc.join(timeout=10)
 
 
-def _rank_main(rank: int, spec: dict, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+def _rank_main(rank: int, spec: dict) -> None:
     """Body of one rank process: isolate, rendezvous, check the world, run ``fn``, report."""
     workdir, world_size, backend = spec["workdir"], spec["world_size"], spec["backend"]
     os.setsid()  # own process group, so the parent's killpg also takes our children
@@ -256,6 +258,7 @@ def _rank_main(rank: int, spec: dict, fn: Callable[..., Any], args: tuple, kwarg
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     try:
+        fn, args, kwargs = torch.load(os.path.join(workdir, "call.pt"), weights_only=False)
         torch.set_num_threads(spec["threads"])
         if backend == "nccl":
             torch.cuda.set_device(rank)

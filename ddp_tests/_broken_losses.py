@@ -1,0 +1,60 @@
+"""Deliberately broken losses: each has one classic DDP bug, and the harness must catch it.
+
+They live in their own module so the spawned ranks can import them by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from imbalanced_losses import RecallAtQuantileLoss, _distributed
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class LocalSliceGradient(RecallAtQuantileLoss):
+    """Same value, but the gradient of a gather that keeps only the local slice: 1/world_size."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().forward(*args, **kwargs)
+        world_size = _world()[1]
+        loss = out[0] if isinstance(out, tuple) else out
+        loss = loss.detach() + (loss - loss.detach()) / world_size
+        return (loss, *out[1:]) if isinstance(out, tuple) else loss
+
+
+class LocalFirstGather(RecallAtQuantileLoss):
+    """Pools this rank's rows first, then the others: each rank's pool order (and queue) differs."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        original = _distributed.gather_rows
+
+        def local_first(tensor: torch.Tensor, sizes: list[int], **kw: Any) -> torch.Tensor:
+            rows = original(tensor, sizes, **kw)
+            rank = _world()[0]
+            start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+            order = [*range(start, stop), *range(start), *range(stop, rows.shape[0])]
+            return rows[torch.tensor(order, dtype=torch.long, device=rows.device)]
+
+        _distributed.gather_rows = local_first
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            _distributed.gather_rows = original
+
+
+class PerRankSubsampleSeed(RecallAtQuantileLoss):
+    """Seeds the max_pool_size sample with the rank (and hides the seed from the config check)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, seed=_world()[0], **kwargs)
+
+    def config_fingerprint(self) -> dict[str, float]:
+        return {k: v for k, v in super().config_fingerprint().items() if k != "seed"}

@@ -1,0 +1,249 @@
+"""Contract §5 under real DDP: every step equals one process fed the concatenated global batch.
+
+Each test hands a batch of cases to the harness (one spawned world per world size, since
+spawning costs seconds); every case is checked per step against a float64 oracle: the loss on
+every rank, the DDP gradients, the queues bit for bit, and the parameters after each step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from _broken_losses import LocalFirstGather, LocalSliceGradient, PerRankSubsampleSeed
+
+from imbalanced_losses import RecallAtQuantileLoss
+from imbalanced_losses.testing import (
+    Case,
+    DdpMismatch,
+    Step,
+    check_ddp_exactness,
+    check_many,
+    run_ranks,
+)
+from imbalanced_losses.testing.reference import ReferenceRecallAtQuantileLoss
+
+# Tiny worlds with empty ranks make tiny pools on purpose; the loss's warning about them is noise.
+pytestmark = pytest.mark.filterwarnings("ignore:the pool holds .* too few for quantile")
+
+# A temperature of 0.5 on unit-scale logits keeps most rows off the sigmoid's flat tails, so the
+# gradients being compared are far from zero (asserted below through each check's scale).
+RAQ = partial(RecallAtQuantileLoss, quantile=0.3, temperature=0.5)
+RETURN_PER_CLASS = {"return_per_class": True}
+
+# Per-rank sizes for each world size: uneven, with empty ranks and an empty global step.
+SIZES = {
+    1: [(6,), (0,), (9,), (4,), (7,), (5,)],
+    2: [(5, 3), (0, 7), (4, 4), (0, 0), (9, 1), (2, 6)],
+    3: [(5, 0, 3), (2, 6, 1), (0, 0, 4), (3, 3, 3), (0, 0, 0), (1, 7, 2)],
+    4: [(3, 0, 2, 4), (1, 1, 1, 1), (0, 5, 0, 0), (2, 3, 4, 1), (0, 0, 0, 0), (4, 2, 0, 3)],
+}
+
+
+def mixed_plan(world_size: int) -> list[Step]:
+    """Uneven and empty ranks, padding, sample weights, an eval step, return_per_class."""
+    sizes = SIZES[world_size]
+    return [
+        Step(sizes[0]),
+        Step(sizes[1], pad_frac=0.3),
+        Step(sizes[2], weighted=True, kwargs=RETURN_PER_CLASS),
+        Step(sizes[3], weighted=True),
+        Step(sizes[4], train=False),
+        Step(sizes[5], pad_frac=0.2, weighted=True),
+        Step(sizes[2], pad_frac=1.0),  # every row padding: the queue must keep its history
+        Step(sizes[0], kwargs=RETURN_PER_CLASS),
+    ]
+
+
+def assert_all_pass(cases: dict[str, Case], **kw) -> None:
+    reports = check_many(list(cases.values()), **kw)
+    failed = {name: r for name, r in zip(cases, reports) if not r.ok}
+    assert not failed, "\n\n".join(f"[{name}]\n{r}\n{r.table()}" for name, r in failed.items())
+    for name, report in zip(cases, reports):
+        grads = [c for c in report.checks if c.name == "DDP grads vs oracle"]
+        assert grads, f"[{name}] no training step was checked"
+        assert max(c.scale for c in grads) > 1e-3, f"[{name}] gradients too small to prove much"
+
+
+# ---------------------------------------------------------------------------------- gloo
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_every_step_matches_the_single_process_oracle_on_gloo(world_size):
+    plan = mixed_plan(world_size)
+    global_rows = max(sum(s.sizes) for s in plan)
+    assert_all_pass(
+        {
+            "binary, queue off": Case(partial(RAQ, 1, queue_size=0), plan),
+            "binary, queue smaller than a global batch": Case(partial(RAQ, 1, queue_size=5), plan),
+            "multi-class, queue off": Case(partial(RAQ, 3, queue_size=0), plan),
+            "multi-class, queue smaller than a global batch": Case(
+                partial(RAQ, 3, queue_size=global_rows - 2), plan
+            ),
+            "multi-class, queue wraps around over many steps": Case(
+                partial(RAQ, 4, queue_size=7), plan + plan
+            ),
+            "multi-class, max_pool_size": Case(
+                partial(RAQ, 3, queue_size=12, max_pool_size=6), plan
+            ),
+        }
+    )
+
+
+def test_every_reduction_and_return_per_class():
+    plan = mixed_plan(2)
+    per_class = [Step(s.sizes, s.pad_frac, s.weighted, s.train, RETURN_PER_CLASS) for s in plan]
+    cases = {}
+    for reduction in ("mean", "sum", "none"):
+        for classes in (1, 3):
+            loss = partial(RAQ, classes, queue_size=6, reduction=reduction)
+            cases[f"{reduction}, C={classes}"] = Case(loss, plan)
+            cases[f"{reduction}, C={classes}, return_per_class"] = Case(loss, per_class)
+    assert_all_pass(cases)
+
+
+def test_loss_inside_and_outside_the_ddp_module_with_broadcast_buffers_on_and_off():
+    plan = mixed_plan(3)
+    loss = partial(RAQ, 3, queue_size=6)
+    cases = {
+        f"inside={inside}, broadcast_buffers={broadcast}": Case(
+            loss, plan, loss_inside_ddp=inside, broadcast_buffers=broadcast
+        )
+        for inside in (False, True)
+        for broadcast in (False, True)
+    }
+    assert_all_pass(cases)
+
+
+def test_ranking_loss_plus_local_cross_entropy_matches_single_process_sum():
+    # Equal per-rank batches: DDP's average of per-rank means is then the global mean (§5.4).
+    plan = [Step((4, 4)), Step((6, 6), pad_frac=0.25), Step((3, 3), weighted=True)] * 2
+    cases = {
+        f"C={classes}, inside={inside}": Case(
+            partial(RAQ, classes, queue_size=7), plan, local_ce_weight=1.0, loss_inside_ddp=inside
+        )
+        for classes in (1, 3)
+        for inside in (False, True)
+    }
+    assert_all_pass(cases)
+
+
+def test_ddp_matches_the_plain_reference_implementation():
+    """Oracle = the plain loop-over-classes reference, not the library itself."""
+    plan = mixed_plan(3)
+    cases = {}
+    for classes, reduction in ((1, "mean"), (3, "sum"), (3, "none")):
+        options = dict(quantile=0.3, temperature=0.5, queue_size=6, reduction=reduction)
+        cases[f"C={classes}, {reduction}"] = Case(
+            partial(RecallAtQuantileLoss, classes, **options),
+            plan,
+            oracle_factory=partial(
+                ReferenceRecallAtQuantileLoss, classes, dtype=torch.float64, **options
+            ),
+        )
+    assert_all_pass(cases)
+
+
+def test_checkpoint_saved_at_world_size_2_resumes_at_4_and_at_1_on_the_oracle_trajectory():
+    plan = (
+        [Step((5, 3)), Step((0, 7), pad_frac=0.3), Step((4, 4), weighted=True)]
+        + [Step((3, 0, 2, 4)), Step((1, 1, 1, 1), train=False), Step((2, 3, 4, 1))]
+        + [Step((6,)), Step((5,), weighted=True)]
+    )
+    loss = partial(RAQ, 3, queue_size=9, max_pool_size=8)
+    report = check_ddp_exactness(loss, plan)
+    report.raise_if_failed()
+    checked = {(c.step, c.world_size) for c in report.checks if c.name == "queue vs oracle"}
+    assert checked == {(i, len(s.sizes)) for i, s in enumerate(plan)}
+    assert "loss" in report.final_state  # the serialised loss state_dict that was resumed from
+
+
+# ------------------------------------------------------------- disagreeing configurations
+
+
+def _rank_with_its_own_config(rank: int) -> dict:
+    """Each case builds a loss whose setting differs on rank 1; every rank must raise."""
+    gen = torch.Generator().manual_seed(rank)
+    cases = {
+        "quantile": ({"quantile": 0.1}, {"quantile": 0.2}),
+        "num_classes": ({"num_classes": 2}, {"num_classes": 3}),
+        "queue_size": ({"queue_size": 8}, {"queue_size": 16}),
+        "ignore_index": ({"ignore_index": -100}, {"ignore_index": -1}),
+        "sample_weight": ({}, {}),
+    }
+    outcome = {}
+    for name, per_rank in cases.items():
+        options = {"num_classes": 3, "quantile": 0.1, "queue_size": 8, **per_rank[min(rank, 1)]}
+        loss = RecallAtQuantileLoss(**options).double()
+        logits = torch.randn(4, options["num_classes"], generator=gen, dtype=torch.float64)
+        targets = torch.tensor([0, 1, 1, 0])
+        weight = (
+            torch.ones(4, dtype=torch.float64) if name == "sample_weight" and rank == 0 else None
+        )
+        try:
+            loss(logits, targets, sample_weight=weight)
+            outcome[name] = (None, loss.queue.count)
+        except ValueError as exc:
+            outcome[name] = (str(exc), loss.queue.count)
+    return outcome
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_that_disagree_on_config_all_raise_a_clear_error(world_size):
+    results = run_ranks(_rank_with_its_own_config, world_size, timeout_s=120)
+    for rank, outcome in enumerate(results):
+        for name, (message, queue_count) in outcome.items():
+            assert message is not None, f"rank {rank} did not raise when ranks disagree on {name}"
+            assert name in message, f"rank {rank}, {name}: unclear message {message!r}"
+            assert queue_count == 0, f"rank {rank}, {name}: the queue changed before the error"
+
+
+# ---------------------------------------------------------- the harness must be able to fail
+
+
+def test_harness_reports_deliberately_broken_losses():
+    plan = [Step((5, 3)), Step((4, 4)), Step((2, 6))]
+    options = dict(quantile=0.3, temperature=0.5, queue_size=6)
+    broken = {
+        "local-slice gradient": Case(partial(LocalSliceGradient, 3, **options), plan),
+        "local-first gather": Case(partial(LocalFirstGather, 3, **options), plan),
+        "per-rank subsample seed": Case(
+            partial(PerRankSubsampleSeed, 3, max_pool_size=5, **options), plan
+        ),
+    }
+    reports = dict(zip(broken, check_many(list(broken.values()))))
+
+    def failing_at_step_0(name: str) -> set[str]:
+        return {c.name for c in reports[name].failures() if c.step == 0}
+
+    # 1/world_size of the gradient (then the parameters it moved): the values were right.
+    assert failing_at_step_0("local-slice gradient") == {
+        "DDP grads vs oracle",
+        "params vs free-running oracle",
+    }
+    grads = next(
+        c for c in reports["local-slice gradient"].checks if c.name == "DDP grads vs oracle"
+    )
+    assert grads.error == pytest.approx(0.5, rel=1e-6)
+    # Rank 1 pools (and queues) its own rows first.
+    assert "queue identical on every rank" in failing_at_step_0("local-first gather")
+    # Different threshold samples give different losses on different ranks.
+    assert "loss identical on every rank" in failing_at_step_0("per-rank subsample seed")
+    for report in reports.values():
+        with pytest.raises(DdpMismatch, match="FAIL"):
+            report.raise_if_failed()
+
+
+# ----------------------------------------------------------------------------------- NCCL
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_every_step_matches_the_oracle_on_nccl(world_size):
+    """Runs with one GPU per rank; elsewhere the harness raises NotEnoughGPUs: a skip."""
+    plan = mixed_plan(world_size)
+    loss = partial(RAQ, 3, queue_size=7)
+    assert_all_pass(
+        {"outside": Case(loss, plan), "inside": Case(loss, plan, loss_inside_ddp=True)},
+        backend="nccl",
+    )

@@ -67,9 +67,9 @@ def reference_recall_at_quantile_loss(
         if queue_targets is None:
             raise ValueError("queue_targets must be given with queue_scores")
         if queue_weights is None:
-            queue_weights = torch.ones(queue_scores.shape[0], dtype=dtype)
+            queue_weights = torch.ones(queue_scores.shape[0], dtype=dtype, device=logits.device)
         scores = torch.cat([scores, queue_scores.detach().to(dtype)])
-        labels = torch.cat([labels, queue_targets.long()])
+        labels = torch.cat([labels, queue_targets.long().to(labels.device)])
         weights = torch.cat([weights, queue_weights.detach().to(dtype)])
 
     # A zero that is connected to the graph (an empty sum: no NaN even if logits hold NaN).
@@ -210,7 +210,7 @@ class ReferenceRecallAtQuantileLoss:
         # Writing one by one, only the last q rows survive; the first of them lands at
         # slot (ptr + m - q) % q.
         first = max(m - q, 0)
-        slots = (self.ptr + first + torch.arange(m - first)) % q
+        slots = (self.ptr + first + torch.arange(m - first, device=self.scores.device)) % q
         self.scores[slots] = scores[first:].detach().to(self.scores.dtype)
         self.targets[slots] = targets[first:].long()
         self.weights[slots] = weights[first:].detach().to(self.weights.dtype)
@@ -243,7 +243,9 @@ class ReferenceRecallAtQuantileLoss:
         if self.training or self.update_queue_in_eval:
             flat_targets = targets.reshape(-1).long()
             if sample_weight is None:
-                sample_weight = torch.ones(logits.shape[0], dtype=self.weights.dtype)
+                sample_weight = torch.ones(
+                    logits.shape[0], dtype=self.weights.dtype, device=logits.device
+                )
             counts = (flat_targets != self.ignore_index) & torch.isfinite(logits).all(dim=1)
             self.push(logits.detach()[counts], flat_targets[counts], sample_weight[counts])
         if return_per_class:

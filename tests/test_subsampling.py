@@ -146,3 +146,33 @@ def test_pool_not_larger_than_max_pool_size_is_not_subsampled(interpolation):
     for _ in range(4):  # pools of 20, 40, 50, 50 rows
         logits, targets, _ = random_batch(gen, 20, 3)
         torch.testing.assert_close(lib(logits, targets), ref(logits, targets), **TIGHT)
+
+
+def test_threshold_sample_covers_queue_rows_too():
+    # Live rows ~ N(0, 1), queued rows ~ N(4, 1): the pool's 70th percentile lies in the queue's
+    # mass, so a sample drawn from the live rows only (or misaligned with the queue) is far off.
+    gen = torch.Generator().manual_seed(8)
+    n, m, quantile = 6000, 1500, 0.3
+    live_targets = (torch.rand(n, generator=gen) < 0.05).long()
+    live = torch.randn(n, 1, generator=gen, dtype=F64) + live_targets[:, None]
+    queued_targets = (torch.rand(n, generator=gen) < 0.05).long()
+    queued = torch.randn(n, 1, generator=gen, dtype=F64) + 4.0 + queued_targets[:, None]
+    loss_fn = RecallAtQuantileLoss(
+        1, quantile=quantile, queue_size=n, temperature=TAU, max_pool_size=m
+    ).double()
+    loss_fn.queue.push(queued, queued_targets)
+    loss_fn.eval()  # keep the queue fixed across the draws
+    pool = torch.cat([live, queued])[:, 0]
+    positives = pool[torch.cat([live_targets, queued_targets]) == 1]
+    simulated = torch.stack([
+        torch.quantile(pool[torch.randperm(pool.numel(), generator=gen)[:m]], 1 - quantile,
+                       interpolation="higher")
+        for _ in range(300)
+    ])
+    sim_mean, sim_sd = simulated.mean(), simulated.std()
+    thetas = torch.stack([
+        recover_theta(loss_fn(live, live_targets), positives, pool) for _ in range(15)
+    ])
+    assert len(set(thetas.tolist())) > 1
+    assert (thetas - sim_mean).abs().max() < 6 * sim_sd, (thetas, sim_mean, sim_sd)
+    assert abs(thetas.mean() - sim_mean) < 5 * sim_sd / len(thetas) ** 0.5

@@ -52,6 +52,7 @@ class Pool:
 
     @property
     def size(self) -> int:
+        """Number of pooled rows (live plus queued)."""
         return self.live.scores.shape[0] + self.queued.scores.shape[0]
 
     def threshold_blocks(self) -> list[Tensor]:
@@ -145,7 +146,7 @@ class QueuedRankingLoss(nn.Module):
             "reduction": float(REDUCTIONS.index(self.reduction)),
             "max_pool_size": float(self.max_pool_size or -1),
             "seed": float(self.seed),
-            "writes_queue": float(self._writes_queue()),
+            "train/eval mode (whether the queue is written)": float(self._writes_queue()),
         }
 
     # ----------------------------------------------------------------- public
@@ -319,7 +320,7 @@ class QueuedRankingLoss(nn.Module):
         sample_weight: Optional[Tensor],
     ) -> None:
         """Raise the same decision on every rank: bad input anywhere, or ranks that disagree."""
-        rank = _distributed.world()[0]
+        rank = _distributed.world()[0] if len(metas) > 1 else 0
         for column, describe in (
             (_Meta.STATIC_ERROR, lambda: problem or ""),
             (_Meta.BAD_TARGETS, lambda: self._describe_bad_targets(targets)),
@@ -372,8 +373,9 @@ class QueuedRankingLoss(nn.Module):
 
     def _subsample(self, size: int) -> Tensor:
         """Uniform rows without replacement from a private generator: same on every rank."""
+        # Distinct (seed, step) pairs give distinct generator seeds.
         generator = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.subsample_step) % (2**63)
+            ((self.seed % 2**31) << 32) | (self.subsample_step % 2**32)
         )
         self.subsample_step += 1
         assert self.max_pool_size is not None

@@ -31,34 +31,36 @@ def recall_at_quantile(
     averages the classes that have positives. Under ``torch.distributed`` every
     rank's rows are pooled, so every rank returns the global value.
     """
-    if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.dim() not in (1, 2):
-        raise ValueError(f"scores must be a float tensor [N] or [N, C], got {scores!r:.80}")
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     if reduction not in ("none", "mean"):
         raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
-    squeeze = scores.dim() == 1
-    columns = scores.reshape(scores.shape[0], -1)
-    if not isinstance(targets, Tensor) or targets.is_floating_point():
-        raise ValueError("targets must be an integer or bool tensor of class ids")
-    targets = targets.reshape(-1).long()
-    if targets.shape[0] != columns.shape[0]:
-        raise ValueError(
-            f"targets must have {columns.shape[0]} rows to match scores, got {targets.shape[0]}"
-        )
+    problem = _input_problem(scores, targets, ignore_index)
     if _distributed.should_gather(gather_distributed):
+        # One metadata collective first, so bad input on any rank raises on every
+        # rank instead of leaving the others waiting in the row gather.
+        width = scores.shape[1] if problem is None and scores.dim() == 2 else 1
+        num_rows = scores.shape[0] if problem is None else 0
+        device = scores.device if isinstance(scores, Tensor) else None
+        meta = torch.tensor(
+            [float(problem is not None), num_rows, width], dtype=torch.float64, device=device
+        )
+        metas = [m.tolist() for m in _distributed.all_gather_rows_of_equal_shape(meta)]
+        _raise_on_any(metas, problem)
+        columns, targets = scores.reshape(num_rows, -1), targets.reshape(-1).long()
         packed = torch.cat([columns.double(), targets.double()[:, None]], dim=1)
-        packed = _distributed.all_gather_no_grad(packed)
-        columns, targets = packed[:, :-1].to(columns.dtype), packed[:, -1].long()
+        packed = _distributed.gather_rows(packed, [int(m[1]) for m in metas])
+        columns, targets = packed[:, :-1].to(scores.dtype), packed[:, -1].long()
+    elif problem is not None:
+        raise ValueError(problem)
+    else:
+        columns, targets = scores.reshape(scores.shape[0], -1), targets.reshape(-1).long()
+    squeeze = scores.dim() == 1
     keep = targets != ignore_index
     columns, targets = columns[keep], targets[keep]
     num_classes = columns.shape[1]
-    if num_classes > 1 and ((targets < 0) | (targets >= num_classes)).any():
-        raise ValueError(f"targets must be in [0, {num_classes}) or ignore_index={ignore_index}")
-    if num_classes == 1 and ((targets != 0) & (targets != 1)).any():
-        raise ValueError(f"binary targets must be 0, 1 or ignore_index={ignore_index}")
     result = torch.full((num_classes,), float("nan"), dtype=torch.float64, device=columns.device)
     if columns.shape[0] > 0:
         theta = quantile_threshold(columns, quantile, interpolation)
@@ -71,3 +73,33 @@ def recall_at_quantile(
     if reduction == "mean":
         return result.nanmean()
     return result[0] if squeeze else result
+
+
+def _input_problem(scores: object, targets: object, ignore_index: int) -> Optional[str]:
+    """What is wrong with this rank's ``scores``/``targets``, or ``None``."""
+    if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.dim() not in (1, 2):
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        return f"scores must be a float tensor [N] or [N, C], got {shape}"
+    if not isinstance(targets, Tensor) or targets.is_floating_point():
+        return "targets must be an integer or bool tensor of class ids"
+    if targets.numel() != scores.shape[0] or targets.dim() > 2:
+        return f"targets must hold {scores.shape[0]} class ids to match scores, got shape {tuple(targets.shape)}"
+    t = targets.reshape(-1).long()
+    t = t[t != ignore_index]
+    num_classes = 1 if scores.dim() == 1 else scores.shape[1]
+    if num_classes == 1 and ((t != 0) & (t != 1)).any():
+        return f"binary targets must be 0, 1 or ignore_index={ignore_index}"
+    if num_classes > 1 and ((t < 0) | (t >= num_classes)).any():
+        return f"targets must be in [0, {num_classes}) or ignore_index={ignore_index}"
+    return None
+
+
+def _raise_on_any(metas: list[list[float]], problem: Optional[str]) -> None:
+    flagged = [r for r, m in enumerate(metas) if m[0]]
+    if problem is not None:
+        raise ValueError(f"rank {_distributed.world()[0]}: {problem}")
+    if flagged:
+        raise ValueError(f"invalid input on rank(s) {flagged} (see their error)")
+    widths = {int(m[2]) for m in metas}
+    if len(widths) > 1:
+        raise ValueError(f"ranks disagree on the number of score columns: {sorted(widths)}")

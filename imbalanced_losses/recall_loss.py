@@ -50,8 +50,9 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         gather_distributed: pool all ranks' rows (``None``: whenever
             ``torch.distributed`` is initialised with world size > 1, decided
             at each forward).
-        quantile_interpolation: as in ``torch.quantile``; ``"higher"`` never
-            puts the threshold under the true cutoff.
+        quantile_interpolation: as in ``torch.quantile``; with ``"higher"`` the
+            threshold is a pooled score and at most ``quantile * (n - 1)`` of
+            the ``n`` pooled rows score strictly above it.
         max_pool_size: estimate the threshold from a uniform sample of this
             many pooled rows (recall still uses every positive).
         seed: seed of that sample's private generator (the global RNG is untouched).
@@ -102,6 +103,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
 
     @property
     def temperature(self) -> float:
+        """Sigmoid width; assign a new value to anneal it (kept in ``state_dict()``)."""
         return self._temperature
 
     @temperature.setter
@@ -142,5 +144,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         return (
             f"num_classes={self.num_classes}, quantile={self.quantile}, "
             f"queue_size={self.queue.capacity}, temperature={self.temperature}, "
-            f"reduction={self.reduction!r}, interpolation={self.quantile_interpolation!r}"
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+            f"quantile_interpolation={self.quantile_interpolation!r}, "
+            f"max_pool_size={self.max_pool_size}"
         )

@@ -107,3 +107,14 @@ def test_gradient_is_the_sigmoid_derivative_on_positives_only(num_classes):
         z = torch.sigmoid((logits.detach()[pos, c] - theta) / 0.7)
         expected[pos, c] = -weights[pos] * z * (1 - z) / 0.7 / mass
     torch.testing.assert_close(grad, expected, **TIGHT)
+
+
+def test_float32_logits_into_a_float64_module_compute_in_float64():
+    lib, ref = make_pair(3, quantile=0.2, queue_size=32, temperature=0.05)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        logits, targets, _ = random_batch(gen, 20, 3, dtype=torch.float32)
+        loss = lib(logits, targets)
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, ref(logits, targets), **TIGHT)
+    assert_same_queue(lib, ref)

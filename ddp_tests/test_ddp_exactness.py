@@ -61,6 +61,11 @@ def assert_all_pass(cases: dict[str, Case], **kw) -> None:
     failed = {name: r for name, r in zip(cases, reports) if not r.ok}
     assert not failed, "\n\n".join(f"[{name}]\n{r}\n{r.table()}" for name, r in failed.items())
     for name, report in zip(cases, reports):
+        names = {c.name for c in report.checks}
+        probe = cases[name].loss_factory()
+        if probe.queue.capacity and not probe.update_queue_in_eval:
+            if any(not step.train for step in cases[name].plan):
+                assert "queue frozen in eval" in names, f"[{name}] eval step not checked"
         grads = [c for c in report.checks if c.name == "DDP grads vs oracle"]
         assert grads, f"[{name}] no training step was checked"
         assert max(c.scale for c in grads) > 1e-3, f"[{name}] gradients too small to prove much"
@@ -86,6 +91,9 @@ def test_every_step_matches_the_single_process_oracle_on_gloo(world_size):
             ),
             "multi-class, max_pool_size": Case(
                 partial(RAQ, 3, queue_size=12, max_pool_size=6), plan
+            ),
+            "multi-class, update_queue_in_eval": Case(
+                partial(RAQ, 3, queue_size=8, update_queue_in_eval=True), plan
             ),
         }
     )

@@ -1,20 +1,37 @@
 """Check a queued ranking loss under real DDP against a single-process float64 oracle.
 
 The promise being checked (contract §5): training with the loss under DistributedDataParallel
-is *the same computation* as one process fed the concatenated global batch. So the check runs a
-small seeded float64 model twice -- on real ranks under DDP, and in this process without DDP on
-the global batch -- and compares, step by step: the loss (bit-identical on every rank, equal to
-the oracle's), the gradients DDP leaves on the parameters, the loss's queue (bit-identical on
-every rank and equal to the oracle's), and the parameters after each optimiser step.
+is *the same computation* as one process fed the concatenated global batch. So the check trains
+a small seeded float64 model (``nn.Linear`` on seeded features, SGD with momentum) on real ranks
+under DDP and compares every step with single-process runs on the global batch in rank order:
+
+* the loss: bit-identical on every rank, and equal to the oracle's;
+* the gradients DDP leaves on the parameters: equal to the oracle's within ``rtol``;
+* the loss's queue (``.queue.scores/targets/weights``, ``ptr``, ``count``): bit-identical on
+  every rank, equal to the oracle's, and untouched by eval steps;
+* the parameters: identical on every rank, and equal to a free-running oracle's after each
+  optimiser step.
+
+Two oracles, because one cannot be both exact and independent: the *replay* recomputes each
+step from the very parameters the ranks had before it, so the loss sees bit-identical inputs and
+any difference in value or queue is the loss's fault; the *free run* trains on its own, so the
+parameters are checked over several steps of a trajectory that never saw the ranks.
 
 Each step of the plan says how many rows every rank gets (uneven, even zero), so the world size
 is ``len(step.sizes)``. A plan whose world size changes between steps is a checkpoint test: the
 ranks save ``loss.state_dict()`` (and the model's and optimiser's), a new world of the next size
-loads it (``torch.load(weights_only=True)``) and carries on, and the oracle never stops.
+loads it (``torch.load(weights_only=True)``) and carries on, and the oracles never stop.
+With NCCL the (CPU) oracle is compared within ``rtol`` instead of bit for bit.
 
-The rank's model computes logits block by block on the same row blocks the oracle uses, so on
-CPU every quantity the loss sees is bit-identical to the oracle's; differences can only come
-from the loss. With NCCL the oracle (CPU) is compared within ``rtol`` instead of bit for bit.
+Example, for your own subclass of ``QueuedRankingLoss``::
+
+    from functools import partial
+    from imbalanced_losses.testing import Step, check_ddp_exactness
+
+    plan = [Step((5, 3)), Step((0, 7), pad_frac=0.3), Step((4, 4), weighted=True, train=False)]
+    check_ddp_exactness(partial(MyLoss, 3, queue_size=8), plan).raise_if_failed()
+
+(``MyLoss`` must be importable by name: every rank is a fresh process.)
 """
 
 from __future__ import annotations
@@ -33,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from imbalanced_losses.testing._spawn import run_ranks
 
-__all__ = ["Check", "DdpMismatch", "DdpReport", "Step", "check_ddp_exactness"]
+__all__ = ["Case", "Check", "DdpMismatch", "DdpReport", "Step", "check_ddp_exactness", "check_many"]
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,7 @@ def _rank_main(rank: int, spec: dict) -> None:
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+        stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     faulthandler.enable(file=sys.stderr, all_threads=True)  # segfaults leave a stack too
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))

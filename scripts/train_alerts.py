@@ -1,0 +1,611 @@
+#!/usr/bin/env python
+"""Alert-budget demo: does optimising recall at the alert budget beat BCE alone?
+
+Trains a small model on an imbalanced alert task twice per seed:
+
+* ``bce``:  binary cross-entropy for all epochs;
+* ``raq``:  the same BCE run up to the end of the warm-up, then
+  ``RecallAtQuantileLoss`` (optionally blended with ``--bce-weight`` x BCE) for the
+  remaining epochs. Both arms share the warm-up exactly (the ``raq`` arm forks from
+  the ``bce`` arm's weights), see the same batches in the same order, and get the
+  same total number of epochs.
+
+It reports hard recall at the alert budget (``recall_at_quantile``: the share of
+held-out positives whose score is at or above the top-``quantile`` threshold of all
+held-out scores) as a terminal table, a JSON file and a PNG.
+
+Data: an embedded synthetic task (seeded, ~0.5% positives, hard negatives that
+overlap the positives, nothing to download) or your own CSV/Parquet file
+(``--data file.csv --label-column is_fraud``; numeric feature columns, binary label).
+
+Runs in one process, under ``torchrun`` and under ``accelerate launch``::
+
+    python scripts/train_alerts.py --seeds 0 1 2
+    torchrun --standalone --nproc_per_node 2 scripts/train_alerts.py --seeds 0 1 2
+    accelerate launch --config_file scripts/accelerate_cpu_2ranks.yaml \\
+        scripts/train_alerts.py --seeds 0 1 2
+
+With several ranks every global batch is split evenly across ranks (contiguous
+slices, rank order), BCE is a per-rank mean on equal slices and the ranking loss
+gathers all ranks' rows with exact gradients, so the run computes the same thing as
+one process, up to float rounding. ``accelerate`` is not needed to run the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:  # the installed package, else the checkout this script lives in
+    from imbalanced_losses import RecallAtQuantileLoss, recall_at_quantile
+except ImportError:  # pragma: no cover - running from a source checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from imbalanced_losses import RecallAtQuantileLoss, recall_at_quantile
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # tqdm is optional
+    tqdm = None
+
+ARMS = ("bce", "raq")
+ARM_LABELS = {"bce": "BCE alone", "raq": "BCE warm-up -> RecallAtQuantile"}
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    world_size: int
+    rank: int
+    local_rank: int
+    backend: str  # "none" for a single process
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def setup_distributed(force_cpu: bool) -> DistInfo:
+    """Initialise torch.distributed from the launcher's env vars when WORLD_SIZE > 1.
+
+    torchrun and ``accelerate launch`` both export RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR and MASTER_PORT. NCCL is used when every local rank can have its own
+    GPU, gloo on CPU otherwise. ``--cpu`` or ACCELERATE_USE_CPU=1 force CPU/gloo.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    force_cpu = force_cpu or _truthy(os.environ.get("ACCELERATE_USE_CPU"))
+    use_cuda = (
+        not force_cpu and torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+    )
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            timeout=datetime.timedelta(minutes=5),
+            **({"device_id": device} if use_cuda else {}),
+        )
+        backend = str(dist.get_backend())
+        assert dist.get_world_size() == world_size and dist.get_rank() == rank
+    else:
+        backend = "none"
+    return DistInfo(world_size, rank, local_rank, backend, device)
+
+
+def log(info: DistInfo, *args) -> None:
+    if info.is_main:
+        print(*args, flush=True)
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class Splits:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    feature_names: list[str]
+    source: str
+
+
+def make_synthetic(n: int, seed: int, positive_rate: float, hard_negative_rate: float,
+                   n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded synthetic alert task (numpy only, nothing downloaded).
+
+    * easy negatives: the bulk, ``N(0, I)``;
+    * "burst" positives (half of the positives): a strong signal on feature 1 plus a
+      separating signal on feature 2 -- catchable at a small alert budget;
+    * hard negatives: the same burst on feature 1 but the opposite side on feature 2,
+      so they overlap the positives and compete for the alert budget;
+    * "drift" positives (the other half): the bulk shifted along feature 0 -- too close
+      to the bulk to fit in a 1% budget, yet they dominate BCE's gradient on feature 0,
+      whose noise then spills into the ranking of the burst region.
+
+    A small model fitted with BCE must compromise between the two kinds of positives;
+    a recall-at-budget objective spends its capacity on the ones the budget can catch.
+    """
+    if n_features < 4:
+        raise ValueError(f"n_features must be >= 4, got {n_features}")
+    rng = np.random.default_rng(seed)
+    n_pos = int(round(n * positive_rate))
+    n_hard = int(round(n * hard_negative_rate))
+    n_burst = n_pos // 2
+    n_easy = n - n_pos - n_hard
+    x = rng.standard_normal((n, n_features)).astype(np.float32)
+    y = np.zeros(n, dtype=np.int64)
+    # rows [0, n_burst) burst positives, then drift positives, then hard negatives.
+    burst = slice(0, n_burst)
+    drift = slice(n_burst, n_pos)
+    hard = slice(n_pos, n_pos + n_hard)
+    y[:n_pos] = 1
+    x[burst, 1] = rng.normal(3.0, 0.7, n_burst)
+    x[burst, 2] += 1.0
+    x[hard, 1] = rng.normal(3.0, 0.7, n_hard)
+    x[hard, 2] -= 1.0
+    x[drift, 0] += 1.5
+    # a weak, nonlinear nuisance interaction so a tiny MLP has something to chase
+    x[:, 3] = x[:, 3] + 0.3 * x[:, 0] * x[:, 1]
+    assert n_easy > 0
+    return x, y
+
+
+def load_table(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    import pandas as pd  # only needed for --data
+
+    if path.suffix.lower() in {".parquet", ".pq"}:
+        frame = pd.read_parquet(path)
+    elif path.suffix.lower() in {".csv", ".txt"} or path.name.lower().endswith(".csv.gz"):
+        frame = pd.read_csv(path)
+    else:
+        raise ValueError(f"--data: expected a .csv or .parquet file, got {path.name!r}")
+    if label_column not in frame.columns:
+        raise ValueError(
+            f"--label-column: {label_column!r} is not a column of {path.name}; "
+            f"columns are {list(frame.columns)[:20]}"
+        )
+    frame = frame[frame[label_column].notna()]
+    labels = frame[label_column]
+    if labels.dtype == bool:
+        y = labels.to_numpy().astype(np.int64)
+    else:
+        values = set(np.unique(labels.to_numpy()).tolist())
+        if not values <= {0, 1}:
+            raise ValueError(
+                f"--label-column {label_column!r}: expected binary labels in {{0, 1}} or bool, "
+                f"saw values {sorted(values, key=str)[:10]}"
+            )
+        y = labels.to_numpy().astype(np.int64)
+    features = frame.drop(columns=[label_column])
+    numeric = features.select_dtypes(include=["number", "bool"])
+    dropped = [c for c in features.columns if c not in numeric.columns]
+    if dropped:
+        print(f"[train_alerts] ignoring non-numeric columns: {dropped}", file=sys.stderr)
+    if numeric.shape[1] == 0:
+        raise ValueError(f"--data: {path.name} has no numeric feature columns")
+    x = numeric.to_numpy(dtype=np.float32)
+    return x, y, [str(c) for c in numeric.columns]
+
+
+def stratified_split(x: np.ndarray, y: np.ndarray, seed: int, val_frac: float,
+                     test_frac: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed + 7919)
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for cls in (0, 1):
+        idx = rng.permutation(np.flatnonzero(y == cls))
+        n_val = int(round(len(idx) * val_frac))
+        n_test = int(round(len(idx) * test_frac))
+        parts[1].append(idx[:n_val])
+        parts[2].append(idx[n_val:n_val + n_test])
+        parts[0].append(idx[n_val + n_test:])
+    return tuple(rng.permutation(np.concatenate(p)) for p in parts)  # type: ignore[return-value]
+
+
+def build_splits(args: argparse.Namespace, seed: int) -> Splits:
+    if args.data is None:
+        x, y = make_synthetic(args.n_samples, seed, args.positive_rate,
+                              args.hard_negative_rate, args.n_features)
+        names = [f"f{i}" for i in range(x.shape[1])]
+        source = (f"synthetic(n={args.n_samples}, positive_rate={args.positive_rate}, "
+                  f"hard_negative_rate={args.hard_negative_rate}, seed={seed})")
+    else:
+        x, y, names = load_table(Path(args.data), args.label_column)
+        source = str(args.data)
+    tr, va, te = stratified_split(x, y, seed, args.val_frac, args.test_frac)
+    mean = np.nanmean(x[tr], axis=0)
+    std = np.nanstd(x[tr], axis=0)
+    std = np.where(std > 0, std, 1.0)
+    z = (x - mean) / std
+    z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    t = torch.from_numpy
+    return Splits(t(z[tr]), t(y[tr]), t(z[va]), t(y[va]), t(z[te]), t(y[te]), names, source)
+
+
+# --------------------------------------------------------------------------- model / training
+def make_model(n_features: int, hidden: int, positive_rate: float | None) -> nn.Module:
+    """A deliberately small model; the output bias starts at the prior log-odds.
+
+    The prior-bias start (as in the focal-loss paper) spares BCE the first epochs it would
+    otherwise spend pushing every score down to the base rate.
+    """
+    if hidden <= 0:
+        model: nn.Module = nn.Linear(n_features, 1)
+        head = model
+    else:
+        model = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        head = model[-1]
+    if positive_rate is not None:
+        p = min(max(positive_rate, 1e-6), 1 - 1e-6)
+        with torch.no_grad():
+            head.bias.fill_(math.log(p / (1 - p)))
+    return model
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The global shuffle of epoch ``epoch``: identical on every rank and in every arm."""
+    gen = torch.Generator().manual_seed(1_000_003 * seed + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+@torch.no_grad()
+def scores_of(model: nn.Module, x: torch.Tensor, device: torch.device,
+              chunk: int = 65536) -> torch.Tensor:
+    model.eval()
+    out = [model(x[i:i + chunk].to(device))[:, 0].float().cpu() for i in range(0, len(x), chunk)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def recall_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, quantile: float,
+                   info: DistInfo) -> float:
+    """Each rank scores its own shard; ``recall_at_quantile`` pools all ranks' rows."""
+    shard = slice(info.rank, None, info.world_size)
+    s = scores_of(model, x[shard], info.device).to(info.device)
+    r = recall_at_quantile(s, y[shard].to(info.device), quantile)
+    return float(r)
+
+
+class Progress:
+    def __init__(self, info: DistInfo, total: int, enabled: bool, desc: str):
+        self.bar = None
+        if info.is_main and enabled and tqdm is not None:
+            self.bar = tqdm(total=total, desc=desc, unit="step", mininterval=0.5,
+                            dynamic_ncols=True, leave=False)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_epochs(model: nn.Module, wrapped: nn.Module, opt: torch.optim.Optimizer,
+                 arm: str, epochs: range, data: Splits, args: argparse.Namespace, seed: int,
+                 info: DistInfo, raq: RecallAtQuantileLoss | None, history: dict,
+                 progress: Progress) -> None:
+    gb = args.batch_size
+    lb = gb // info.world_size
+    n = len(data.y_train)
+    steps = n // gb  # drop the ragged tail so every rank always has an equal slice
+    for epoch in epochs:
+        wrapped.train()
+        if raq is not None:
+            raq.train()
+        order = epoch_order(n, seed, epoch)
+        use_raq = arm == "raq" and epoch >= args.warmup_epochs
+        total = 0.0
+        for step in range(steps):
+            rows = order[step * gb:(step + 1) * gb][info.rank * lb:(info.rank + 1) * lb]
+            xb = data.x_train[rows].to(info.device, non_blocking=True)
+            yb = data.y_train[rows].to(info.device, non_blocking=True)
+            logits = wrapped(xb)
+            bce = F.binary_cross_entropy_with_logits(logits[:, 0], yb.float())
+            if use_raq:
+                assert raq is not None
+                loss = raq(logits, yb)
+                if args.bce_weight > 0:
+                    loss = loss + args.bce_weight * bce
+            else:
+                loss = bce
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            progress.update(1, seed=seed, arm=arm, epoch=epoch + 1)
+        mean_loss = torch.tensor([total / max(1, steps)], dtype=torch.float64)
+        if info.world_size > 1:  # log the global mean (BCE is a per-rank mean)
+            mean_loss = mean_loss.to(info.device)
+            dist.all_reduce(mean_loss)
+            mean_loss /= info.world_size
+        val = recall_sharded(model, data.x_val, data.y_val, args.quantile, info)
+        test = recall_sharded(model, data.x_test, data.y_test, args.quantile, info)
+        history["epoch"].append(epoch + 1)
+        history["train_loss"].append(float(mean_loss))
+        history["val_recall"].append(val)
+        history["test_recall"].append(test)
+
+
+def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
+    if info.world_size == 1:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
+    data = build_splits(args, seed)
+    n_feat = data.x_train.shape[1]
+    steps_per_epoch = len(data.y_train) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"--batch-size {args.batch_size} exceeds the {len(data.y_train)} training rows")
+    progress = Progress(info, steps_per_epoch * (2 * args.epochs - args.warmup_epochs),
+                        not args.no_progress, desc=f"seed {seed}")
+    empty = lambda: {"epoch": [], "train_loss": [], "val_recall": [], "test_recall": []}  # noqa: E731
+
+    # Arm "bce": BCE for every epoch; its state after the warm-up seeds arm "raq".
+    prior = None if args.no_prior_bias else float(data.y_train.float().mean())
+    torch.manual_seed(seed)
+    model = make_model(n_feat, args.hidden, prior).to(info.device)
+    wrapped = wrap(model, info)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    hist_bce = empty()
+    train_epochs(model, wrapped, opt, "bce", range(args.warmup_epochs), data, args, seed, info,
+                 None, hist_bce, progress)
+    warm_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    train_epochs(model, wrapped, opt, "bce", range(args.warmup_epochs, args.epochs), data, args,
+                 seed, info, None, hist_bce, progress)
+    models = {"bce": model}
+
+    # Arm "raq": same warm-up weights, then the ranking loss (plus --bce-weight x BCE).
+    model_r = make_model(n_feat, args.hidden, prior).to(info.device)
+    model_r.load_state_dict(warm_state)
+    wrapped_r = wrap(model_r, info)
+    opt_r = torch.optim.Adam(model_r.parameters(), lr=args.raq_lr)
+    raq = RecallAtQuantileLoss(num_classes=1, quantile=args.quantile, queue_size=args.queue_size,
+                               temperature=args.temperature).to(info.device)
+    hist_raq = {k: list(v[:args.warmup_epochs]) for k, v in hist_bce.items()}
+    train_epochs(model_r, wrapped_r, opt_r, "raq", range(args.warmup_epochs, args.epochs), data,
+                 args, seed, info, raq, hist_raq, progress)
+    models["raq"] = model_r
+    progress.close()
+
+    result: dict = {"seed": int(seed), "source": data.source,
+                    "n_train": len(data.y_train), "n_val": len(data.y_val),
+                    "n_test": len(data.y_test),
+                    "test_positives": int(data.y_test.sum()),
+                    "train_positive_rate": float(data.y_train.float().mean()),
+                    "arms": {}}
+    for arm, hist in (("bce", hist_bce), ("raq", hist_raq)):
+        result["arms"][arm] = {"test_recall": hist["test_recall"][-1],
+                               "val_recall": hist["val_recall"][-1], "history": hist}
+    if info.is_main:  # full test scores for the plot, and a cross-check of the DDP metric
+        result["_scores"] = {arm: scores_of(m, data.x_test, info.device)
+                             for arm, m in models.items()}
+        result["_y_test"] = data.y_test
+        for arm in ARMS:
+            local = float(recall_at_quantile(result["_scores"][arm], data.y_test, args.quantile,
+                                             gather_distributed=False))
+            reported = result["arms"][arm]["test_recall"]
+            if not math.isclose(local, reported, abs_tol=1e-6):
+                print(f"[train_alerts] WARNING: sharded recall {reported} != local {local} "
+                      f"for arm {arm}", file=sys.stderr)
+    return result
+
+
+# --------------------------------------------------------------------------- reporting
+def summarise(values: list[float]) -> dict:
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "n": int(len(arr)),
+            "min": float(arr.min()), "max": float(arr.max())}
+
+
+def print_table(results: list[dict], summary: dict, args: argparse.Namespace) -> None:
+    seeds = [r["seed"] for r in results]
+    head = ["arm"] + [f"seed {s}" for s in seeds] + ["mean ± std"]
+    rows = []
+    for arm in ARMS:
+        vals = [r["arms"][arm]["test_recall"] for r in results]
+        s = summary[arm]
+        rows.append([ARM_LABELS[arm]] + [f"{v:.4f}" for v in vals]
+                    + [f"{s['mean']:.4f} ± {s['std']:.4f}"])
+    d = summary["raq_minus_bce"]
+    diffs = [r["arms"]["raq"]["test_recall"] - r["arms"]["bce"]["test_recall"] for r in results]
+    rows.append(["difference (raq - bce)"] + [f"{v:+.4f}" for v in diffs]
+                + [f"{d['mean']:+.4f} ± {d['std']:.4f}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    print(f"\nTest recall at the alert budget (top {100 * args.quantile:g}% of held-out scores; "
+          f"std = sample std over {len(seeds)} seed(s)):")
+    print(line(head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+    wins = sum(v > 0 for v in diffs)
+    print(f"ranking loss better on {wins}/{len(diffs)} seed(s)")
+
+
+def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = results[0]
+    y = first["_y_test"].numpy().astype(bool)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    for ax, arm in zip(axes[:2], ARMS):
+        s = first["_scores"][arm].numpy()
+        theta = float(np.quantile(s, 1 - args.quantile, method="higher"))
+        bins = np.linspace(np.percentile(s, 0.5), s.max(), 80)
+        ax.hist(s[~y], bins=bins, density=True, alpha=0.55, color="tab:gray",
+                label=f"negatives (n={int((~y).sum())})")
+        ax.hist(s[y], bins=bins, density=True, alpha=0.65, color="tab:red",
+                label=f"positives (n={int(y.sum())})")
+        ax.axvline(theta, color="black", ls="--", lw=1.5,
+                   label=f"alert threshold (top {100 * args.quantile:g}%)")
+        rec = first["arms"][arm]["test_recall"]
+        ax.set_yscale("log")
+        ax.set_title(f"{ARM_LABELS[arm]}: test scores, seed {first['seed']}\n"
+                     f"recall at budget = {rec:.3f}")
+        ax.set_xlabel("logit")
+        ax.set_ylabel("density (log scale)")
+        ax.legend(loc="upper left", fontsize=8)
+    ax = axes[2]
+    colors = {"bce": "tab:blue", "raq": "tab:orange"}
+    for arm in ARMS:
+        curves = np.array([r["arms"][arm]["history"]["test_recall"] for r in results])
+        epochs = results[0]["arms"][arm]["history"]["epoch"]
+        for c in curves:
+            ax.plot(epochs, c, color=colors[arm], alpha=0.25, lw=1)
+        ax.plot(epochs, curves.mean(0), color=colors[arm], lw=2.2,
+                label=f"{ARM_LABELS[arm]} (mean of {len(results)} seed(s))")
+    ax.axvline(args.warmup_epochs + 0.5, color="gray", ls=":", lw=1.2, label="end of BCE warm-up")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"test recall at top {100 * args.quantile:g}%")
+    ax.set_title("recall at the alert budget over epochs\n(thin lines: individual seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="CSV or Parquet file (default: synthetic task)")
+    g.add_argument("--label-column", default="label", help="binary label column of --data")
+    g.add_argument("--n-samples", type=int, default=200_000, help="synthetic rows")
+    g.add_argument("--positive-rate", type=float, default=0.005, help="synthetic positive share")
+    g.add_argument("--hard-negative-rate", type=float, default=0.02,
+                   help="synthetic share of hard negatives")
+    g.add_argument("--n-features", type=int, default=16, help="synthetic features")
+    g.add_argument("--val-frac", type=float, default=0.2)
+    g.add_argument("--test-frac", type=float, default=0.3)
+    g = p.add_argument_group("training")
+    g.add_argument("--seed", type=int, default=0, help="single seed (ignored with --seeds)")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds")
+    g.add_argument("--epochs", type=int, default=12, help="total epochs per arm")
+    g.add_argument("--warmup-epochs", type=int, default=4,
+                   help="BCE epochs before the ranking loss")
+    g.add_argument("--batch-size", type=int, default=2048, help="global batch (all ranks)")
+    g.add_argument("--hidden", type=int, default=8, help="hidden units (0: linear model)")
+    g.add_argument("--no-prior-bias", action="store_true",
+                   help="keep PyTorch's default output-bias init instead of the prior log-odds")
+    g.add_argument("--lr", type=float, default=1e-2, help="Adam lr for BCE")
+    g.add_argument("--raq-lr", type=float, default=3e-3, help="Adam lr after the warm-up")
+    g = p.add_argument_group("ranking loss")
+    g.add_argument("--quantile", type=float, default=0.01,
+                   help="alert budget: share of rows alerted; must exceed the positive rate")
+    g.add_argument("--temperature", type=float, default=0.1,
+                   help="sigmoid temperature of the ranking loss, in logit units")
+    g.add_argument("--queue-size", type=int, default=8192)
+    g.add_argument("--bce-weight", type=float, default=0.3,
+                   help="blend: loss = RecallAtQuantile + bce_weight * BCE after the warm-up")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="results", help="output folder (JSON + PNG)")
+    g.add_argument("--cpu", action="store_true", help="force CPU (gloo) even with GPUs")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [args.seed]
+    if not 0 <= args.warmup_epochs < args.epochs:
+        p.error(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
+    if not 0.0 < args.quantile < 1.0:
+        p.error(f"--quantile must be in (0, 1), got {args.quantile}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    info = setup_distributed(args.cpu)
+    try:
+        log(info, f"[train_alerts] world_size={info.world_size} backend={info.backend} "
+                  f"device={info.device.type} threads_per_rank={torch.get_num_threads()} "
+                  f"torch={torch.__version__}")
+        if args.batch_size % info.world_size:
+            raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world "
+                             f"size {info.world_size}")
+        results = []
+        for seed in args.seeds:
+            ts = time.perf_counter()
+            res = run_seed(args, seed, info)
+            results.append(res)
+            log(info, f"[train_alerts] seed {seed}: "
+                      + ", ".join(f"{a}={res['arms'][a]['test_recall']:.4f}" for a in ARMS)
+                      + f"  ({time.perf_counter() - ts:.1f}s; {res['test_positives']} test "
+                        f"positives, train positive rate {res['train_positive_rate']:.4%})")
+            if res["train_positive_rate"] >= args.quantile:
+                log(info, f"[train_alerts] WARNING: --quantile {args.quantile} does not exceed "
+                          f"the positive rate {res['train_positive_rate']:.4f}: even a perfect "
+                          "model leaves positives below the threshold.")
+        if not info.is_main:
+            return None
+        summary = {arm: summarise([r["arms"][arm]["test_recall"] for r in results])
+                   for arm in ARMS}
+        summary["raq_minus_bce"] = summarise(
+            [r["arms"]["raq"]["test_recall"] - r["arms"]["bce"]["test_recall"] for r in results])
+        print_table(results, summary, args)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        png = out / "train_alerts.png"
+        if not args.no_plot:
+            plot(results, args, png)
+        elapsed = time.perf_counter() - t0
+        report = {
+            "world_size": info.world_size, "backend": info.backend, "device": info.device.type,
+            "torch": torch.__version__, "seconds": elapsed, "command": " ".join(sys.argv),
+            "config": {k: v for k, v in vars(args).items()},
+            "metric": f"recall_at_quantile(test scores, quantile={args.quantile}) "
+                      "at the final epoch",
+            "summary": summary,
+            "seeds": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+            "png": None if args.no_plot else str(png),
+        }
+        (out / "train_alerts.json").write_text(json.dumps(report, indent=2))
+        print(f"[train_alerts] wrote {out / 'train_alerts.json'}"
+              + ("" if args.no_plot else f" and {png}") + f" in {elapsed:.1f}s")
+        return report
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from imbalanced_losses import RecallAtQuantileLoss, _distributed
+from imbalanced_losses import Pool, RecallAtQuantileLoss, _distributed
 
 
 def _world() -> tuple[int, int]:
@@ -51,10 +51,11 @@ class LocalFirstGather(RecallAtQuantileLoss):
 
 
 class PerRankSubsampleSeed(RecallAtQuantileLoss):
-    """Seeds the max_pool_size sample with the rank (and hides the seed from the config check)."""
+    """Draws the max_pool_size threshold sample from a generator seeded by the rank."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, seed=_world()[0], **kwargs)
-
-    def config_fingerprint(self) -> dict[str, float]:
-        return {k: v for k, v in super().config_fingerprint().items() if k != "seed"}
+    def per_class_loss(self, pool: Pool) -> tuple[torch.Tensor, torch.Tensor]:
+        if pool.threshold_rows is not None:
+            generator = torch.Generator().manual_seed(1000 * _world()[0] + self.subsample_step)
+            rows = torch.randperm(pool.size, generator=generator)[: self.max_pool_size]
+            pool.threshold_rows = rows.to(pool.threshold_rows.device)
+        return super().per_class_loss(pool)

@@ -217,7 +217,7 @@ def test_harness_reports_deliberately_broken_losses():
         "local-slice gradient": Case(partial(LocalSliceGradient, 3, **options), plan),
         "local-first gather": Case(partial(LocalFirstGather, 3, **options), plan),
         "per-rank subsample seed": Case(
-            partial(PerRankSubsampleSeed, 3, max_pool_size=5, **options), plan
+            partial(PerRankSubsampleSeed, 3, max_pool_size=4, **options), plan * 2
         ),
     }
     reports = dict(zip(broken, check_many(list(broken.values()))))
@@ -236,8 +236,10 @@ def test_harness_reports_deliberately_broken_losses():
     assert grads.error == pytest.approx(0.5, rel=1e-6)
     # Rank 1 pools (and queues) its own rows first.
     assert "queue identical on every rank" in failing_at_step_0("local-first gather")
-    # Different threshold samples give different losses on different ranks.
-    assert "loss identical on every rank" in failing_at_step_0("per-rank subsample seed")
+    # Different threshold samples give different losses on different ranks (two samples can
+    # share their quantile by chance, so not necessarily at the first step).
+    failing = {c.name for c in reports["per-rank subsample seed"].failures()}
+    assert "loss identical on every rank" in failing
     for report in reports.values():
         with pytest.raises(DdpMismatch, match="FAIL"):
             report.raise_if_failed()

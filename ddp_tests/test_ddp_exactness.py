@@ -257,3 +257,44 @@ def test_every_step_matches_the_oracle_on_nccl(world_size):
         {"outside": Case(loss, plan), "inside": Case(loss, plan, loss_inside_ddp=True)},
         backend="nccl",
     )
+
+
+# ------------------------------------------------------------------------ non-finite logits
+
+
+def _nonfinite_batches() -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for sizes, bad_rows in (((4, 3), [5]), ((2, 0), []), ((3, 4), [0, 6])):
+        n = sum(sizes)
+        logits = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+        logits[bad_rows, 1] = torch.tensor([float("nan"), float("inf")][: len(bad_rows)]).double()
+        batches.append((logits, torch.randint(0, 3, (n,), generator=gen), sizes))
+    return batches
+
+
+def _nonfinite_on_rank(rank: int) -> list:
+    loss_fn = RAQ(3, queue_size=8).double()
+    out = []
+    for logits, targets, sizes in _nonfinite_batches():
+        start = sum(sizes[:rank])
+        rows = slice(start, start + sizes[rank])
+        loss = loss_fn(logits[rows], targets[rows])
+        q = loss_fn.queue
+        out.append((loss.detach(), q.scores.clone(), q.targets.clone(), q.ptr, q.count))
+    return out
+
+
+def test_non_finite_rows_never_enter_the_queue_on_any_rank():
+    results = run_ranks(_nonfinite_on_rank, 2, timeout_s=120)
+    oracle = RAQ(3, queue_size=8).double()
+    for step, (logits, targets, _) in enumerate(_nonfinite_batches()):
+        loss = oracle(logits, targets)
+        q = oracle.queue
+        expected = (loss.detach(), q.scores, q.targets, q.ptr, q.count)
+        assert torch.isfinite(q.scores).all()
+        for rank, per_step in enumerate(results):
+            got = per_step[step]
+            assert torch.equal(got[0], expected[0]) or (got[0].isnan() and expected[0].isnan())
+            assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+            assert got[3:] == expected[3:], f"rank {rank}, step {step}: ptr/count"

@@ -10,6 +10,7 @@ leave another rank waiting in a collective.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -373,10 +374,9 @@ class QueuedRankingLoss(nn.Module):
 
     def _subsample(self, size: int) -> Tensor:
         """Uniform rows without replacement from a private generator: same on every rank."""
-        # Distinct (seed, step) pairs give distinct generator seeds.
-        generator = torch.Generator().manual_seed(
-            ((self.seed % 2**31) << 32) | (self.subsample_step % 2**32)
-        )
+        # torch's CPU generator keeps only 32 bits of its seed: hash both parts into them.
+        digest = hashlib.blake2b(f"{self.seed},{self.subsample_step}".encode(), digest_size=4)
+        generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
         self.subsample_step += 1
         assert self.max_pool_size is not None
         return torch.randperm(size, generator=generator)[: self.max_pool_size]

@@ -49,7 +49,7 @@ def recall_at_quantile(
         )
         metas = [m.tolist() for m in _distributed.all_gather_rows_of_equal_shape(meta)]
         _raise_on_any(metas, problem)
-        columns, targets = scores.reshape(num_rows, -1), targets.reshape(-1).long()
+        columns, targets = scores.reshape(num_rows, width), targets.reshape(-1).long()
         packed = torch.cat([columns.double(), targets.double()[:, None]], dim=1)
         packed = _distributed.gather_rows(packed, [int(m[1]) for m in metas])
         columns, targets = packed[:, :-1].to(scores.dtype), packed[:, -1].long()

@@ -118,6 +118,18 @@ def test_same_seed_and_history_give_the_same_sample():
     assert all(torch.equal(x, y) for x, y in zip(first, second))
 
 
+def test_different_seeds_draw_different_samples():
+    # torch's CPU generator keeps only 32 bits of a seed; seeds must still matter.
+    batches = _batches(1)
+    losses = []
+    for seed in (0, 1, 2**32, 5 * 2**32):
+        loss = RecallAtQuantileLoss(3, quantile=0.1, queue_size=64, max_pool_size=16, seed=seed)
+        losses.append(_run(loss.double(), batches))
+    for i in range(len(losses)):
+        for j in range(i + 1, len(losses)):
+            assert not all(torch.equal(x, y) for x, y in zip(losses[i], losses[j])), (i, j)
+
+
 def test_sample_reproducible_after_state_dict_round_trip():
     batches = _batches(2, steps=8)
     kwargs = dict(quantile=0.1, queue_size=64, max_pool_size=16, seed=3, temperature=0.2)

@@ -1,0 +1,66 @@
+"""Smoke test of scripts/bench.py: the quick run completes and reports every §7 case.
+
+Behaviour only, never wall-clock: timings on a shared CI machine mean nothing, so this checks
+that each case ran, that both implementations agree on the loss, that the reference refuses
+more than 2**24 rows, and that the DDP case counted at most two collectives per forward and
+none in backward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "scripts", "bench.py")
+CASES = ("c16_q64k", "c100_q64k", "c1_1m", "c1_20m", "ddp_gloo_2")
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, BENCH, "--quick", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, f"bench.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "| case |" in proc.stdout  # the table was printed
+    return json.loads(out.read_text())
+
+
+def test_reports_every_case_and_the_machine(quick_results):
+    assert set(CASES) <= set(quick_results["cases"])
+    machine = quick_results["machine"]
+    assert machine["torch_threads"] == 1 and machine["torch"] and machine["cpu_model"]
+    for name in CASES:
+        case = quick_results["cases"][name]
+        assert "error" not in case, (name, case.get("error"))
+        assert case["ours_median_ms"] > 0 and case["target"]
+
+
+def test_speed_cases_time_both_sides_and_agree(quick_results):
+    for name in ("c16_q64k", "c100_q64k", "c1_1m"):
+        case = quick_results["cases"][name]
+        assert case["reference_median_ms"] > 0 and case["speedup"] > 0
+        assert len(case["ours_ms"]) >= 1 and len(case["reference_ms"]) >= 1
+        assert case["loss_abs_diff"] <= 1e-5, (name, case["loss_ours"], case["loss_reference"])
+
+
+def test_large_case_runs_and_reference_refuses_it(quick_results):
+    case = quick_results["cases"]["c1_20m"]
+    assert case["reference_raises"] and case["reference_rows"] > 2**24
+    assert "too large" in case["reference_error"]
+    assert case["peak_extra_mb"] and case["logits_mb"] > 0
+    assert case["method"]
+
+
+def test_ddp_collectives_per_forward(quick_results):
+    case = quick_results["cases"]["ddp_gloo_2"]
+    assert case["collectives_per_forward_steady_max"] <= 2
+    assert case["collectives_per_backward_steady_max"] == 0
+    assert case["loss_identical_on_ranks"]
+    assert case["met"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from .functional import positive_scores, reduce_per_class
 
 REDUCTIONS = ("mean", "sum", "none")
 
-LossOutput = Union[Tensor, tuple[Tensor, Tensor, Tensor]]
+LossOutput = Tensor | tuple[Tensor, Tensor, Tensor]
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Pool:
     live: Rows
     queued: Rows
     num_classes: int
-    threshold_rows: Optional[Tensor] = None
+    threshold_rows: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -102,8 +102,8 @@ class QueuedRankingLoss(nn.Module):
         reduction: str = "mean",
         ignore_index: int = -100,
         update_queue_in_eval: bool = False,
-        gather_distributed: Optional[bool] = None,
-        max_pool_size: Optional[int] = None,
+        gather_distributed: bool | None = None,
+        max_pool_size: int | None = None,
         *,
         seed: int = 0,
     ) -> None:
@@ -135,7 +135,7 @@ class QueuedRankingLoss(nn.Module):
 
     # ------------------------------------------------------------------ hooks
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
-        """Return ``(loss [C], valid [C] bool)`` for a non-empty pool; invalid entries are ignored."""
+        """``(loss [C], valid [C] bool)`` for a non-empty pool; invalid entries are ignored."""
         raise NotImplementedError
 
     def config_fingerprint(self) -> dict[str, float]:
@@ -167,7 +167,7 @@ class QueuedRankingLoss(nn.Module):
         targets: Tensor,
         *,
         return_per_class: bool = False,
-        sample_weight: Optional[Tensor] = None,
+        sample_weight: Tensor | None = None,
     ) -> LossOutput:
         """Loss of ``logits`` ``[N, C]`` against ``targets`` ``[N]`` over the pooled rows.
 
@@ -230,9 +230,7 @@ class QueuedRankingLoss(nn.Module):
             torch.promote_types(logits.dtype, self.queue.scores.dtype), torch.float32
         )
 
-    def _static_problem(
-        self, logits: Any, targets: Any, sample_weight: Any
-    ) -> Optional[str]:
+    def _static_problem(self, logits: Any, targets: Any, sample_weight: Any) -> str | None:
         """First shape/dtype/device problem of the inputs, without touching their values."""
         c = self.num_classes
         if not isinstance(logits, Tensor) or not logits.is_floating_point():
@@ -247,10 +245,11 @@ class QueuedRankingLoss(nn.Module):
         if targets.is_floating_point() or targets.is_complex():
             return f"targets must hold integer or bool class ids, got dtype {targets.dtype}"
         n = logits.shape[0]
-        if not (
-            tuple(targets.shape) == (n,) or tuple(targets.shape) == (n, 1)
-        ):
-            return f"targets must have shape [{n}] or [{n}, 1] to match logits, got {tuple(targets.shape)}"
+        if not (tuple(targets.shape) == (n,) or tuple(targets.shape) == (n, 1)):
+            return (
+                f"targets must have shape [{n}] or [{n}, 1] to match logits, "
+                f"got {tuple(targets.shape)}"
+            )
         if targets.device != logits.device:
             return f"targets are on {targets.device} but logits are on {logits.device}"
         if self.queue.scores.device != logits.device:
@@ -267,7 +266,9 @@ class QueuedRankingLoss(nn.Module):
             if tuple(sample_weight.shape) != (n,):
                 return f"sample_weight must have shape [{n}], got {tuple(sample_weight.shape)}"
             if sample_weight.device != logits.device:
-                return f"sample_weight is on {sample_weight.device} but logits are on {logits.device}"
+                return (
+                    f"sample_weight is on {sample_weight.device} but logits are on {logits.device}"
+                )
         return None
 
     def _agreement(self, sample_weight: Any) -> dict[str, float]:
@@ -278,8 +279,8 @@ class QueuedRankingLoss(nn.Module):
         self,
         logits: Tensor,
         targets: Tensor,
-        sample_weight: Optional[Tensor],
-        problem: Optional[str],
+        sample_weight: Tensor | None,
+        problem: str | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Metadata row and the local ``(scores, targets, weights, keep)`` before filtering.
 
@@ -302,7 +303,7 @@ class QueuedRankingLoss(nn.Module):
         else:
             bad_targets = (keep & ((tgt < 0) | (tgt >= self.num_classes))).any()
         if sample_weight is None:
-            weights = torch.ones(tgt.shape[0], dtype=dtype, device=device)
+            weights = torch.ones((), dtype=dtype, device=device).expand(tgt.shape[0])
             bad_weights = torch.zeros((), dtype=torch.bool, device=device)
         else:
             weights = sample_weight.detach().to(dtype)
@@ -316,9 +317,9 @@ class QueuedRankingLoss(nn.Module):
     def _raise_on_any_problem(
         self,
         metas: list[list[float]],
-        problem: Optional[str],
+        problem: str | None,
         targets: Tensor,
-        sample_weight: Optional[Tensor],
+        sample_weight: Tensor | None,
     ) -> None:
         """Raise the same decision on every rank: bad input anywhere, or ranks that disagree."""
         rank = _distributed.world()[0] if len(metas) > 1 else 0
@@ -342,9 +343,7 @@ class QueuedRankingLoss(nn.Module):
             seen = [m[_Meta.CONFIG + i] for m in metas]
             if any(v != seen[0] for v in seen):
                 by_rank = ", ".join(f"rank {r}: {_fmt(v)}" for r, v in enumerate(seen))
-                what = (
-                    "sample_weight given (1) or not (0)" if name == "has_sample_weight" else name
-                )
+                what = "sample_weight given (1) or not (0)" if name == "has_sample_weight" else name
                 raise ValueError(f"ranks disagree on {what} ({by_rank}); every rank must match")
 
     def _describe_bad_targets(self, targets: Tensor) -> str:
@@ -392,7 +391,7 @@ def _fmt(value: float) -> str:
     return str(int(value)) if math.isfinite(value) and value == int(value) else repr(value)
 
 
-def _describe_bad_weights(sample_weight: Optional[Tensor]) -> str:
+def _describe_bad_weights(sample_weight: Tensor | None) -> str:
     assert sample_weight is not None
     w = sample_weight.detach()
     return (

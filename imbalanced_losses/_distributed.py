@@ -16,7 +16,7 @@ Two gradient rules are offered:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def should_gather(gather_distributed: Optional[bool]) -> bool:
+def should_gather(gather_distributed: bool | None) -> bool:
     """Resolve the ``gather_distributed`` option *now* (auto = initialised and world > 1)."""
     active = world()[1] > 1
     if gather_distributed is None:
@@ -69,7 +69,7 @@ class _GatherRows(torch.autograd.Function):
         return _gather_padded(tensor, sizes)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
         rank, world_size = world()
         start = sum(ctx.sizes[:rank])
         if ctx.replicated:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,7 @@ class MemoryQueue(nn.Module):
         self.count = 0
 
     @torch.no_grad()
-    def push(self, scores: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> None:
+    def push(self, scores: Tensor, targets: Tensor, weights: Tensor | None = None) -> None:
         """Write rows circularly at the pointer (detached, cast to the buffer dtype)."""
         m = scores.shape[0]
         if self.capacity == 0 or m == 0:

@@ -9,7 +9,8 @@ refuses inputs past 2**24 elements).
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ INTERPOLATIONS: tuple[str, ...] = ("linear", "lower", "higher", "nearest", "midp
 # Above this fraction of the column, one O(P) quickselect per order statistic
 # beats a top-k heap/partial sort of the upper tail.
 _TOPK_MAX_FRACTION = 0.05
+_TOPK_CHUNK_ROWS = 1 << 20
 
 
 def _order_statistic_positions(
@@ -52,18 +54,22 @@ def _select_ascending(
 ) -> tuple[list[Tensor], Tensor]:
     """Per-column values at ascending order-statistic positions (0-based) of the stacked blocks.
 
-    A small upper tail is found by a top-k of each block and a top-k of their
-    union (no concatenation of the blocks); otherwise one quickselect per
+    A small upper tail is found by a top-k of each block (in chunks) and a
+    top-k of their union (no concatenation of the blocks); otherwise one quickselect per
     position over the concatenated column. Also returns a per-column NaN flag
     (torch.quantile returns NaN for such a column).
     """
     num_rows = sum(block.shape[0] for block in blocks)
     needed = num_rows - min(positions)  # the top-k must reach the lowest position
     if needed <= max(1, int(_TOPK_MAX_FRACTION * num_rows)):
+        # CPU top-k allocates (value, index) scratch for its whole input, so big
+        # blocks go in chunks; the union of per-chunk top-k sets holds the global one.
+        chunk = max(_TOPK_CHUNK_ROWS, 16 * needed)
         tails = [
-            torch.topk(block, min(needed, block.shape[0]), dim=0).values
+            torch.topk(part, min(needed, part.shape[0]), dim=0, sorted=False).values
             for block in blocks
-            if block.shape[0] > 0
+            for part in block.split(chunk)
+            if part.shape[0] > 0
         ]
         union = tails[0] if len(tails) == 1 else torch.cat(tails)
         top = torch.topk(union, needed, dim=0, sorted=True).values
@@ -75,7 +81,7 @@ def _select_ascending(
 
 
 def quantile_threshold(
-    scores: Union[Tensor, Sequence[Tensor]], quantile: float, interpolation: str = "higher"
+    scores: Tensor | Sequence[Tensor], quantile: float, interpolation: str = "higher"
 ) -> Tensor:
     """Per-column ``(1 - quantile)`` quantile of ``scores`` ``[P, C]``; returns ``[C]``.
 
@@ -152,7 +158,7 @@ def soft_recall_per_class(
 
 
 def reduce_per_class(
-    per_class: Tensor, valid: Tensor, reduction: str, anchor: Optional[Tensor] = None
+    per_class: Tensor, valid: Tensor, reduction: str, anchor: Tensor | None = None
 ) -> Tensor:
     """Reduce per-class losses over valid classes only.
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -20,7 +18,7 @@ def recall_at_quantile(
     interpolation: str = "higher",
     ignore_index: int = -100,
     reduction: str = "none",
-    gather_distributed: Optional[bool] = None,
+    gather_distributed: bool | None = None,
 ) -> Tensor:
     """Fraction of each class's positives scoring at or above its alert threshold.
 
@@ -75,15 +73,22 @@ def recall_at_quantile(
     return result[0] if squeeze else result
 
 
-def _input_problem(scores: object, targets: object, ignore_index: int) -> Optional[str]:
+def _input_problem(scores: object, targets: object, ignore_index: int) -> str | None:
     """What is wrong with this rank's ``scores``/``targets``, or ``None``."""
-    if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.dim() not in (1, 2):
+    if (
+        not isinstance(scores, Tensor)
+        or not scores.is_floating_point()
+        or scores.dim() not in (1, 2)
+    ):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         return f"scores must be a float tensor [N] or [N, C], got {shape}"
     if not isinstance(targets, Tensor) or targets.is_floating_point():
         return "targets must be an integer or bool tensor of class ids"
     if targets.numel() != scores.shape[0] or targets.dim() > 2:
-        return f"targets must hold {scores.shape[0]} class ids to match scores, got shape {tuple(targets.shape)}"
+        return (
+            f"targets must hold {scores.shape[0]} class ids to match scores, "
+            f"got shape {tuple(targets.shape)}"
+        )
     t = targets.reshape(-1).long()
     t = t[t != ignore_index]
     num_classes = 1 if scores.dim() == 1 else scores.shape[1]
@@ -94,7 +99,7 @@ def _input_problem(scores: object, targets: object, ignore_index: int) -> Option
     return None
 
 
-def _raise_on_any(metas: list[list[float]], problem: Optional[str]) -> None:
+def _raise_on_any(metas: list[list[float]], problem: str | None) -> None:
     flagged = [r for r, m in enumerate(metas) if m[0]]
     if problem is not None:
         raise ValueError(f"rank {_distributed.world()[0]}: {problem}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 from torch import Tensor
 
@@ -13,8 +13,10 @@ from .functional import INTERPOLATIONS, quantile_threshold, soft_recall_per_clas
 
 
 def _check_temperature(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value > 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
     ):
         raise ValueError(f"temperature must be a finite float > 0, got {value!r}")
     return float(value)
@@ -71,9 +73,9 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         reduction: str = "mean",
         ignore_index: int = -100,
         update_queue_in_eval: bool = False,
-        gather_distributed: Optional[bool] = None,
+        gather_distributed: bool | None = None,
         quantile_interpolation: str = "higher",
-        max_pool_size: Optional[int] = None,
+        max_pool_size: int | None = None,
         *,
         seed: int = 0,
     ) -> None:
@@ -87,8 +89,10 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
             max_pool_size=max_pool_size,
             seed=seed,
         )
-        if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not (
-            0.0 < quantile < 1.0
+        if (
+            isinstance(quantile, bool)
+            or not isinstance(quantile, (int, float))
+            or not (0.0 < quantile < 1.0)
         ):
             raise ValueError(f"quantile must be a float in (0, 1), got {quantile!r}")
         if quantile_interpolation not in INTERPOLATIONS:

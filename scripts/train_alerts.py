@@ -323,6 +323,11 @@ def train_epochs(model: nn.Module, wrapped: nn.Module, opt: torch.optim.Optimize
             raq.train()
         order = epoch_order(n, seed, epoch)
         use_raq = arm == "raq" and epoch >= args.warmup_epochs
+        if use_raq and raq is not None and args.temperature_final is not None:
+            # geometric annealing over the ranking epochs: --temperature -> --temperature-final
+            k, last = epoch - args.warmup_epochs, args.epochs - args.warmup_epochs - 1
+            frac = k / last if last > 0 else 1.0
+            raq.temperature = args.temperature * (args.temperature_final / args.temperature) ** frac
         total = 0.0
         for step in range(steps):
             rows = order[step * gb:(step + 1) * gb][info.rank * lb:(info.rank + 1) * lb]
@@ -533,6 +538,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="alert budget: share of rows alerted; must exceed the positive rate")
     g.add_argument("--temperature", type=float, default=0.1,
                    help="sigmoid temperature of the ranking loss, in logit units")
+    g.add_argument("--temperature-final", type=float, default=None,
+                   help="anneal the temperature geometrically to this value over the ranking "
+                        "epochs (default: keep --temperature)")
     g.add_argument("--queue-size", type=int, default=8192)
     g.add_argument("--bce-weight", type=float, default=0.3,
                    help="blend: loss = RecallAtQuantile + bce_weight * BCE after the warm-up")
@@ -546,6 +554,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds = [args.seed]
     if not 0 <= args.warmup_epochs < args.epochs:
         p.error(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
+    for name in ("temperature", "temperature_final"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
     if not 0.0 < args.quantile < 1.0:
         p.error(f"--quantile must be in (0, 1), got {args.quantile}")
     return args

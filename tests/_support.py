@@ -88,6 +88,10 @@ def objective(loss, valid, gen_seed=0):
     """A scalar to differentiate: the loss itself, or a random mix of the valid classes."""
     if loss.dim() == 0:
         return loss
-    coef = torch.rand(loss.shape[0], generator=torch.Generator().manual_seed(gen_seed),
-                      dtype=torch.float64).to(loss.dtype) + 0.5
+    coef = (
+        torch.rand(
+            loss.shape[0], generator=torch.Generator().manual_seed(gen_seed), dtype=torch.float64
+        ).to(loss.dtype)
+        + 0.5
+    )
     return (coef * torch.where(valid, loss, torch.zeros_like(loss))).sum()

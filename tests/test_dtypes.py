@@ -17,8 +17,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*pool.*:UserWarning")
 @pytest.mark.parametrize("num_classes", [1, 4])
 def test_half_precision_logits_are_computed_in_float32(dtype, num_classes):
     lib = RecallAtQuantileLoss(num_classes, quantile=0.1, queue_size=64, temperature=0.01)
-    ref = ReferenceRecallAtQuantileLoss(num_classes, quantile=0.1, queue_size=64,
-                                        temperature=0.01, dtype=torch.float32)
+    ref = ReferenceRecallAtQuantileLoss(
+        num_classes, quantile=0.1, queue_size=64, temperature=0.01, dtype=torch.float32
+    )
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         logits, targets, _ = random_batch(gen, 40, num_classes, dtype=dtype)
@@ -32,8 +33,12 @@ def test_half_precision_logits_are_computed_in_float32(dtype, num_classes):
         torch.testing.assert_close(loss.float(), expected, rtol=1e-6, atol=1e-6)
         (grad,) = torch.autograd.grad(loss, logits)
         assert grad.dtype == dtype and torch.isfinite(grad).all()
-        torch.testing.assert_close(grad.float(), torch.autograd.grad(expected, wide)[0].to(
-            dtype).float(), rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(
+            grad.float(),
+            torch.autograd.grad(expected, wide)[0].to(dtype).float(),
+            rtol=1e-2,
+            atol=1e-3,
+        )
     assert lib.queue.scores.dtype == torch.float32
     assert_same_queue(lib, ref)
 
@@ -44,8 +49,9 @@ def test_float64_module_keeps_float64_resolution():
     logits = (1.0 + torch.arange(n, dtype=torch.float64) * 1e-12)[:, None].repeat(1, 2)
     logits[:, 1] = logits[:, 1].flip(0)
     targets = torch.arange(n) % 2
-    lib, ref = make_pair(2, quantile=0.25, queue_size=64, temperature=1e-11,
-                         quantile_interpolation="linear")
+    lib, ref = make_pair(
+        2, quantile=0.25, queue_size=64, temperature=1e-11, quantile_interpolation="linear"
+    )
     x = logits.clone().requires_grad_(True)
     loss = lib(x, targets)
     expected = ref(logits.clone().requires_grad_(True), targets)
@@ -63,17 +69,25 @@ def _gradcheck_setup(num_classes, reduction, seed=0):
     """An eval-mode loss whose thresholds sit on queued rows at integers, with live scores at
     half-integers: a small perturbation of a live score never moves a threshold, so the
     numerical derivative sees exactly the analytic (threshold held fixed) one."""
-    lib = RecallAtQuantileLoss(num_classes, quantile=0.2, queue_size=100, temperature=0.7,
-                               reduction=reduction, quantile_interpolation="higher").double()
+    lib = RecallAtQuantileLoss(
+        num_classes,
+        quantile=0.2,
+        queue_size=100,
+        temperature=0.7,
+        reduction=reduction,
+        quantile_interpolation="higher",
+    ).double()
     gen = torch.Generator().manual_seed(seed)
     queued = torch.randint(-6, 7, (100, num_classes), generator=gen).double()
-    queued_targets = torch.randint(0, 2 if num_classes == 1 else num_classes, (100,),
-                                   generator=gen)
+    queued_targets = torch.randint(0, 2 if num_classes == 1 else num_classes, (100,), generator=gen)
     lib.queue.push(queued, queued_targets)
     lib.eval()
     n = 8
-    logits = (torch.randint(-4, 4, (n, num_classes), generator=gen).double() + 0.5
-              + 0.01 * torch.rand(n, num_classes, generator=gen, dtype=torch.float64))
+    logits = (
+        torch.randint(-4, 4, (n, num_classes), generator=gen).double()
+        + 0.5
+        + 0.01 * torch.rand(n, num_classes, generator=gen, dtype=torch.float64)
+    )
     targets = torch.arange(n) % (2 if num_classes == 1 else num_classes)
     weights = torch.rand(n, generator=gen, dtype=torch.float64) + 0.1
     return lib, logits.requires_grad_(True), targets, weights

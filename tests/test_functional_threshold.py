@@ -164,8 +164,11 @@ def test_more_than_2_pow_24_rows():
     sorted_col = col.sort().values
     scores = col[:, None]
     del col
-    for quantile, interpolations in ((2.0**-8, ("higher", "linear")), (0.25, ("lower",)),
-                                     (0.99, INTERPOLATIONS)):
+    for quantile, interpolations in (
+        (2.0**-8, ("higher", "linear")),
+        (0.25, ("lower",)),
+        (0.99, INTERPOLATIONS),
+    ):
         exact_rank = (1 - quantile) * (rows - 1)
         rank32 = float(torch.tensor(1 - quantile, dtype=torch.float32) * (rows - 1))
         assert math.floor(exact_rank) == math.floor(rank32)

@@ -75,8 +75,14 @@ def run_history(h):
         lib.train(train)
         ref.train(train)
         logits, targets, weights = random_batch(
-            gen, n, c, ties=h["ties"], pad_frac=h["pad_frac"], ignore_index=h["ignore_index"],
-            weighted=h["weighted"], pos_rate=h["pos_rate"],
+            gen,
+            n,
+            c,
+            ties=h["ties"],
+            pad_frac=h["pad_frac"],
+            ignore_index=h["ignore_index"],
+            weighted=h["weighted"],
+            pos_rate=h["pos_rate"],
         )
         targets = targets.to(h.get("targets_dtype", torch.int64))
         if h["bool_targets"]:
@@ -127,12 +133,26 @@ def test_every_interpolation_and_reduction_with_ties_and_wraparound(
     # padding, weights: the fixed grid every combination must pass, not only random draws.
     run_history(
         dict(
-            num_classes=num_classes, interpolation=interpolation, reduction=reduction,
-            quantile=0.3, temperature=0.5, queue_size=7, ignore_index=-100,
-            update_queue_in_eval=False, max_pool_size=None, batch_sizes=[12, 9, 0, 15],
-            train_flags=[True, True, True, False], new_temperature=0.2, ties=True,
-            weighted=True, pad_frac=0.2, targets_2d=False, bool_targets=False,
-            return_per_class=True, pos_rate=0.3, seed=1234,
+            num_classes=num_classes,
+            interpolation=interpolation,
+            reduction=reduction,
+            quantile=0.3,
+            temperature=0.5,
+            queue_size=7,
+            ignore_index=-100,
+            update_queue_in_eval=False,
+            max_pool_size=None,
+            batch_sizes=[12, 9, 0, 15],
+            train_flags=[True, True, True, False],
+            new_temperature=0.2,
+            ties=True,
+            weighted=True,
+            pad_frac=0.2,
+            targets_2d=False,
+            bool_targets=False,
+            return_per_class=True,
+            pos_rate=0.3,
+            seed=1234,
         )
     )
 
@@ -142,7 +162,10 @@ def test_every_interpolation_and_reduction_with_ties_and_wraparound(
 @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
 def test_large_and_tiny_quantiles_on_a_large_pool(quantile, interpolation):
     lib, ref = make_pair(
-        3, quantile=quantile, queue_size=3000, temperature=0.1,
+        3,
+        quantile=quantile,
+        queue_size=3000,
+        temperature=0.1,
         quantile_interpolation=interpolation,
     )
     gen = torch.Generator().manual_seed(7)
@@ -200,8 +223,10 @@ def test_padding_rows_with_garbage_logits_do_not_count():
     assert_same_queue(lib, ref)
 
 
-@pytest.mark.parametrize("interpolation,theta", [("higher", 2.0), ("lower", 1.0), ("linear", 1.5),
-                                                 ("midpoint", 1.5), ("nearest", 2.0)])
+@pytest.mark.parametrize(
+    "interpolation,theta",
+    [("higher", 2.0), ("lower", 1.0), ("linear", 1.5), ("midpoint", 1.5), ("nearest", 2.0)],
+)
 def test_hand_computed_binary_example(interpolation, theta):
     # Pool scores 0, 1, 2, 3; quantile 0.5 -> rank 1.5 of the sorted pool; positives at 2 and 3.
     import math
@@ -213,8 +238,9 @@ def test_hand_computed_binary_example(interpolation, theta):
     targets = torch.tensor([0, 0, 1, 1])
     sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
     expected = 1 - (sig((2 - theta) / 0.5) + sig((3 - theta) / 0.5)) / 2
-    lib = RecallAtQuantileLoss(1, quantile=0.5, temperature=0.5, queue_size=0,
-                               quantile_interpolation=interpolation).double()
+    lib = RecallAtQuantileLoss(
+        1, quantile=0.5, temperature=0.5, queue_size=0, quantile_interpolation=interpolation
+    ).double()
     ref, _, _ = reference_recall_at_quantile_loss(
         logits, targets, num_classes=1, quantile=0.5, temperature=0.5, interpolation=interpolation
     )
@@ -224,8 +250,9 @@ def test_hand_computed_binary_example(interpolation, theta):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_many_classes_and_non_contiguous_inputs():
-    lib, ref = make_pair(50, quantile=0.05, queue_size=300, temperature=0.2,
-                         quantile_interpolation="linear")
+    lib, ref = make_pair(
+        50, quantile=0.05, queue_size=300, temperature=0.2, quantile_interpolation="linear"
+    )
     gen = torch.Generator().manual_seed(9)
     for _ in range(4):
         base, targets, weights = random_batch(gen, 120, 50, weighted=True, pad_frac=0.1)

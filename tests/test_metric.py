@@ -55,8 +55,10 @@ def test_shapes_and_no_gradient():
     assert recall_at_quantile(scores[:, None], targets, 0.2).shape == (1,)
     multi = recall_at_quantile(torch.randn(50, 3), torch.arange(50) % 2, 0.2)
     assert multi.shape == (3,) and torch.isnan(multi[2]) and not torch.isnan(multi[:2]).any()
-    assert recall_at_quantile(torch.randn(50, 3), torch.arange(50) % 2, 0.2,
-                              reduction="mean").shape == ()
+    assert (
+        recall_at_quantile(torch.randn(50, 3), torch.arange(50) % 2, 0.2, reduction="mean").shape
+        == ()
+    )
 
 
 def test_positive_at_threshold_counts():

@@ -190,11 +190,15 @@ def test_update_queue_in_eval_writes_in_eval_mode():
 def test_queue_stores_sample_weights_and_ones_without_them():
     lib = RecallAtQuantileLoss(2, queue_size=8).double()
     logits = torch.randn(3, 2, dtype=torch.float64)
-    lib(logits, torch.tensor([0, 1, 1]), sample_weight=torch.tensor([0.5, 0.0, 2.0],
-                                                                      dtype=torch.float64))
+    lib(
+        logits,
+        torch.tensor([0, 1, 1]),
+        sample_weight=torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64),
+    )
     lib(logits, torch.tensor([0, 1, 1]))
-    assert torch.equal(lib.queue.weights[:6],
-                       torch.tensor([0.5, 0.0, 2.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    assert torch.equal(
+        lib.queue.weights[:6], torch.tensor([0.5, 0.0, 2.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    )
 
 
 def test_queue_rows_are_detached():

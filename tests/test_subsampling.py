@@ -56,11 +56,16 @@ def test_threshold_sample_is_unbiased_and_every_positive_counts():
 
     # What a uniform sample without replacement of m rows gives, simulated here.
     gen = torch.Generator().manual_seed(123)
-    simulated = torch.stack([
-        torch.quantile(pool[torch.randperm(pool.numel(), generator=gen)[:m]], 1 - quantile,
-                       interpolation="higher")
-        for _ in range(300)
-    ])
+    simulated = torch.stack(
+        [
+            torch.quantile(
+                pool[torch.randperm(pool.numel(), generator=gen)[:m]],
+                1 - quantile,
+                interpolation="higher",
+            )
+            for _ in range(300)
+        ]
+    )
     sim_mean, sim_sd = simulated.mean(), simulated.std()
 
     thetas = []
@@ -152,8 +157,14 @@ def test_sample_reproducible_after_state_dict_round_trip():
 
 @pytest.mark.parametrize("interpolation", ["higher", "linear"])
 def test_pool_not_larger_than_max_pool_size_is_not_subsampled(interpolation):
-    lib, ref = make_pair(3, quantile=0.1, queue_size=30, temperature=0.2,
-                         quantile_interpolation=interpolation, max_pool_size=50)
+    lib, ref = make_pair(
+        3,
+        quantile=0.1,
+        queue_size=30,
+        temperature=0.2,
+        quantile_interpolation=interpolation,
+        max_pool_size=50,
+    )
     gen = torch.Generator().manual_seed(4)
     for _ in range(4):  # pools of 20, 40, 50, 50 rows
         logits, targets, _ = random_batch(gen, 20, 3)
@@ -176,15 +187,20 @@ def test_threshold_sample_covers_queue_rows_too():
     loss_fn.eval()  # keep the queue fixed across the draws
     pool = torch.cat([live, queued])[:, 0]
     positives = pool[torch.cat([live_targets, queued_targets]) == 1]
-    simulated = torch.stack([
-        torch.quantile(pool[torch.randperm(pool.numel(), generator=gen)[:m]], 1 - quantile,
-                       interpolation="higher")
-        for _ in range(300)
-    ])
+    simulated = torch.stack(
+        [
+            torch.quantile(
+                pool[torch.randperm(pool.numel(), generator=gen)[:m]],
+                1 - quantile,
+                interpolation="higher",
+            )
+            for _ in range(300)
+        ]
+    )
     sim_mean, sim_sd = simulated.mean(), simulated.std()
-    thetas = torch.stack([
-        recover_theta(loss_fn(live, live_targets), positives, pool) for _ in range(15)
-    ])
+    thetas = torch.stack(
+        [recover_theta(loss_fn(live, live_targets), positives, pool) for _ in range(15)]
+    )
     assert len(set(thetas.tolist())) > 1
     assert (thetas - sim_mean).abs().max() < 6 * sim_sd, (thetas, sim_mean, sim_sd)
     assert abs(thetas.mean() - sim_mean) < 5 * sim_sd / len(thetas) ** 0.5

@@ -59,12 +59,30 @@ def bad_forward_inputs():
         ("binary-target-neg", 1, x1, torch.tensor([0, 1, -1, 0, 1, 0]), None, "targets"),
         ("targets-on-meta", 3, x3, meta((6,), torch.long), None, "targets"),
         ("logits-on-meta", 3, meta((6, 3), F64), t3, None, "logits|targets"),
-        ("weight-negative", 3, x3, t3, torch.tensor([1, 1, -0.5, 1, 1, 1], dtype=F64),
-         "sample_weight"),
-        ("weight-nan", 3, x3, t3, torch.tensor([1, 1, math.nan, 1, 1, 1], dtype=F64),
-         "sample_weight"),
-        ("weight-inf", 3, x3, t3, torch.tensor([1, 1, math.inf, 1, 1, 1], dtype=F64),
-         "sample_weight"),
+        (
+            "weight-negative",
+            3,
+            x3,
+            t3,
+            torch.tensor([1, 1, -0.5, 1, 1, 1], dtype=F64),
+            "sample_weight",
+        ),
+        (
+            "weight-nan",
+            3,
+            x3,
+            t3,
+            torch.tensor([1, 1, math.nan, 1, 1, 1], dtype=F64),
+            "sample_weight",
+        ),
+        (
+            "weight-inf",
+            3,
+            x3,
+            t3,
+            torch.tensor([1, 1, math.inf, 1, 1, 1], dtype=F64),
+            "sample_weight",
+        ),
         ("weight-too-long", 3, x3, t3, torch.ones(7, dtype=F64), "sample_weight"),
         ("weight-2d", 3, x3, t3, w[:, None].expand(6, 2), "sample_weight"),
         ("weight-0d", 3, x3, t3, torch.tensor(1.0, dtype=F64), "sample_weight"),
@@ -117,19 +135,36 @@ def test_ignore_index_targets_are_not_out_of_range():
 
 
 BAD_CONSTRUCTOR_ARGS = [
-    ("num_classes", 0), ("num_classes", -2), ("num_classes", 2.5), ("num_classes", "3"),
+    ("num_classes", 0),
+    ("num_classes", -2),
+    ("num_classes", 2.5),
+    ("num_classes", "3"),
     ("num_classes", None),
-    ("quantile", 0.0), ("quantile", 1.0), ("quantile", -0.1), ("quantile", 1.5),
-    ("quantile", math.nan), ("quantile", "0.1"),
-    ("queue_size", -1), ("queue_size", 2.5), ("queue_size", None),
-    ("temperature", 0.0), ("temperature", -1.0), ("temperature", math.nan),
-    ("temperature", math.inf), ("temperature", "0.1"),
-    ("reduction", "avg"), ("reduction", None),
-    ("ignore_index", 1.5), ("ignore_index", "pad"),
+    ("quantile", 0.0),
+    ("quantile", 1.0),
+    ("quantile", -0.1),
+    ("quantile", 1.5),
+    ("quantile", math.nan),
+    ("quantile", "0.1"),
+    ("queue_size", -1),
+    ("queue_size", 2.5),
+    ("queue_size", None),
+    ("temperature", 0.0),
+    ("temperature", -1.0),
+    ("temperature", math.nan),
+    ("temperature", math.inf),
+    ("temperature", "0.1"),
+    ("reduction", "avg"),
+    ("reduction", None),
+    ("ignore_index", 1.5),
+    ("ignore_index", "pad"),
     ("update_queue_in_eval", "yes"),
     ("gather_distributed", "auto"),
-    ("quantile_interpolation", "cubic"), ("quantile_interpolation", None),
-    ("max_pool_size", 0), ("max_pool_size", -5), ("max_pool_size", 2.5),
+    ("quantile_interpolation", "cubic"),
+    ("quantile_interpolation", None),
+    ("max_pool_size", 0),
+    ("max_pool_size", -5),
+    ("max_pool_size", 2.5),
 ]
 
 
@@ -192,8 +227,11 @@ def test_empty_pool_gives_zero_connected_to_the_graph(num_classes, all_ignored):
 
 
 def _pool_warnings(record):
-    return [w for w in record if "pool" in str(w.message).lower()
-            or "quantile" in str(w.message).lower()]
+    return [
+        w
+        for w in record
+        if "pool" in str(w.message).lower() or "quantile" in str(w.message).lower()
+    ]
 
 
 def test_small_pool_warns_once():

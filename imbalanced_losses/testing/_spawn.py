@@ -32,9 +32,9 @@ import tempfile
 import time
 import traceback
 import unittest
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

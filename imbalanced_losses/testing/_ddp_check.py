@@ -71,6 +71,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Check:
+    """One comparison at one step: ``error`` (relative, or 0/1 if bit-exact) vs ``limit``."""
+
     step: int
     world_size: int
     name: str
@@ -80,7 +82,8 @@ class Check:
 
     @property
     def ok(self) -> bool:
-        return self.error <= self.limit  # NaN error: not ok
+        """Within the limit (a NaN error never is)."""
+        return self.error <= self.limit
 
 
 class DdpMismatch(AssertionError):
@@ -89,14 +92,18 @@ class DdpMismatch(AssertionError):
 
 @dataclass
 class DdpReport:
+    """Every check of a run; ``str(report)`` summarises per check, :meth:`table` lists per step."""
+
     checks: list[Check]
     final_state: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
+        """True when every check passed."""
         return all(c.ok for c in self.checks)
 
     def failures(self) -> list[Check]:
+        """The checks that did not pass."""
         return [c for c in self.checks if not c.ok]
 
     def __str__(self) -> str:
@@ -122,6 +129,7 @@ class DdpReport:
         )
 
     def raise_if_failed(self) -> None:
+        """Raise :class:`DdpMismatch` listing every failed check (for use in tests)."""
         if not self.ok:
             failing = "\n".join(
                 f"  step {c.step} ws={c.world_size}: {c.name}: error {c.error:.3g} > {c.limit:g}"

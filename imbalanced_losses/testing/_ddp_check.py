@@ -71,7 +71,7 @@ class Step:
 
 @dataclass(frozen=True)
 class Check:
-    """One comparison at one step: ``error`` (relative, or 0/1 if bit-exact) vs ``limit``."""
+    """One comparison at one step: relative ``error`` vs ``limit`` (a limit of 0: bit-exact)."""
 
     step: int
     world_size: int

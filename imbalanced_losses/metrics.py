@@ -28,6 +28,10 @@ def recall_at_quantile(
     (``C == 1`` is binary), NaN for a class without positives; ``reduction="mean"``
     averages the classes that have positives. Under ``torch.distributed`` every
     rank's rows are pooled, so every rank returns the global value.
+
+    Every row tied with the threshold counts as alerted: with heavily tied scores
+    (e.g. saturated or dead units) more than the budget is alerted and recall is
+    inflated; check ``(scores >= threshold).float().mean()`` if that can happen.
     """
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")

@@ -175,6 +175,29 @@ class QueuedRankingLoss(nn.Module):
         classes without a positive); with ``return_per_class=True`` the triple
         ``(loss, per_class [C] NaN where invalid, valid [C] bool)``.
         """
+        live, num_finite = self._gathered_live_rows(logits, targets, sample_weight)
+        pool = self._pool(live)
+        if pool.size == 0:
+            per_class = live.scores.new_zeros(self.num_classes)
+            valid = torch.zeros(self.num_classes, dtype=torch.bool, device=live.scores.device)
+        else:
+            per_class, valid = self.per_class_loss(pool)
+        loss = reduce_per_class(per_class, valid, self.reduction, anchor=live.scores)
+        if self._writes_queue():
+            self._enqueue(live, num_finite)
+        if return_per_class:
+            return loss, per_class.masked_fill(~valid, float("nan")), valid
+        return loss
+
+    # ---------------------------------------------------------------- helpers
+    def _gathered_live_rows(
+        self, logits: Tensor, targets: Tensor, sample_weight: Tensor | None
+    ) -> tuple[Rows, int]:
+        """This step's non-padding rows of every rank in rank order, and how many are finite.
+
+        Raises on every rank, before any state changes, when any rank's input is
+        invalid or the ranks disagree on their configuration.
+        """
         distributed = _distributed.should_gather(self.gather_distributed)
         problem = self._static_problem(logits, targets, sample_weight)
         if problem is not None and not distributed:
@@ -201,27 +224,17 @@ class QueuedRankingLoss(nn.Module):
             packed = _distributed.gather_rows(packed, sizes)
             scores, tgt, weights = packed[:, :-2], packed[:, -2].long(), packed[:, -1]
         num_finite = int(sum(m[_Meta.FINITE_ROWS] for m in metas))
+        return Rows(scores, tgt, weights), num_finite
 
-        pool = self._pool(scores, tgt, weights)
-        if pool.size == 0:
-            per_class = scores.new_zeros(self.num_classes)
-            valid = torch.zeros(self.num_classes, dtype=torch.bool, device=scores.device)
-        else:
-            per_class, valid = self.per_class_loss(pool)
-        loss = reduce_per_class(per_class, valid, self.reduction, anchor=scores)
+    def _enqueue(self, live: Rows, num_finite: int) -> None:
+        """Write the live rows (detached) to the queue; rows with inf/NaN never take a slot."""
+        scores, targets, weights = live.scores.detach(), live.targets, live.weights
+        if num_finite < scores.shape[0]:
+            finite = torch.isfinite(scores).all(dim=1)
+            rows = finite.nonzero_static(size=num_finite).squeeze(1)
+            scores, targets, weights = scores[rows], targets[rows], weights[rows]
+        self.queue.push(scores, targets, weights)
 
-        if self._writes_queue():
-            live = (scores.detach(), tgt, weights)
-            if num_finite < scores.shape[0]:  # rows with inf/NaN never take a slot
-                finite = torch.isfinite(live[0]).all(dim=1)
-                rows = finite.nonzero_static(size=num_finite).squeeze(1)
-                live = (live[0][rows], tgt[rows], weights[rows])
-            self.queue.push(*live)
-        if return_per_class:
-            return loss, per_class.masked_fill(~valid, float("nan")), valid
-        return loss
-
-    # ---------------------------------------------------------------- helpers
     def _writes_queue(self) -> bool:
         return self.queue.capacity > 0 and (self.training or self.update_queue_in_eval)
 
@@ -360,15 +373,16 @@ class QueuedRankingLoss(nn.Module):
             f"got min {int(t.min())}, max {int(t.max())}"
         )
 
-    def _pool(self, scores: Tensor, targets: Tensor, weights: Tensor) -> Pool:
+    def _pool(self, live: Rows) -> Pool:
         q_scores, q_targets, q_weights = self.queue.rows()
+        dtype = live.scores.dtype
         pool = Pool(
-            live=Rows(scores, targets, weights),
-            queued=Rows(q_scores.to(scores.dtype), q_targets, q_weights.to(weights.dtype)),
+            live=live,
+            queued=Rows(q_scores.to(dtype), q_targets, q_weights.to(dtype)),
             num_classes=self.num_classes,
         )
         if self.max_pool_size is not None and pool.size > self.max_pool_size:
-            pool.threshold_rows = self._subsample(pool.size).to(scores.device)
+            pool.threshold_rows = self._subsample(pool.size).to(live.scores.device)
         return pool
 
     def _subsample(self, size: int) -> Tensor:

@@ -216,7 +216,7 @@ class QueuedRankingLoss(nn.Module):
         rank = _distributed.world()[0] if distributed else 0
         num_kept = int(metas[rank][_Meta.ROWS])
         if num_kept < tgt.shape[0]:  # padding present: keep real rows only
-            rows = keep.nonzero_static(size=num_kept).squeeze(1)
+            rows = _true_indices(keep, num_kept)
             scores, tgt, weights = scores[rows], tgt[rows], weights[rows]
         if distributed:
             sizes = [int(m[_Meta.ROWS]) for m in metas]
@@ -231,7 +231,7 @@ class QueuedRankingLoss(nn.Module):
         scores, targets, weights = live.scores.detach(), live.targets, live.weights
         if num_finite < scores.shape[0]:
             finite = torch.isfinite(scores).all(dim=1)
-            rows = finite.nonzero_static(size=num_finite).squeeze(1)
+            rows = _true_indices(finite, num_finite)
             scores, targets, weights = scores[rows], targets[rows], weights[rows]
         self.queue.push(scores, targets, weights)
 
@@ -393,6 +393,18 @@ class QueuedRankingLoss(nn.Module):
         self.subsample_step += 1
         assert self.max_pool_size is not None
         return torch.randperm(size, generator=generator)[: self.max_pool_size]
+
+
+def _true_indices(mask: Tensor, count: int) -> Tensor:
+    """Indices of the ``count`` True entries of ``mask`` (a count the host already knows).
+
+    ``nonzero_static`` needs no device sync; CUDA has it from torch 2.6, older
+    builds fall back to ``nonzero`` (one sync).
+    """
+    try:
+        return mask.nonzero_static(size=count).squeeze(1)
+    except NotImplementedError:
+        return mask.nonzero().squeeze(1)
 
 
 def _describe(value: Any) -> str:

@@ -207,7 +207,7 @@ class QueuedRankingLoss(nn.Module):
             logits, targets, sample_weight, problem
         )
         metas = (
-            [m.tolist() for m in _distributed.all_gather_rows_of_equal_shape(meta)]
+            torch.stack(_distributed.all_gather_rows_of_equal_shape(meta)).tolist()
             if distributed
             else [meta.tolist()]
         )

@@ -49,7 +49,7 @@ def recall_at_quantile(
         meta = torch.tensor(
             [float(problem is not None), num_rows, width], dtype=torch.float64, device=device
         )
-        metas = [m.tolist() for m in _distributed.all_gather_rows_of_equal_shape(meta)]
+        metas = torch.stack(_distributed.all_gather_rows_of_equal_shape(meta)).tolist()
         _raise_on_any(metas, problem)
         columns, targets = scores.reshape(num_rows, width), targets.reshape(-1).long()
         packed = torch.cat([columns.double(), targets.double()[:, None]], dim=1)

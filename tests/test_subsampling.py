@@ -22,6 +22,20 @@ def imbalanced_pool(n=20_000, pos_rate=0.01, seed=0):
     return logits, targets
 
 
+def uniform_sample_thresholds(pool, m, quantile, gen, draws=300):
+    """Thresholds of `draws` uniform samples (without replacement) of m pool rows: the target."""
+    return torch.stack(
+        [
+            torch.quantile(
+                pool[torch.randperm(pool.numel(), generator=gen)[:m]],
+                1 - quantile,
+                interpolation="higher",
+            )
+            for _ in range(draws)
+        ]
+    )
+
+
 def recall_loss_at(theta, positives):
     return 1.0 - torch.sigmoid((positives - theta) / TAU).mean()
 
@@ -56,16 +70,7 @@ def test_threshold_sample_is_unbiased_and_every_positive_counts():
 
     # What a uniform sample without replacement of m rows gives, simulated here.
     gen = torch.Generator().manual_seed(123)
-    simulated = torch.stack(
-        [
-            torch.quantile(
-                pool[torch.randperm(pool.numel(), generator=gen)[:m]],
-                1 - quantile,
-                interpolation="higher",
-            )
-            for _ in range(300)
-        ]
-    )
+    simulated = uniform_sample_thresholds(pool, m, quantile, gen)
     sim_mean, sim_sd = simulated.mean(), simulated.std()
 
     thetas = []
@@ -187,16 +192,7 @@ def test_threshold_sample_covers_queue_rows_too():
     loss_fn.eval()  # keep the queue fixed across the draws
     pool = torch.cat([live, queued])[:, 0]
     positives = pool[torch.cat([live_targets, queued_targets]) == 1]
-    simulated = torch.stack(
-        [
-            torch.quantile(
-                pool[torch.randperm(pool.numel(), generator=gen)[:m]],
-                1 - quantile,
-                interpolation="higher",
-            )
-            for _ in range(300)
-        ]
-    )
+    simulated = uniform_sample_thresholds(pool, m, quantile, gen)
     sim_mean, sim_sd = simulated.mean(), simulated.std()
     thetas = torch.stack(
         [recover_theta(loss_fn(live, live_targets), positives, pool) for _ in range(15)]

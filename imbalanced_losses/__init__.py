@@ -1,6 +1,6 @@
 """Training losses for class-imbalanced, alert-budget problems, exact under DDP."""
 
-from ._base import Pool, QueuedRankingLoss
+from ._base import Pool, QueuedRankingLoss, Rows
 from ._distributed import all_gather_no_grad, all_gather_with_grad
 from ._queue import MemoryQueue
 from .metrics import recall_at_quantile
@@ -13,6 +13,7 @@ __all__ = [
     "Pool",
     "QueuedRankingLoss",
     "RecallAtQuantileLoss",
+    "Rows",
     "all_gather_no_grad",
     "all_gather_with_grad",
     "recall_at_quantile",

@@ -28,6 +28,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "docs" / "api.md"
 MODULES = ("imbalanced_losses", "imbalanced_losses.testing")
+# Document this checkout's package, whatever an installed copy elsewhere says.
+sys.path.insert(0, str(REPO))
 SECTIONS = ("Args", "Arguments", "Attributes", "Shape", "Returns", "Raises", "Example", "Examples")
 HEADER = """\
 # API reference

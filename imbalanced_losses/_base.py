@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import _distributed
 from ._queue import MemoryQueue
-from .functional import positive_scores, reduce_per_class
+from .functional import out_of_range_targets, positive_scores, reduce_per_class
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -311,10 +311,7 @@ class QueuedRankingLoss(nn.Module):
         dtype = self._compute_dtype(logits)
         tgt = targets.reshape(-1).long()
         keep = tgt != self.ignore_index
-        if self.num_classes == 1:
-            bad_targets = (keep & (tgt != 0) & (tgt != 1)).any()
-        else:
-            bad_targets = (keep & ((tgt < 0) | (tgt >= self.num_classes))).any()
+        bad_targets = (keep & out_of_range_targets(tgt, self.num_classes)).any()
         if sample_weight is None:
             weights = torch.ones((), dtype=dtype, device=device).expand(tgt.shape[0])
             bad_weights = torch.zeros((), dtype=torch.bool, device=device)
@@ -363,7 +360,7 @@ class QueuedRankingLoss(nn.Module):
         t = targets.reshape(-1).long()
         t = t[t != self.ignore_index]
         if self.num_classes == 1:
-            bad = t[(t != 0) & (t != 1)].unique()[:8].tolist()
+            bad = t[out_of_range_targets(t, 1)].unique()[:8].tolist()
             return (
                 f"targets for binary mode (num_classes=1) must be 0, 1 or "
                 f"ignore_index={self.ignore_index}; got values {bad}"

@@ -10,12 +10,10 @@ refuses inputs past 2**24 elements).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-Interpolation = Literal["linear", "lower", "higher", "nearest", "midpoint"]
 INTERPOLATIONS: tuple[str, ...] = ("linear", "lower", "higher", "nearest", "midpoint")
 
 # Above this fraction of the column, one O(P) quickselect per order statistic
@@ -113,6 +111,16 @@ def quantile_threshold(
     else:
         theta = values[0]
     return theta.masked_fill(has_nan, float("nan"))
+
+
+def out_of_range_targets(targets: Tensor, num_classes: int) -> Tensor:
+    """Mask of class ids that are not valid: outside ``{0, 1}`` (binary) or ``[0, C)``.
+
+    Callers exclude ``ignore_index`` rows themselves.
+    """
+    if num_classes == 1:
+        return (targets != 0) & (targets != 1)
+    return (targets < 0) | (targets >= num_classes)
 
 
 def positive_columns(targets: Tensor, num_classes: int) -> Tensor:

@@ -6,7 +6,12 @@ import torch
 from torch import Tensor
 
 from . import _distributed
-from .functional import INTERPOLATIONS, positive_columns, quantile_threshold
+from .functional import (
+    INTERPOLATIONS,
+    out_of_range_targets,
+    positive_columns,
+    quantile_threshold,
+)
 
 
 @torch.no_grad()
@@ -96,11 +101,11 @@ def _input_problem(scores: object, targets: object, ignore_index: int) -> str | 
     t = targets.reshape(-1).long()
     t = t[t != ignore_index]
     num_classes = 1 if scores.dim() == 1 else scores.shape[1]
-    if num_classes == 1 and ((t != 0) & (t != 1)).any():
+    if not out_of_range_targets(t, num_classes).any():
+        return None
+    if num_classes == 1:
         return f"binary targets must be 0, 1 or ignore_index={ignore_index}"
-    if num_classes > 1 and ((t < 0) | (t >= num_classes)).any():
-        return f"targets must be in [0, {num_classes}) or ignore_index={ignore_index}"
-    return None
+    return f"targets must be in [0, {num_classes}) or ignore_index={ignore_index}"
 
 
 def _raise_on_any(metas: list[list[float]], problem: str | None) -> None:

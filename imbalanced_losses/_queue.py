@@ -11,9 +11,11 @@ from torch import Tensor, nn
 class MemoryQueue(nn.Module):
     """Fixed-size circular buffer of ``(scores [C], target, weight)`` rows.
 
-    Rows are written as if one at a time: the write pointer advances by the
-    number of rows pushed (mod capacity), so a push of at least ``capacity``
-    rows leaves exactly its last ``capacity`` rows. ``ptr`` and ``count`` are
+    A push of fewer than ``capacity`` rows writes them at the pointer, wrapping
+    round and overwriting the oldest rows. A push of at least ``capacity`` rows
+    replaces the queue: slot ``i`` holds the ``i``-th of its last ``capacity``
+    rows and the pointer goes back to 0, so the result does not depend on where
+    the pointer was. Either way the oldest row sits at ``ptr``. ``ptr`` and ``count`` are
     plain ints (no device sync to read them) saved through the module's extra
     state, so ``state_dict()`` holds everything needed to resume.
     """
@@ -46,22 +48,23 @@ class MemoryQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, scores: Tensor, targets: Tensor, weights: Tensor | None = None) -> None:
-        """Write rows circularly at the pointer (detached, cast to the buffer dtype)."""
+        """Write rows at the pointer, or replace the queue (detached, cast to its dtype)."""
         m = scores.shape[0]
         if self.capacity == 0 or m == 0:
             return
         if weights is None:
             weights = torch.ones(m, dtype=self.weights.dtype, device=scores.device)
-        kept = min(m, self.capacity)
-        first_kept = m - kept
-        slots = (self.ptr + first_kept + torch.arange(kept, device=self.scores.device)) % (
-            self.capacity
-        )
-        self.scores.index_copy_(0, slots, scores[first_kept:].to(self.scores.dtype))
-        self.targets.index_copy_(0, slots, targets[first_kept:].to(torch.long))
-        self.weights.index_copy_(0, slots, weights[first_kept:].to(self.weights.dtype))
-        self.ptr = (self.ptr + m) % self.capacity
-        self.count = min(self.count + m, self.capacity)
+        if m >= self.capacity:  # replace: the last `capacity` rows, oldest at slot 0
+            first, start = m - self.capacity, 0
+        else:
+            first, start = 0, self.ptr
+        kept = m - first
+        slots = (start + torch.arange(kept, device=self.scores.device)) % self.capacity
+        self.scores.index_copy_(0, slots, scores[first:].to(self.scores.dtype))
+        self.targets.index_copy_(0, slots, targets[first:].to(torch.long))
+        self.weights.index_copy_(0, slots, weights[first:].to(self.weights.dtype))
+        self.ptr = (start + kept) % self.capacity
+        self.count = min(self.count + kept, self.capacity)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"ptr": self.ptr, "count": self.count}

@@ -26,12 +26,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*pool.*:UserWarning")
 
 
 class ListQueue:
-    """The most literal queue there is: a Python list of slots written one row at a time."""
+    """The most literal queue there is: a Python list of slots written one row at a time,
+    or, for a push of at least ``size`` rows, replaced by its last ``size`` rows (§4)."""
 
     def __init__(self, size):
         self.size, self.slots, self.ptr, self.count = size, [None] * size, 0, 0
 
     def push(self, rows):
+        if self.size and len(rows) >= self.size:
+            self.slots, self.ptr, self.count = list(rows[-self.size :]), 0, self.size
+            return
         for row in rows:
             if self.size == 0:
                 return
@@ -45,7 +49,7 @@ class ListQueue:
     pushes=st.lists(st.integers(0, 25), max_size=8),
     seed=st.integers(0, 1000),
 )
-def test_queue_writes_rows_one_by_one_circularly(size, pushes, seed):
+def test_queue_writes_rows_circularly_and_big_pushes_replace_it(size, pushes, seed):
     gen = torch.Generator().manual_seed(seed)
     model = ListQueue(size)
     lib = MemoryQueue(size, 2, dtype=torch.float64)
@@ -138,11 +142,17 @@ def test_batch_at_least_queue_size_keeps_its_last_rows(extra):
     fill_queue(lib, gen, steps=1, n=4)  # ptr = 4, not at slot 0
     logits, targets, _ = random_batch(gen, size + extra, 2)
     lib(logits, targets)
-    assert lib.queue.count == size
-    assert lib.queue.ptr == (4 + size + extra) % size
-    slots = (4 + extra + torch.arange(size)) % size  # where the last `size` rows landed
-    assert torch.equal(lib.queue.scores[slots], logits[-size:])
-    assert torch.equal(lib.queue.targets[slots], targets[-size:])
+    # The queue is replaced, oldest row in slot 0, wherever the pointer was before.
+    assert (lib.queue.ptr, lib.queue.count) == (0, size)
+    assert torch.equal(lib.queue.scores, logits[-size:])
+    assert torch.equal(lib.queue.targets, targets[-size:])
+    assert torch.equal(lib.queue.weights, torch.ones(size, dtype=torch.float64))
+    # ... and the next small push overwrites the oldest rows first.
+    more, more_targets, _ = random_batch(gen, 2, 2)
+    lib(more, more_targets)
+    assert lib.queue.ptr == 2
+    assert torch.equal(lib.queue.scores[:2], more)
+    assert torch.equal(lib.queue.scores[2:], logits[-size + 2 :])
 
 
 def test_queue_size_zero_disables_the_queue():

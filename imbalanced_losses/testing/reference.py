@@ -150,7 +150,9 @@ def reference_recall_at_quantile(
 class ReferenceRecallAtQuantileLoss:
     """Stateful reference: the functional reference plus a plain circular queue.
 
-    Rows are written as if one by one at ``ptr`` (advancing modulo ``queue_size``), after the
+    Rows are written one by one at ``ptr`` (advancing modulo ``queue_size``); a push of at
+    least ``queue_size`` rows instead replaces the queue with its last ``queue_size`` rows,
+    oldest in slot 0, and resets ``ptr`` to 0. Rows are written after the
     loss, only in training mode (or with ``update_queue_in_eval``), and only rows that count:
     target != ignore_index and every logit finite. Queue rows are kept in ``dtype``.
     """
@@ -203,19 +205,22 @@ class ReferenceRecallAtQuantileLoss:
         return self.scores[:n], self.targets[:n], self.weights[:n]
 
     def push(self, scores: Tensor, targets: Tensor, weights: Tensor) -> None:
-        """Write rows as if one at a time: row i goes to slot (ptr + i) % queue_size."""
+        """Replace the queue with the last ``queue_size`` rows, or write rows one at a time."""
         q, m = self.queue_size, scores.shape[0]
         if q == 0 or m == 0:
             return
-        # Writing one by one, only the last q rows survive; the first of them lands at
-        # slot (ptr + m - q) % q.
-        first = max(m - q, 0)
-        slots = (self.ptr + first + torch.arange(m - first, device=self.scores.device)) % q
-        self.scores[slots] = scores[first:].detach().to(self.scores.dtype)
-        self.targets[slots] = targets[first:].long()
-        self.weights[slots] = weights[first:].detach().to(self.weights.dtype)
-        self.ptr = (self.ptr + m) % q
-        self.count = min(self.count + m, q)
+        if m >= q:
+            self.scores[:] = scores[m - q :].detach().to(self.scores.dtype)
+            self.targets[:] = targets[m - q :].long()
+            self.weights[:] = weights[m - q :].detach().to(self.weights.dtype)
+            self.ptr, self.count = 0, q
+            return
+        for i in range(m):
+            self.scores[self.ptr] = scores[i].detach().to(self.scores.dtype)
+            self.targets[self.ptr] = targets[i].long()
+            self.weights[self.ptr] = weights[i].detach().to(self.weights.dtype)
+            self.ptr = (self.ptr + 1) % q
+            self.count = min(self.count + 1, q)
 
     def __call__(
         self,

@@ -48,6 +48,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from imbalanced_losses.testing._report import (
+    Check,
+    DdpMismatch,
+    DdpReport,
+    diff,
+    magnitude,
+    relative_diff,
+)
 from imbalanced_losses.testing._spawn import run_ranks
 
 __all__ = ["Case", "Check", "DdpMismatch", "DdpReport", "Step", "check_ddp_exactness", "check_many"]
@@ -67,75 +75,6 @@ class Step:
     weighted: bool = False
     train: bool = True
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Check:
-    """One comparison at one step: relative ``error`` vs ``limit`` (a limit of 0: bit-exact)."""
-
-    step: int
-    world_size: int
-    name: str
-    error: float
-    limit: float
-    scale: float = 0.0  # magnitude of the oracle's value: a check of zeros proves little
-
-    @property
-    def ok(self) -> bool:
-        """Within the limit (a NaN error never is)."""
-        return self.error <= self.limit
-
-
-class DdpMismatch(AssertionError):
-    """Raised by :meth:`DdpReport.raise_if_failed`; the message is the report."""
-
-
-@dataclass
-class DdpReport:
-    """Every check of a run; ``str(report)`` summarises per check, :meth:`table` lists per step."""
-
-    checks: list[Check]
-    final_state: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        """True when every check passed."""
-        return all(c.ok for c in self.checks)
-
-    def failures(self) -> list[Check]:
-        """The checks that did not pass."""
-        return [c for c in self.checks if not c.ok]
-
-    def __str__(self) -> str:
-        lines = [f"DDP exactness: {'PASS' if self.ok else 'FAIL'} ({len(self.checks)} checks)"]
-        for name in dict.fromkeys(c.name for c in self.checks):
-            group = [c for c in self.checks if c.name == name]
-            bad = [c for c in group if not c.ok]
-            worst = max((c.error for c in group), key=lambda e: (e != e, e))
-            lines.append(
-                f"  {'FAIL' if bad else 'ok  '} {name:<38} max error {worst:.3g} "
-                f"(limit {group[0].limit:g}) over {len(group)} steps"
-                + (f"; fails at steps {[c.step for c in bad][:10]}" if bad else "")
-            )
-        return "\n".join(lines)
-
-    def table(self) -> str:
-        """Every check of every step, one per line."""
-        return "\n".join(
-            f"step {c.step:3d} ws={c.world_size} {'ok  ' if c.ok else 'FAIL'} "
-            f"{c.name:<38} {c.error:.3g} (limit {c.limit:g})"
-            + (f" oracle magnitude {c.scale:.3g}" if c.scale else "")
-            for c in self.checks
-        )
-
-    def raise_if_failed(self) -> None:
-        """Raise :class:`DdpMismatch` listing every failed check (for use in tests)."""
-        if not self.ok:
-            failing = "\n".join(
-                f"  step {c.step} ws={c.world_size}: {c.name}: error {c.error:.3g} > {c.limit:g}"
-                for c in self.failures()[:20]
-            )
-            raise DdpMismatch(f"{self}\nfirst failures:\n{failing}")
 
 
 @dataclass(frozen=True)
@@ -491,7 +430,7 @@ def _compare_segment(setup, indices, per_rank, oracle, probe) -> list[Check]:
         replay = oracle.replay(i, step, ranks[0]["params"])
         checks += _compare(setup, i, step, ranks, replay, oracle.free[i], previous_queue, probe)
     states = [_no_bytes(state) for _, state in per_rank]
-    error = max(_diff(s, states[0]) for s in states)
+    error = max(diff(s, states[0]) for s in states)
     checks.append(
         Check(indices[-1], len(per_rank), "checkpoint identical on every rank", error, 0.0)
     )
@@ -507,72 +446,29 @@ def _compare(setup, i, step, ranks, replay, free, previous_queue, probe) -> list
         out.append(Check(i, len(step.sizes), name, error, limit, scale))
 
     def across_ranks(key: str) -> float:
-        return max(_diff(r[key], ranks[0][key]) for r in ranks)
+        return max(diff(r[key], ranks[0][key]) for r in ranks)
 
     edges = [0, *itertools.accumulate(step.sizes)]
-    logits = max(
-        _rel(r["logits"], replay["logits"][a:b]) for r, a, b in zip(ranks, edges, edges[1:])
-    )
+    slices = zip(ranks, edges, edges[1:])
+    logits = max(relative_diff(r["logits"], replay["logits"][a:b]) for r, a, b in slices)
     add("logits vs oracle (same parameters)", logits, exact)
     add("loss identical on every rank", across_ranks("out"), 0.0)
-    add("loss vs oracle", _rel(ranks[0]["out"], replay["out"]), rtol)
+    add("loss vs oracle", relative_diff(ranks[0]["out"], replay["out"]), rtol)
     if step.train:
         add("grads identical on every rank", across_ranks("grads"), 0.0)
-        scale = _scale(replay["grads"])
-        add("DDP grads vs oracle", _rel(ranks[0]["grads"], replay["grads"]), rtol, scale)
+        scale = magnitude(replay["grads"])
+        add("DDP grads vs oracle", relative_diff(ranks[0]["grads"], replay["grads"]), rtol, scale)
     if replay["queue"] is not None and ranks[0]["queue"] is not None:
         add("queue identical on every rank", across_ranks("queue"), 0.0)
-        add("queue vs oracle", _rel(ranks[0]["queue"], replay["queue"]), exact)
+        add("queue vs oracle", relative_diff(ranks[0]["queue"], replay["queue"]), exact)
         frozen = not step.train and not getattr(probe, "update_queue_in_eval", False)
         if frozen and previous_queue is not None:
-            add("queue frozen in eval", _diff(ranks[0]["queue"], previous_queue), 0.0)
+            add("queue frozen in eval", diff(ranks[0]["queue"], previous_queue), 0.0)
     add("params identical on every rank", across_ranks("params"), 0.0)
-    add("params vs free-running oracle", _rel(ranks[0]["params"], free["params"]), rtol)
-    add("loss vs free-running oracle", _rel(ranks[0]["out"], free["out"]), rtol)
+    add("params vs free-running oracle", relative_diff(ranks[0]["params"], free["params"]), rtol)
+    add("loss vs free-running oracle", relative_diff(ranks[0]["out"], free["out"]), rtol)
     return out
-
-
-def _flat(obj: Any) -> list:
-    if isinstance(obj, dict):
-        return [v for k in sorted(obj) for v in _flat(obj[k])]
-    if isinstance(obj, (list, tuple)):
-        return [v for item in obj for v in _flat(item)]
-    return [obj]
-
-
-def _diff(a: Any, b: Any) -> float:
-    """Largest absolute difference (NaN matches NaN; a shape or structure mismatch is inf)."""
-    fa, fb = _flat(a), _flat(b)
-    if len(fa) != len(fb):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(fa, fb):
-        if isinstance(x, Tensor) and isinstance(y, Tensor):
-            if x.shape != y.shape:
-                return float("inf")
-            if x.numel():
-                x, y = x.double(), y.double()
-                same = (x == y) | (torch.isnan(x) & torch.isnan(y))
-                gap = torch.where(same, 0.0, (x - y).abs().nan_to_num(float("inf")))
-                worst = max(worst, float(gap.max()))
-        elif x != y:
-            worst = max(worst, abs(float(x) - float(y)) if _numeric(x, y) else float("inf"))
-    return worst
-
-
-def _scale(obj: Any) -> float:
-    tensors = [t for t in _flat(obj) if isinstance(t, Tensor) and t.numel()]
-    return max((float(t.double().nan_to_num(0).abs().max()) for t in tensors), default=0.0)
-
-
-def _rel(a: Any, b: Any) -> float:
-    """``_diff`` relative to the oracle's magnitude (floored so that exact zeros compare)."""
-    return _diff(a, b) / max(_scale(b), 1e-8)
 
 
 def _no_bytes(state: dict) -> dict:
     return {k: v for k, v in state.items() if not isinstance(v, bytes)}
-
-
-def _numeric(x: Any, y: Any) -> bool:
-    return isinstance(x, (int, float)) and isinstance(y, (int, float))

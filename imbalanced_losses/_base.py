@@ -58,10 +58,18 @@ class Pool:
 
     def threshold_blocks(self) -> list[Tensor]:
         """Detached score blocks to estimate thresholds from (a subsample when capped)."""
-        blocks = [self.live.scores.detach(), self.queued.scores]
-        if self.threshold_rows is None:
-            return blocks
-        return [torch.cat(blocks)[self.threshold_rows]]
+        live, queued = self.live.scores.detach(), self.queued.scores
+        rows = self.threshold_rows
+        if rows is None:
+            return [live, queued]
+        n_live = live.shape[0]
+        if n_live == 0 or queued.shape[0] == 0:
+            return [(queued if n_live == 0 else live)[rows]]
+        # Gather the sample from each block instead of concatenating the whole pool:
+        # the same rows in the same order, without a pool-sized copy or a host sync.
+        from_live = live[rows.clamp(max=n_live - 1)]
+        from_queue = queued[(rows - n_live).clamp(min=0)]
+        return [torch.where((rows < n_live).unsqueeze(1), from_live, from_queue)]
 
     def positives(self) -> tuple[Tensor, Tensor, Tensor]:
         """Every positive's own-class score, class and weight (live ones carry gradient)."""

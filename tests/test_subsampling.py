@@ -9,7 +9,7 @@ import pytest
 import torch
 from _support import TIGHT, make_pair, random_batch
 
-from imbalanced_losses import RecallAtQuantileLoss
+from imbalanced_losses import Pool, RecallAtQuantileLoss, Rows
 
 F64 = torch.float64
 TAU = 1.0
@@ -200,3 +200,24 @@ def test_threshold_sample_covers_queue_rows_too():
     assert len(set(thetas.tolist())) > 1
     assert (thetas - sim_mean).abs().max() < 6 * sim_sd, (thetas, sim_mean, sim_sd)
     assert abs(thetas.mean() - sim_mean) < 5 * sim_sd / len(thetas) ** 0.5
+
+
+@pytest.mark.parametrize("n_live, n_queued", [(5, 7), (1, 4), (6, 1), (0, 6), (6, 0)])
+def test_threshold_sample_rows_are_exactly_the_indexed_pool_rows(n_live, n_queued):
+    # threshold_rows index the pool as if live and queued rows were concatenated; the blocks
+    # are gathered separately, so check every row, the live/queue boundary included.
+    gen = torch.Generator().manual_seed(n_live * 10 + n_queued)
+    live = torch.randn(n_live, 3, generator=gen, dtype=F64, requires_grad=True)
+    queued = torch.randn(n_queued, 3, generator=gen, dtype=F64)
+
+    def rows(scores):
+        n = scores.shape[0]
+        return Rows(scores, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=F64))
+
+    total = n_live + n_queued
+    boundary = [i for i in (n_live - 1, n_live) if 0 <= i < total]
+    sample = torch.cat([torch.tensor(boundary), torch.randperm(total, generator=gen)])
+    pool = Pool(rows(live), rows(queued), num_classes=3, threshold_rows=sample)
+    (block,) = pool.threshold_blocks()
+    assert torch.equal(block, torch.cat([live.detach(), queued])[sample])
+    assert not block.requires_grad

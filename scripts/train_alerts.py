@@ -589,7 +589,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _exit_without_teardown(code: int) -> None:
+def _exit_without_teardown() -> None:
     """End a distributed run without CPython's interpreter teardown.
 
     A gloo worker thread can still be freeing the last collective's tensors when the
@@ -605,7 +605,7 @@ def _exit_without_teardown(code: int) -> None:
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -669,4 +669,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 if __name__ == "__main__":
     main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_without_teardown(0)
+        _exit_without_teardown()

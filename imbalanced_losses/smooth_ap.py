@@ -84,7 +84,7 @@ class _SmoothAPRatios(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         own: Tensor,
         live_cols: Tensor,
@@ -129,7 +129,7 @@ class _SmoothAPRatios(torch.autograd.Function):
         return rank_pos / rank
 
     @staticmethod
-    def backward(ctx: Any, grad_ratio: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_ratio: Tensor) -> tuple[Tensor | None, ...]:
         (
             own,
             live_cols,

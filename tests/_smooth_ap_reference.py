@@ -126,8 +126,10 @@ class ReferenceSmoothAPLoss(ReferenceRecallAtQuantileLoss):
         )
         if self.training or self.update_queue_in_eval:
             flat = targets.reshape(-1).long()
-            w = torch.ones(logits.shape[0], dtype=torch.float64) if sample_weight is None else (
-                sample_weight
+            w = (
+                torch.ones(logits.shape[0], dtype=torch.float64)
+                if sample_weight is None
+                else (sample_weight)
             )
             counts = (flat != self.ignore_index) & torch.isfinite(logits).all(dim=1)
             self.push(logits.detach()[counts], flat[counts], w[counts])

@@ -113,7 +113,9 @@ def test_chunked_sums_match_at_every_chunk_size(buffer, num_classes):
     buffer=st.sampled_from(BUFFERS),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_subsampled_sums_are_the_sample_scaled_to_the_pool(num_classes, max_pool_size, buffer, seed):
+def test_subsampled_sums_are_the_sample_scaled_to_the_pool(
+    num_classes, max_pool_size, buffer, seed
+):
     """With ``max_pool_size`` the j-sums run over the library's own sample, times pool/sample."""
     lib = SmoothAPLoss(num_classes, queue_size=12, temperature=0.5, max_pool_size=max_pool_size)
     lib = lib.double()
@@ -172,7 +174,9 @@ def test_class_without_a_negative_or_without_positive_weight_is_not_valid():
     _, per_class, valid = loss_fn(scores, targets, sample_weight=weights, return_per_class=True)
     assert valid.tolist() == [True, False, False]  # class 1 weightless, class 2 absent
     only_positives = SmoothAPLoss(1, queue_size=0).double()
-    _, _, valid = only_positives(scores[:, :1], torch.ones(4, dtype=torch.long), return_per_class=True)
+    _, _, valid = only_positives(
+        scores[:, :1], torch.ones(4, dtype=torch.long), return_per_class=True
+    )
     assert valid.tolist() == [False]
 
 

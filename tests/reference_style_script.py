@@ -1,7 +1,7 @@
 """A user's script written against the reference library's public API, unchanged.
 
 Imports, class path, keyword names and defaults are the ones the reference documentation
-shows; its examples follow. tests/test_migration.py runs this file in a fresh process, from any directory.
+shows; its examples follow. tests/test_migration.py runs this file in a fresh process.
 """
 
 import os

@@ -110,8 +110,8 @@ class DdpReport:
 
 
 def _flat(obj: Any) -> list:
-    if isinstance(obj, dict):
-        return [v for k in sorted(obj) for v in _flat(obj[k])]
+    if isinstance(obj, dict):  # keys count too: a state with other entries is another state
+        return [v for k in sorted(obj, key=str) for v in (str(k), *_flat(obj[k]))]
     if isinstance(obj, (list, tuple)):
         return [v for item in obj for v in _flat(item)]
     return [obj]

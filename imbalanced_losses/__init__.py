@@ -5,6 +5,7 @@ from ._distributed import all_gather_no_grad, all_gather_with_grad
 from ._queue import MemoryQueue
 from .metrics import recall_at_quantile
 from .recall_loss import RecallAtQuantileLoss
+from .smooth_ap import SmoothAPLoss
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "QueuedRankingLoss",
     "RecallAtQuantileLoss",
     "Rows",
+    "SmoothAPLoss",
     "all_gather_no_grad",
     "all_gather_with_grad",
     "recall_at_quantile",

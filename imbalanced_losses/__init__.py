@@ -22,3 +22,13 @@ __all__ = [
     "all_gather_with_grad",
     "recall_at_quantile",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # RecallAtQuantile subclasses torchmetrics.Metric: import it (and torchmetrics) only when
+    # asked for, so that the losses never need torchmetrics.
+    if name == "RecallAtQuantile":
+        from ._metric_class import RecallAtQuantile
+
+        return RecallAtQuantile
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

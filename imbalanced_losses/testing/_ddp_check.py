@@ -1,6 +1,6 @@
 """Check a queued ranking loss under real DDP against a single-process float64 oracle.
 
-The promise being checked (contract §5): training with the loss under DistributedDataParallel
+The promise being checked: training with the loss under DistributedDataParallel
 is *the same computation* as one process fed the concatenated global batch. So the check trains
 a small seeded float64 model (``nn.Linear`` on seeded features, SGD with momentum) on real ranks
 under DDP and compares every step with single-process runs on the global batch in rank order:

@@ -25,7 +25,11 @@ TIMEOUT_S = 300  # a guard against a hang, not a speed check
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_markers_are_well_formed_and_every_shown_output_is_compared(path):
-    _, problems = parse(path)
+    blocks, problems = parse(path)
+    for block in blocks:  # a skip reason that names where a block runs must name a real file
+        for named in re.findall(r"[\w./-]+\.py|\.ci/run", block.skip_reason or ""):
+            if "/" in named and not (ROOT / named).exists():
+                problems.append(f"{block.id}: the skip reason names {named}, which does not exist")
     assert not problems, "\n".join(problems)
 
 

@@ -89,3 +89,25 @@ def test_user_facing_text_cites_no_internal_sections():
         if pattern.search(line)
     ]
     assert not hits, "\n".join(hits)
+
+
+def _starts_a_process_group(block: Block) -> bool:
+    return bool(block.launcher) or "init_process_group" in block.code
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in all_blocks("python") if _starts_a_process_group(b)], ids=lambda b: b.id
+)
+def test_distributed_example_ends_with_the_gloo_exit_remedy(block: Block):
+    """The exit-time abort is intermittent, so the launches in ddp_tests cannot always show a
+    missing remedy; this check does: barrier, destroy the group, flush, then ``os._exit(0)``."""
+    steps = [
+        r"dist\.barrier\(\)|wait_for_everyone\(\)",
+        r"destroy_process_group\(\)",
+        r"sys\.stdout\.flush\(\)",
+        r"sys\.stderr\.flush\(\)",
+        r"os\._exit\(0\)",
+    ]
+    tail = block.code.rstrip().splitlines()[-len(steps) :]
+    for line, step in zip(tail, steps):
+        assert re.search(step, line), f"{block.id}: the script should end with {steps}; got {tail}"

@@ -72,9 +72,9 @@ def collective_device(group: Group = None) -> torch.device:
 
 
 def _on_backend(tensor: Tensor, group: Group) -> Tensor:
-    """``tensor`` where the backend can move it: only a non-CUDA tensor under NCCL moves."""
+    """``tensor`` where the backend can move it: only a CPU tensor under NCCL moves."""
     device = collective_device(group)
-    if device.type == "cuda" and tensor.device.type != "cuda":
+    if device.type != "cpu" and tensor.device.type != device.type:
         return tensor.to(device)
     return tensor
 

@@ -20,8 +20,8 @@ that DDP averages over. Three gradient rules are offered:
   a ``[global rows]`` vector carries gradient, never a dense ``[rows, C]`` one.
 
 Collective tensors live where the group's backend needs them
-(:func:`collective_device`): a CPU tensor under NCCL is moved for the
-collective and back.
+(:func:`collective_device`): a CPU tensor under NCCL (or a CUDA tensor under
+gloo) is moved for the collective and back.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def collective_device(group: Group = None) -> torch.device:
 
 
 def _on_backend(tensor: Tensor, group: Group) -> Tensor:
-    """``tensor`` where the backend can move it: only a CPU tensor under NCCL moves."""
+    """``tensor`` where the backend can move it (CPU under NCCL, CUDA under gloo move)."""
     device = collective_device(group)
-    if device.type != "cpu" and tensor.device.type != device.type:
+    if tensor.device.type != device.type:
         return tensor.to(device)
     return tensor
 

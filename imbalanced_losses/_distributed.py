@@ -136,14 +136,17 @@ class _GatherOwnColumn(torch.autograd.Function):
         ctx: Any, own: Tensor, packed: Tensor, width: int, sizes: list[int], group: Group
     ) -> tuple[Tensor, Tensor]:
         ctx.sizes, ctx.group = sizes, group
+        ctx.set_materialize_grads(False)  # no zero [rows, C] gradient for the detached rows
         gathered = _gather_padded(packed, sizes, group)
         ctx.mark_non_differentiable(gathered)
         return gathered, _own_scores(gathered, width)
 
     @staticmethod
     def backward(
-        ctx: Any, _grad_rows: Tensor | None, grad_own: Tensor
-    ) -> tuple[Tensor, None, None, None, None]:
+        ctx: Any, _grad_rows: Tensor | None, grad_own: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None, None]:
+        if grad_own is None:
+            return None, None, None, None, None
         # The replicated rule on a [global rows] vector: local slice times the group size.
         local = _local_slice(grad_own, ctx.sizes, ctx.group) * world(ctx.group)[1]
         return local, None, None, None, None

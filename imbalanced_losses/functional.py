@@ -20,6 +20,12 @@ INTERPOLATIONS: tuple[str, ...] = ("linear", "lower", "higher", "nearest", "midp
 # beats a top-k heap/partial sort of the upper tail.
 _TOPK_MAX_FRACTION = 0.05
 _TOPK_CHUNK_ROWS = 1 << 20
+# The quickselect path copies columns into a contiguous [columns, P] chunk, and
+# torch.kthvalue allocates a clone and int64 indices of its input: about 4x the
+# chunk. At most 1/8 of the columns (and 2**22 elements) per chunk keeps that
+# near half the pool or less once C >= 8.
+_KTH_MIN_CHUNKS = 8
+_KTH_CHUNK_ELEMENTS = 1 << 22
 
 
 def _order_statistic_positions(
@@ -52,30 +58,59 @@ def _select_ascending(
 ) -> tuple[list[Tensor], Tensor]:
     """Per-column values at ascending order-statistic positions (0-based) of the stacked blocks.
 
-    A small upper tail is found by a top-k of each block (in chunks) and a
-    top-k of their union (no concatenation of the blocks); otherwise one quickselect per
-    position over the concatenated column. Also returns a per-column NaN flag
-    (torch.quantile returns NaN for such a column).
+    Also returns a per-column NaN flag (torch.quantile returns NaN for such a
+    column). Neither path concatenates the blocks.
     """
     num_rows = sum(block.shape[0] for block in blocks)
     needed = num_rows - min(positions)  # the top-k must reach the lowest position
     if needed <= max(1, int(_TOPK_MAX_FRACTION * num_rows)):
-        # CPU top-k allocates (value, index) scratch for its whole input, so big
-        # blocks go in chunks; the union of per-chunk top-k sets holds the global one.
-        chunk = max(_TOPK_CHUNK_ROWS, 16 * needed)
-        tails = [
-            torch.topk(part, min(needed, part.shape[0]), dim=0, sorted=False).values
-            for block in blocks
-            for part in block.split(chunk)
-            if part.shape[0] > 0
-        ]
-        union = tails[0] if len(tails) == 1 else torch.cat(tails)
-        top = torch.topk(union, needed, dim=0, sorted=True).values
-        # top-k orders NaN above every number, so a NaN column shows it first.
-        return [top[num_rows - 1 - p] for p in positions], torch.isnan(top[0])
-    column = torch.cat(list(blocks)) if len(blocks) > 1 else blocks[0]
-    values = [torch.kthvalue(column, p + 1, dim=0).values for p in positions]
-    return values, torch.isnan(column).any(dim=0)
+        return _select_from_top(blocks, positions, num_rows, needed)
+    return _select_by_quickselect(blocks, positions, num_rows)
+
+
+def _select_from_top(
+    blocks: Sequence[Tensor], positions: tuple[int, ...], num_rows: int, needed: int
+) -> tuple[list[Tensor], Tensor]:
+    """A small upper tail: top-k of each block (in row chunks), then top-k of their union."""
+    # CPU top-k allocates (value, index) scratch for its whole input, so big
+    # blocks go in chunks; the union of per-chunk top-k sets holds the global one.
+    chunk = max(_TOPK_CHUNK_ROWS, 16 * needed)
+    tails = [
+        torch.topk(part, min(needed, part.shape[0]), dim=0, sorted=False).values
+        for block in blocks
+        for part in block.split(chunk)
+        if part.shape[0] > 0
+    ]
+    union = tails[0] if len(tails) == 1 else torch.cat(tails)
+    top = torch.topk(union, needed, dim=0, sorted=True).values
+    # top-k orders NaN above every number, so a NaN column shows it first.
+    return [top[num_rows - 1 - p] for p in positions], torch.isnan(top[0])
+
+
+def _select_by_quickselect(
+    blocks: Sequence[Tensor], positions: tuple[int, ...], num_rows: int
+) -> tuple[list[Tensor], Tensor]:
+    """One quickselect per position, over contiguous chunks of columns.
+
+    Each chunk holds a few columns of every block, transposed, so the selection
+    runs along contiguous memory and its scratch stays a fraction of the pool.
+    """
+    num_columns = blocks[0].shape[1]
+    width = max(1, min(-(-num_columns // _KTH_MIN_CHUNKS), _KTH_CHUNK_ELEMENTS // num_rows))
+    found: list[list[Tensor]] = [[] for _ in positions]
+    has_nan = []
+    for start in range(0, num_columns, width):
+        stop = min(start + width, num_columns)
+        chunk = blocks[0].new_empty(stop - start, num_rows)
+        offset = 0
+        for block in blocks:
+            chunk[:, offset : offset + block.shape[0]] = block[:, start:stop].T
+            offset += block.shape[0]
+        for values, p in zip(found, positions):
+            values.append(torch.kthvalue(chunk, p + 1, dim=1).values)
+        has_nan.append(torch.isnan(chunk.amax(dim=1)))  # max propagates NaN
+        del chunk
+    return [torch.cat(values) for values in found], torch.cat(has_nan)
 
 
 def quantile_threshold(

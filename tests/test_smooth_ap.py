@@ -1,0 +1,226 @@
+"""SmoothAPLoss equals the plain full-matrix Smooth-AP (float64): value and gradient over random
+class counts, queue histories, padding, weights, ties, eval steps, subsamples and chunk sizes."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from _smooth_ap_reference import ReferenceSmoothAPLoss, reference_smooth_ap_loss
+from _support import REDUCTIONS, TIGHT, assert_same_queue, objective, random_batch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from imbalanced_losses import SmoothAPLoss, smooth_ap
+
+# Buffer sizes (elements) that make a chunk one row, a few rows, rows that straddle a block
+# boundary, and the default (every positive in one chunk here).
+BUFFERS = [1, 3, 7, 40, smooth_ap._PAIR_BUFFER_ELEMENTS]
+
+
+@st.composite
+def histories(draw):
+    num_classes = draw(st.integers(1, 5))
+    steps = draw(st.integers(1, 4))
+    return dict(
+        num_classes=num_classes,
+        reduction=draw(st.sampled_from(REDUCTIONS)),
+        temperature=draw(st.sampled_from([0.05, 0.3, 1.0, 3.0])),
+        queue_size=draw(st.sampled_from([0, 1, 5, 16])),
+        ignore_index=draw(st.sampled_from([-100, -1, num_classes + 2])),
+        update_queue_in_eval=draw(st.booleans()),
+        batch_sizes=draw(st.lists(st.integers(0, 24), min_size=steps, max_size=steps)),
+        train_flags=draw(st.lists(st.booleans(), min_size=steps, max_size=steps)),
+        ties=draw(st.booleans()),
+        weighted=draw(st.booleans()),
+        pad_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        pos_rate=draw(st.sampled_from([0.05, 0.3, 0.9])),
+        buffer=draw(st.sampled_from(BUFFERS)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _grad(value, x):
+    """Gradient of ``value`` on ``x``; zero when ``value`` is not connected to it."""
+    if not value.requires_grad:
+        return torch.zeros_like(x)
+    (grad,) = torch.autograd.grad(value, x, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else grad
+
+
+def run_history(h):
+    c = h["num_classes"]
+    options = {
+        k: h[k]
+        for k in ("queue_size", "temperature", "reduction", "ignore_index", "update_queue_in_eval")
+    }
+    lib = SmoothAPLoss(c, **options).double()
+    ref = ReferenceSmoothAPLoss(c, **options)
+    gen = torch.Generator().manual_seed(h["seed"])
+    for step, (n, train) in enumerate(zip(h["batch_sizes"], h["train_flags"])):
+        logits, targets, weights = random_batch(
+            gen,
+            n,
+            c,
+            ties=h["ties"],
+            pad_frac=h["pad_frac"],
+            ignore_index=h["ignore_index"],
+            weighted=h["weighted"],
+            pos_rate=h["pos_rate"],
+        )
+        lib.train(train)
+        ref.train(train)
+        x_lib = logits.clone().requires_grad_()
+        x_ref = logits.clone().requires_grad_()
+        with mock.patch.object(smooth_ap, "_PAIR_BUFFER_ELEMENTS", h["buffer"]):
+            got = lib(x_lib, targets, sample_weight=weights, return_per_class=True)
+            want = ref(x_ref, targets, sample_weight=weights, return_per_class=True)
+            assert torch.equal(got[2], want[2]), f"step {step}: valid classes differ"
+            torch.testing.assert_close(got[1], want[1], equal_nan=True, **TIGHT)
+            torch.testing.assert_close(got[0], want[0], equal_nan=True, **TIGHT)
+            if n:
+                torch.testing.assert_close(
+                    _grad(objective(got[0], got[2]), x_lib),
+                    _grad(objective(want[0], want[2]), x_ref),
+                    **TIGHT,
+                )
+        assert_same_queue(lib, ref)
+
+
+@given(histories())
+def test_value_gradient_and_queue_match_the_plain_reference(h):
+    run_history(h)
+
+
+@pytest.mark.parametrize("buffer", BUFFERS)
+@pytest.mark.parametrize("num_classes", [1, 4])
+def test_chunked_sums_match_at_every_chunk_size(buffer, num_classes):
+    """A fixed case per chunk size, so each chunking is always exercised (not only by chance)."""
+    run_history(
+        dict(
+            num_classes=num_classes, reduction="mean", temperature=0.3, queue_size=9,
+            ignore_index=-100, update_queue_in_eval=False, batch_sizes=[13, 11, 17],
+            train_flags=[True, True, True], ties=True, weighted=True, pad_frac=0.3,
+            pos_rate=0.3, buffer=buffer, seed=5,
+        )
+    )  # fmt: skip
+
+
+@given(
+    num_classes=st.integers(1, 4),
+    max_pool_size=st.integers(1, 30),
+    buffer=st.sampled_from(BUFFERS),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_subsampled_sums_are_the_sample_scaled_to_the_pool(
+    num_classes, max_pool_size, buffer, seed
+):
+    """With ``max_pool_size`` the j-sums run over the library's own sample, times pool/sample."""
+    lib = SmoothAPLoss(num_classes, queue_size=12, temperature=0.5, max_pool_size=max_pool_size)
+    lib = lib.double()
+    ref = ReferenceSmoothAPLoss(num_classes, queue_size=12, temperature=0.5)
+    gen = torch.Generator().manual_seed(seed)
+    drawn = []
+    original = lib._subsample
+
+    def recording(size):
+        rows = original(size)
+        drawn.append(rows)
+        return rows
+
+    for _ in range(3):
+        logits, targets, weights = random_batch(gen, 15, num_classes, weighted=True, pad_frac=0.2)
+        x_lib, x_ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        drawn.clear()
+        with (
+            mock.patch.object(lib, "_subsample", recording),
+            mock.patch.object(smooth_ap, "_PAIR_BUFFER_ELEMENTS", buffer),
+        ):
+            got = lib(x_lib, targets, sample_weight=weights)
+        sample = drawn[0] if drawn else None
+        want = ref(x_ref, targets, sample_weight=weights, sample=sample)
+        torch.testing.assert_close(got, want, **TIGHT)
+        (g_lib,) = torch.autograd.grad(got, x_lib)
+        (g_ref,) = torch.autograd.grad(want, x_ref)
+        torch.testing.assert_close(g_lib, g_ref, **TIGHT)
+
+
+def test_gradient_pushes_negatives_down_and_positives_up():
+    """Unlike a detached threshold, every live row gets a gradient: negatives above a positive
+    are pushed down (positive gradient on the loss), positives pushed up."""
+    logits = torch.tensor([[2.0], [1.0], [0.5], [-1.0]], dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 1, 0, 1])
+    loss = SmoothAPLoss(1, queue_size=0, temperature=1.0).double()(logits, targets)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad[0, 0] > 0 and grad[2, 0] > 0  # negatives: lowering them lowers the loss
+    assert grad[1, 0] < 0 and grad[3, 0] < 0  # positives: raising them lowers the loss
+
+
+def test_perfect_ranking_at_small_temperature_gives_zero_loss_and_reversed_gives_high():
+    scores = torch.tensor([[5.0], [4.0], [-4.0], [-5.0], [-6.0]], dtype=torch.float64)
+    targets = torch.tensor([1, 1, 0, 0, 0])
+    loss_fn = SmoothAPLoss(1, queue_size=0, temperature=0.01).double()
+    assert float(loss_fn(scores, targets)) == pytest.approx(0.0, abs=1e-12)
+    # Positives ranked 4th and 5th: AP = (1/4 + 2/5) / 2.
+    assert float(loss_fn(-scores, targets)) == pytest.approx(1 - (1 / 4 + 2 / 5) / 2, abs=1e-12)
+
+
+def test_class_without_a_negative_or_without_positive_weight_is_not_valid():
+    scores = torch.randn(4, 3, dtype=torch.float64)
+    targets = torch.tensor([0, 0, 1, 1])
+    weights = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    loss_fn = SmoothAPLoss(3, queue_size=0, reduction="none").double()
+    _, per_class, valid = loss_fn(scores, targets, sample_weight=weights, return_per_class=True)
+    assert valid.tolist() == [True, False, False]  # class 1 weightless, class 2 absent
+    only_positives = SmoothAPLoss(1, queue_size=0).double()
+    _, _, valid = only_positives(
+        scores[:, :1], torch.ones(4, dtype=torch.long), return_per_class=True
+    )
+    assert valid.tolist() == [False]
+
+
+def test_reference_oracle_agrees_with_a_hand_computed_case():
+    """The oracle itself, on two positives and two negatives, against the formula by hand."""
+    s = torch.tensor([[1.0], [0.0], [2.0], [-1.0]], dtype=torch.float64)
+    y = torch.tensor([1, 1, 0, 0])
+    tau = 0.5
+    sig = lambda d: 1 / (1 + torch.exp(torch.tensor(-d / tau, dtype=torch.float64)))  # noqa: E731
+    r0 = 1 + sig(0 - 1) + sig(2 - 1) + sig(-1 - 1)
+    r0p = 1 + sig(0 - 1)
+    r1 = 1 + sig(1 - 0) + sig(2 - 0) + sig(-1 - 0)
+    r1p = 1 + sig(1 - 0)
+    expected = 1 - (r0p / r0 + r1p / r1) / 2
+    loss, _, _ = reference_smooth_ap_loss(s, y, num_classes=1, temperature=tau)
+    assert float(loss) == pytest.approx(float(expected), abs=1e-15)
+
+
+def test_temperature_is_validated_saved_and_restored():
+    with pytest.raises(ValueError, match="temperature must be a finite float > 0, got 0"):
+        SmoothAPLoss(2, temperature=0)
+    loss_fn = SmoothAPLoss(2, temperature=0.2)
+    loss_fn.temperature = 0.05
+    restored = SmoothAPLoss(2, temperature=0.2)
+    restored.load_state_dict(loss_fn.state_dict())
+    assert restored.temperature == 0.05
+
+
+def test_empty_pool_and_no_positive_give_a_connected_zero():
+    loss_fn = SmoothAPLoss(2, queue_size=4)
+    logits = torch.randn(0, 2, requires_grad=True)
+    loss = loss_fn(logits, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0
+    logits = torch.randn(3, 1, requires_grad=True)
+    loss = SmoothAPLoss(1)(logits, torch.zeros(3, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros(3, 1))
+
+
+def test_float32_logits_match_the_float64_reference_loosely():
+    gen = torch.Generator().manual_seed(1)
+    logits, targets, _ = random_batch(gen, 200, 3)
+    got = SmoothAPLoss(3, queue_size=0, temperature=0.3)(logits.float(), targets)
+    want, _, _ = reference_smooth_ap_loss(logits, targets, num_classes=3, temperature=0.3)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(want), rel=1e-5)

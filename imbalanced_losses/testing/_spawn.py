@@ -389,6 +389,7 @@ def _rank_main(rank: int, spec: dict) -> None:
             timeout=datetime.timedelta(seconds=spec["pg_timeout_s"]),
         )
         _check_world(rank, world_size, backend)
+        report_progress(f"running {getattr(fn, '__name__', fn)!s} (joined the process group)")
         result = fn(rank, *args, **kwargs)
         tmp = _path(workdir, rank, "result.tmp")
         torch.save(result, tmp)

@@ -6,10 +6,12 @@ from ._queue import MemoryQueue
 from .metrics import recall_at_quantile
 from .recall_loss import RecallAtQuantileLoss
 from .smooth_ap import SmoothAPLoss
+from .warmup import LossWarmupWrapper
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LossWarmupWrapper",
     "MemoryQueue",
     "Pool",
     "QueuedRankingLoss",

@@ -34,20 +34,20 @@ class LocalFirstGather(RecallAtQuantileLoss):
     """Pools this rank's rows first, then the others: each rank's pool order (and queue) differs."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        original = _distributed.gather_rows
+        original = _distributed._gather_padded
 
-        def local_first(tensor: torch.Tensor, sizes: list[int], **kw: Any) -> torch.Tensor:
-            rows = original(tensor, sizes, **kw)
+        def local_first(tensor: torch.Tensor, sizes: list[int], group: Any) -> torch.Tensor:
+            rows = original(tensor, sizes, group)
             rank = _world()[0]
             start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
             order = [*range(start, stop), *range(start), *range(stop, rows.shape[0])]
             return rows[torch.tensor(order, dtype=torch.long, device=rows.device)]
 
-        _distributed.gather_rows = local_first
+        _distributed._gather_padded = local_first
         try:
             return super().forward(*args, **kwargs)
         finally:
-            _distributed.gather_rows = original
+            _distributed._gather_padded = original
 
 
 class PerRankSubsampleSeed(RecallAtQuantileLoss):

@@ -1,39 +1,52 @@
 """The shared flow of every *queued ranking loss*.
 
-``QueuedRankingLoss.forward`` is a template method: validate -> (gather across
-ranks) -> drop ignored rows -> merge with the queue -> optionally subsample the
-threshold rows -> ``per_class_loss`` (the only thing a subclass writes) ->
-reduce -> enqueue. Every check runs, and every rank agrees that it passed,
-before any state changes, so a bad batch can neither corrupt the queue nor
-leave another rank waiting in a collective.
+``QueuedRankingLoss.forward`` is a template method: validate (every rank
+agrees that every input is good, see ``_validation``) -> gather the live rows
+across ranks -> pool them with the queue (optionally subsampling the threshold
+rows) -> ``per_class_loss`` (the only thing a subclass writes) -> reduce ->
+enqueue. Every check runs, and every rank agrees that it passed, before any
+state changes, so a bad batch can neither corrupt the queue nor leave another
+rank waiting in a collective.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import sys
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from . import _distributed
+from . import _distributed, _validation
 from ._queue import MemoryQueue
-from .functional import out_of_range_targets, positive_scores, reduce_per_class
+from ._validation import Meta
+from .functional import positive_columns, positive_scores, reduce_per_class
 
 REDUCTIONS = ("mean", "sum", "none")
+POSITIVES = ("pool", "live")
+STATE_VERSION = 1  # format of get_extra_state(); a checkpoint without one is version 0
 
 LossOutput = Tensor | tuple[Tensor, Tensor, Tensor]
 
 
 @dataclass
 class Rows:
-    """A block of pooled rows: ``scores [n, C]``, ``targets [n]``, ``weights [n]``."""
+    """A block of pooled rows: ``scores [n, C]``, ``targets [n]``, ``weights [n]``.
+
+    ``own [n]``, when set, is each row's score in its own class column and is
+    the only tensor carrying gradient (``scores`` travelled detached): the cheap
+    gradient path of a loss that sets ``own_class_gradient_only``.
+    """
 
     scores: Tensor
     targets: Tensor
     weights: Tensor
+    own: Tensor | None = None
 
 
 @dataclass
@@ -44,12 +57,15 @@ class Pool:
     copy the whole queue. ``threshold_rows`` indexes (live first, then queue)
     the rows to estimate thresholds from when ``max_pool_size`` capped them
     (``None``: all rows); every row still counts in per-row terms such as recall.
+    ``positives_from`` is ``"pool"`` (every pooled positive) or ``"live"`` (this
+    step's positives only; the queue then only sets thresholds).
     """
 
     live: Rows
     queued: Rows
     num_classes: int
     threshold_rows: Tensor | None = None
+    positives_from: str = "pool"
 
     @property
     def size(self) -> int:
@@ -72,11 +88,19 @@ class Pool:
         return [torch.where((rows < n_live).unsqueeze(1), from_live, from_queue)]
 
     def positives(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Every positive's own-class score, class and weight (live ones carry gradient)."""
+        """Own-class score, class and weight of the rows that count as positives.
+
+        ``(own_score [K], class [K], weight [K])``; live scores carry gradient.
+        Multi-class: every row is a positive of its class. Binary: rows with
+        target 0 come with weight 0 (selecting them out would cost a host sync).
+        """
+        blocks = (self.live,) if self.positives_from == "live" else (self.live, self.queued)
         parts = [
-            positive_scores(rows.scores, rows.targets, rows.weights, self.num_classes)
-            for rows in (self.live, self.queued)
+            positive_scores(rows.scores, rows.targets, rows.weights, self.num_classes, rows.own)
+            for rows in blocks
         ]
+        if len(parts) == 1:
+            return parts[0]
         return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
@@ -86,11 +110,15 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-class _Meta:
-    """Column layout of the per-rank metadata row that the first collective gathers."""
-
-    STATIC_ERROR, ROWS, FINITE_ROWS, BAD_TARGETS, BAD_WEIGHTS = range(5)
-    CONFIG = 5
+def check_temperature(value: Any) -> float:
+    """A temperature is a finite number > 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(f"temperature must be a finite float > 0, got {value!r}")
+    return float(value)
 
 
 class QueuedRankingLoss(nn.Module):
@@ -98,10 +126,22 @@ class QueuedRankingLoss(nn.Module):
 
     Subclasses implement :meth:`per_class_loss` and may extend
     :meth:`config_fingerprint` with the options every rank must agree on.
-    Under DDP the forward gathers all ranks' rows in rank order with two
-    collectives (metadata, then rows) and the gradient equals the
-    single-process gradient of the global batch after DDP's averaging.
+    Under DDP the forward gathers all ranks' rows (of ``process_group``) in
+    rank order with two collectives (metadata, then rows) and the gradient
+    equals the single-process gradient of the global batch after DDP's
+    averaging. A loss whose gradient flows only through each row's own-class
+    score sets ``own_class_gradient_only = True``: the gathered rows then
+    travel detached and only a ``[rows]`` vector carries gradient.
+
+    A loss with a sigmoid width passes ``temperature=``: the base validates
+    it, lets users anneal it by assignment, agrees on it across ranks and
+    saves it in ``state_dict()``.
+
+    The forward always runs eagerly: inside a compiled program (``torch.compile``) it
+    is a graph break (data-dependent sizes and collectives do not trace).
     """
+
+    own_class_gradient_only: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -114,6 +154,9 @@ class QueuedRankingLoss(nn.Module):
         max_pool_size: int | None = None,
         *,
         seed: int = 0,
+        process_group: Any = None,
+        positives: str = "pool",
+        temperature: float | None = None,
     ) -> None:
         super().__init__()
         _check_int("num_classes", num_classes, 1)
@@ -131,6 +174,8 @@ class QueuedRankingLoss(nn.Module):
         if max_pool_size is not None:
             _check_int("max_pool_size", max_pool_size, 1)
         _check_int("seed", seed, 0)
+        if positives not in POSITIVES:
+            raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
         self.num_classes = num_classes
         self.reduction = reduction
         self.ignore_index = ignore_index
@@ -138,8 +183,13 @@ class QueuedRankingLoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.max_pool_size = max_pool_size
         self.seed = seed
+        self.process_group = process_group
+        self.positives = positives
+        self._temperature = None if temperature is None else check_temperature(temperature)
         self.subsample_step = 0
         self.queue = MemoryQueue(queue_size, num_classes)
+        self._warned: set[str] = set()
+        self._config_cache: tuple[tuple[Any, ...], Tensor] | None = None
 
     # ------------------------------------------------------------------ hooks
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
@@ -148,27 +198,69 @@ class QueuedRankingLoss(nn.Module):
 
     def config_fingerprint(self) -> dict[str, float]:
         """Options that must be equal on every rank, as floats (checked each distributed step)."""
-        return {
+        fingerprint = {
             "num_classes": float(self.num_classes),
             "queue_size": float(self.queue.capacity),
             "ignore_index": float(self.ignore_index),
             "reduction": float(REDUCTIONS.index(self.reduction)),
             "max_pool_size": float(self.max_pool_size or -1),
             "seed": float(self.seed),
-            "train/eval mode (whether the queue is written)": float(self._writes_queue()),
+            "positives": float(POSITIVES.index(self.positives)),
         }
+        if self._temperature is not None:
+            fingerprint["temperature"] = self._temperature
+        return fingerprint
 
     # ----------------------------------------------------------------- public
+    @property
+    def temperature(self) -> float:
+        """Sigmoid width; assign a new value to anneal it (kept in ``state_dict()``)."""
+        if self._temperature is None:
+            raise AttributeError(f"{type(self).__name__} has no temperature")
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = check_temperature(value)
+
     def reset_queue(self) -> None:
-        """Empty the memory queue (e.g. after the score scale changed)."""
+        """Empty the memory queue (e.g. after the score scale changed); re-arms the warnings."""
         self.queue.reset()
+        self._warned.clear()
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"subsample_step": self.subsample_step}
+        state: dict[str, Any] = {"version": STATE_VERSION, "subsample_step": self.subsample_step}
+        if self._temperature is not None:
+            state["temperature"] = self._temperature
+        return state
 
     def set_extra_state(self, state: Any) -> None:
-        self.subsample_step = _check_int("subsample_step", int(state["subsample_step"]), 0)
+        """Load a state of this format or an older one; keys it lacks keep their value."""
+        version = state.get("version", 0)
+        if not isinstance(version, int) or not 0 <= version <= STATE_VERSION:
+            raise ValueError(
+                f"cannot load loss state of format version {version!r}: this version of "
+                f"imbalanced_losses reads versions 0 to {STATE_VERSION}; upgrade imbalanced_losses"
+            )
+        step = _check_int(
+            "subsample_step", int(state.get("subsample_step", self.subsample_step)), 0
+        )
+        saved = state.get("temperature")
+        if saved is not None and self._temperature is not None:
+            saved = check_temperature(saved)
+            if saved != self._temperature:
+                warnings.warn(
+                    f"the checkpoint's temperature={saved} replaces this loss's "
+                    f"temperature={self._temperature} (a run anneals it by hand, and "
+                    "resuming continues from the saved value); assign loss_fn.temperature "
+                    "after loading to use another",
+                    UserWarning,
+                    stacklevel=_caller_stacklevel(),
+                )
+            self._temperature = saved
+        self.subsample_step = step
 
+    @torch.compiler.disable
     def forward(
         self,
         logits: Tensor,
@@ -176,125 +268,133 @@ class QueuedRankingLoss(nn.Module):
         *,
         return_per_class: bool = False,
         sample_weight: Tensor | None = None,
+        update_queue: bool | None = None,
     ) -> LossOutput:
         """Loss of ``logits`` ``[N, C]`` against ``targets`` ``[N]`` over the pooled rows.
 
         Returns a scalar (``mean``/``sum``) or ``[C]`` (``none``, NaN for
         classes without a positive); with ``return_per_class=True`` the triple
         ``(loss, per_class [C] NaN where invalid, valid [C] bool)``.
+        ``update_queue``: write this step's rows to the queue (``True``) or not
+        (``False``); ``None`` follows the mode (train mode, or
+        ``update_queue_in_eval``). Pass ``False`` for a validation pass with the
+        loss left in train mode. Always eager, also inside ``torch.compile``.
         """
-        live, num_finite = self._gathered_live_rows(logits, targets, sample_weight)
+        self._warn_if_running_alone()
+        writes_queue = self._writes_queue(update_queue)
+        live, num_finite = self._validated_live_rows(
+            logits, targets, sample_weight, update_queue, writes_queue
+        )
         pool = self._pool(live)
+        anchor = live.scores if live.own is None else live.own
         if pool.size == 0:
-            per_class = live.scores.new_zeros(self.num_classes)
+            # Nothing to rank; still connected to the (empty) graph, so backward() works
+            # for every reduction, "none" included.
+            per_class = live.scores.new_zeros(self.num_classes) + anchor.sum() * 0.0
             valid = torch.zeros(self.num_classes, dtype=torch.bool, device=live.scores.device)
         else:
             per_class, valid = self.per_class_loss(pool)
-        loss = reduce_per_class(per_class, valid, self.reduction, anchor=live.scores)
-        if self._writes_queue():
+        loss = reduce_per_class(per_class, valid, self.reduction, anchor=anchor)
+        if writes_queue:
             self._enqueue(live, num_finite)
         if return_per_class:
             return loss, per_class.masked_fill(~valid, float("nan")), valid
         return loss
 
     # ---------------------------------------------------------------- helpers
-    def _gathered_live_rows(
-        self, logits: Tensor, targets: Tensor, sample_weight: Tensor | None
+    def _warn_once(self, key: str, message: str) -> None:
+        """Warn once per condition ``key`` at the caller's line; ``reset_queue`` re-arms it."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
+
+    def _warn_if_running_alone(self) -> None:
+        world_size = os.environ.get("WORLD_SIZE", "1")
+        if _distributed.is_initialized() or not world_size.isdigit() or int(world_size) <= 1:
+            return
+        self._warn_once(
+            "WORLD_SIZE without torch.distributed",
+            f"WORLD_SIZE={world_size} is set but torch.distributed is not initialised, so each "
+            "process trains alone on its own batches (no gather, no DDP averaging). Initialise "
+            "the process group (torch.distributed.init_process_group, or your launcher's setup) "
+            "before the first step. A known trap: `accelerate launch --cpu` runs ONE process; "
+            "for several CPU processes use ACCELERATE_USE_CPU=1 with `accelerate launch "
+            "--multi_gpu` and a script that calls Accelerator() first.",
+        )
+
+    def _writes_queue(self, update_queue: bool | None) -> bool:
+        if update_queue is None:
+            update_queue = self.training or self.update_queue_in_eval
+        return self.queue.capacity > 0 and update_queue is True
+
+    def _agreement(self, sample_weight: Any, writes_queue: bool) -> dict[str, float]:
+        """What every rank must agree on this step: the configuration and this call's options."""
+        return {
+            **self.config_fingerprint(),
+            "sample_weight given (1) or not (0)": float(sample_weight is not None),
+            "whether this step writes the queue (train/eval mode, update_queue)": float(
+                writes_queue
+            ),
+        }
+
+    def _config_tensor(self, values: list[float], device: torch.device) -> Tensor:
+        """The agreed-on values as a float64 tensor on ``device``, cached: no copy per step."""
+        key = (device, *values)
+        if self._config_cache is None or self._config_cache[0] != key:
+            self._config_cache = (key, torch.tensor(values, dtype=torch.float64, device=device))
+        return self._config_cache[1]
+
+    def _validated_live_rows(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        sample_weight: Tensor | None,
+        update_queue: Any,
+        writes_queue: bool,
     ) -> tuple[Rows, int]:
         """This step's non-padding rows of every rank in rank order, and how many are finite.
 
         Raises on every rank, before any state changes, when any rank's input is
-        invalid or the ranks disagree on their configuration.
+        invalid or the ranks disagree on their configuration or call options.
         """
-        distributed = _distributed.should_gather(self.gather_distributed)
-        problem = self._static_problem(logits, targets, sample_weight)
+        group = self.process_group
+        distributed = _distributed.should_gather(self.gather_distributed, group)
+        problem = _validation.static_problem(
+            logits, targets, sample_weight, self.num_classes, self.queue.scores.device
+        )
+        if problem is None and update_queue is not None and not isinstance(update_queue, bool):
+            problem = f"update_queue must be None, True or False, got {update_queue!r}"
         if problem is not None and not distributed:
             raise ValueError(problem)
 
+        agreement = self._agreement(sample_weight, writes_queue)
         meta, (scores, tgt, weights, keep) = self._local_rows(
-            logits, targets, sample_weight, problem
+            logits, targets, sample_weight, problem, list(agreement.values())
         )
-        metas = (
-            torch.stack(_distributed.all_gather_rows_of_equal_shape(meta)).tolist()
-            if distributed
-            else [meta.tolist()]
+        metas = _validation.exchange(meta, distributed=distributed, group=group)
+        rank = _distributed.world(group)[0] if distributed else 0
+        _validation.raise_on_any_problem(
+            metas,
+            rank,
+            {
+                Meta.STATIC_ERROR: lambda: problem or "",
+                Meta.BAD_TARGETS: lambda: _validation.describe_bad_targets(
+                    targets, self.num_classes, self.ignore_index
+                ),
+                Meta.BAD_WEIGHTS: lambda: _validation.describe_bad_weights(sample_weight),
+            },
+            list(agreement),
         )
-        self._raise_on_any_problem(metas, problem, targets, sample_weight)
 
-        rank = _distributed.world()[0] if distributed else 0
-        num_kept = int(metas[rank][_Meta.ROWS])
+        num_kept = int(metas[rank][Meta.ROWS])
         if num_kept < tgt.shape[0]:  # padding present: keep real rows only
-            rows = _true_indices(keep, num_kept)
+            rows = _validation.true_indices(keep, num_kept)
             scores, tgt, weights = scores[rows], tgt[rows], weights[rows]
-        if distributed:
-            sizes = [int(m[_Meta.ROWS]) for m in metas]
-            packed = torch.cat([scores, tgt.to(scores.dtype)[:, None], weights[:, None]], dim=1)
-            packed = _distributed.gather_rows(packed, sizes)
-            scores, tgt, weights = packed[:, :-2], packed[:, -2].long(), packed[:, -1]
-        num_finite = int(sum(m[_Meta.FINITE_ROWS] for m in metas))
-        return Rows(scores, tgt, weights), num_finite
-
-    def _enqueue(self, live: Rows, num_finite: int) -> None:
-        """Write the live rows (detached) to the queue; rows with inf/NaN never take a slot."""
-        scores, targets, weights = live.scores.detach(), live.targets, live.weights
-        if num_finite < scores.shape[0]:
-            finite = torch.isfinite(scores).all(dim=1)
-            rows = _true_indices(finite, num_finite)
-            scores, targets, weights = scores[rows], targets[rows], weights[rows]
-        self.queue.push(scores, targets, weights)
-
-    def _writes_queue(self) -> bool:
-        return self.queue.capacity > 0 and (self.training or self.update_queue_in_eval)
-
-    def _compute_dtype(self, logits: Tensor) -> torch.dtype:
-        return torch.promote_types(
-            torch.promote_types(logits.dtype, self.queue.scores.dtype), torch.float32
-        )
-
-    def _static_problem(self, logits: Any, targets: Any, sample_weight: Any) -> str | None:
-        """First shape/dtype/device problem of the inputs, without touching their values."""
-        c = self.num_classes
-        if not isinstance(logits, Tensor) or not logits.is_floating_point():
-            return f"logits must be a floating-point tensor [N, {c}], got {_describe(logits)}"
-        if logits.dim() != 2 or logits.shape[1] != c:
-            return (
-                f"logits must have shape [N, {c}] for num_classes={c}, "
-                f"got shape {tuple(logits.shape)}"
-            )
-        if not isinstance(targets, Tensor):
-            return f"targets must be an integer or bool tensor [N], got {_describe(targets)}"
-        if targets.is_floating_point() or targets.is_complex():
-            return f"targets must hold integer or bool class ids, got dtype {targets.dtype}"
-        n = logits.shape[0]
-        if not (tuple(targets.shape) == (n,) or tuple(targets.shape) == (n, 1)):
-            return (
-                f"targets must have shape [{n}] or [{n}, 1] to match logits, "
-                f"got {tuple(targets.shape)}"
-            )
-        if targets.device != logits.device:
-            return f"targets are on {targets.device} but logits are on {logits.device}"
-        if self.queue.scores.device != logits.device:
-            return (
-                f"logits are on {logits.device} but the loss's queue is on "
-                f"{self.queue.scores.device}; move the loss with loss_fn.to({str(logits.device)!r})"
-            )
-        if sample_weight is not None:
-            if not isinstance(sample_weight, Tensor) or not sample_weight.is_floating_point():
-                return (
-                    f"sample_weight must be a floating-point tensor [{n}], "
-                    f"got {_describe(sample_weight)}"
-                )
-            if tuple(sample_weight.shape) != (n,):
-                return f"sample_weight must have shape [{n}], got {tuple(sample_weight.shape)}"
-            if sample_weight.device != logits.device:
-                return (
-                    f"sample_weight is on {sample_weight.device} but logits are on {logits.device}"
-                )
-        return None
-
-    def _agreement(self, sample_weight: Any) -> dict[str, float]:
-        """What every rank must agree on this step: the configuration, and whether weights came."""
-        return {**self.config_fingerprint(), "has_sample_weight": float(sample_weight is not None)}
+        num_finite = int(sum(m[Meta.FINITE_ROWS] for m in metas))
+        if not distributed:
+            return Rows(scores, tgt, weights), num_finite
+        return self._gather(scores, tgt, weights, [int(m[Meta.ROWS]) for m in metas]), num_finite
 
     def _local_rows(
         self,
@@ -302,6 +402,7 @@ class QueuedRankingLoss(nn.Module):
         targets: Tensor,
         sample_weight: Tensor | None,
         problem: str | None,
+        config: list[float],
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Metadata row and the local ``(scores, targets, weights, keep)`` before filtering.
 
@@ -310,72 +411,61 @@ class QueuedRankingLoss(nn.Module):
         the row counts it carries let filtering avoid a sync of its own.
         """
         device = self.queue.scores.device
-        config = list(self._agreement(sample_weight).values())
+        config_t = self._config_tensor(config, device)
         if problem is not None:
-            meta = torch.tensor([1.0, 0, 0, 0, 0, *config], dtype=torch.float64, device=device)
+            meta = _validation.metadata_row(
+                static_error=True,
+                rows=0,
+                finite_rows=0,
+                bad_targets=False,
+                bad_weights=False,
+                config=config_t,
+            )
             empty = torch.empty(0, self.num_classes, device=device)
             no_rows = torch.empty(0, dtype=torch.bool, device=device)
             return meta, (empty, no_rows.long(), empty[:, 0], no_rows)
         dtype = self._compute_dtype(logits)
         tgt = targets.reshape(-1).long()
         keep = tgt != self.ignore_index
-        bad_targets = (keep & out_of_range_targets(tgt, self.num_classes)).any()
         if sample_weight is None:
             weights = torch.ones((), dtype=dtype, device=device).expand(tgt.shape[0])
-            bad_weights = torch.zeros((), dtype=torch.bool, device=device)
+            bad_weights: Tensor | bool = False
         else:
             weights = sample_weight.detach().to(dtype)
-            bad_weights = ~torch.isfinite(weights).all() | (weights < 0).any()
-        finite = (torch.isfinite(logits).all(dim=1) & keep).sum()
-        values = torch.stack([keep.sum(), finite, bad_targets, bad_weights]).to(torch.float64)
-        static = torch.zeros(1, dtype=torch.float64, device=device)
-        config_t = torch.tensor(config, dtype=torch.float64, device=device)
-        return torch.cat([static, values, config_t]), (logits.to(dtype), tgt, weights, keep)
+            bad_weights = _validation.bad_weights(weights)
+        meta = _validation.metadata_row(
+            static_error=False,
+            rows=keep.sum(),
+            finite_rows=(torch.isfinite(logits).all(dim=1) & keep).sum(),
+            bad_targets=_validation.bad_targets(tgt, self.num_classes, self.ignore_index),
+            bad_weights=bad_weights,
+            config=config_t,
+        )
+        return meta, (logits.to(dtype), tgt, weights, keep)
 
-    def _raise_on_any_problem(
-        self,
-        metas: list[list[float]],
-        problem: str | None,
-        targets: Tensor,
-        sample_weight: Tensor | None,
-    ) -> None:
-        """Raise the same decision on every rank: bad input anywhere, or ranks that disagree."""
-        rank = _distributed.world()[0] if len(metas) > 1 else 0
-        for column, describe in (
-            (_Meta.STATIC_ERROR, lambda: problem or ""),
-            (_Meta.BAD_TARGETS, lambda: self._describe_bad_targets(targets)),
-            (_Meta.BAD_WEIGHTS, lambda: _describe_bad_weights(sample_weight)),
-        ):
-            flagged = [r for r, m in enumerate(metas) if m[column]]
-            if not flagged:
-                continue
-            if rank in flagged:
-                message = describe()
-                raise ValueError(message if len(metas) == 1 else f"rank {rank}: {message}")
-            raise ValueError(
-                f"invalid input on rank(s) {flagged} (see their error); "
-                "no rank changed its state this step"
-            )
-        names = list(self._agreement(sample_weight))
-        for i, name in enumerate(names):
-            seen = [m[_Meta.CONFIG + i] for m in metas]
-            if any(v != seen[0] for v in seen):
-                by_rank = ", ".join(f"rank {r}: {_fmt(v)}" for r, v in enumerate(seen))
-                what = "sample_weight given (1) or not (0)" if name == "has_sample_weight" else name
-                raise ValueError(f"ranks disagree on {what} ({by_rank}); every rank must match")
+    def _gather(self, scores: Tensor, targets: Tensor, weights: Tensor, sizes: list[int]) -> Rows:
+        """All ranks' rows in rank order (one collective), with the exact gradient rule."""
+        group = self.process_group
+        extra = torch.stack([targets.to(scores.dtype), weights], dim=1)
+        if self.own_class_gradient_only:
+            column = positive_columns(targets, self.num_classes).clamp(min=0)
+            scores, extra, own = _distributed.gather_own_column(scores, column, extra, sizes, group)
+            return Rows(scores, extra[:, 0].long(), extra[:, 1], own=own)
+        packed = _distributed.gather_rows(torch.cat([scores, extra], dim=1), sizes, group=group)
+        return Rows(packed[:, :-2], packed[:, -2].long(), packed[:, -1])
 
-    def _describe_bad_targets(self, targets: Tensor) -> str:
-        t = targets.reshape(-1).long()
-        t = t[t != self.ignore_index]
-        if self.num_classes == 1:
-            bad = t[out_of_range_targets(t, 1)].unique()[:8].tolist()
-            return (
-                f"targets for binary mode (num_classes=1) must be 0, 1 or "
-                f"ignore_index={self.ignore_index}; got values {bad}"
-            )
-        return (
-            f"targets must be in [0, {self.num_classes}) or ignore_index={self.ignore_index}; "
-            f"got min {int(t.min())}, max {int(t.max())}"
+    def _enqueue(self, live: Rows, num_finite: int) -> None:
+        """Write the live rows (detached) to the queue; rows with inf/NaN never take a slot."""
+        scores, targets, weights = live.scores.detach(), live.targets, live.weights
+        if num_finite < scores.shape[0]:
+            finite = torch.isfinite(scores).all(dim=1)
+            rows = _validation.true_indices(finite, num_finite)
+            scores, targets, weights = scores[rows], targets[rows], weights[rows]
+        self.queue.push(scores, targets, weights)
+
+    def _compute_dtype(self, logits: Tensor) -> torch.dtype:
+        return torch.promote_types(
+            torch.promote_types(logits.dtype, self.queue.scores.dtype), torch.float32
         )
 
     def _pool(self, live: Rows) -> Pool:
@@ -385,9 +475,10 @@ class QueuedRankingLoss(nn.Module):
             live=live,
             queued=Rows(q_scores.to(dtype), q_targets, q_weights.to(dtype)),
             num_classes=self.num_classes,
+            positives_from=self.positives,
         )
         if self.max_pool_size is not None and pool.size > self.max_pool_size:
-            pool.threshold_rows = self._subsample(pool.size).to(live.scores.device)
+            pool.threshold_rows = _to_device(self._subsample(pool.size), live.scores.device)
         return pool
 
     def _subsample(self, size: int) -> Tensor:
@@ -400,32 +491,22 @@ class QueuedRankingLoss(nn.Module):
         return torch.randperm(size, generator=generator)[: self.max_pool_size]
 
 
-def _true_indices(mask: Tensor, count: int) -> Tensor:
-    """Indices of the ``count`` True entries of ``mask`` (a count the host already knows).
-
-    ``nonzero_static`` needs no device sync; CUDA has it from torch 2.6, older
-    builds fall back to ``nonzero`` (one sync).
-    """
-    try:
-        return mask.nonzero_static(size=count).squeeze(1)
-    except NotImplementedError:
-        return mask.nonzero().squeeze(1)
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Host-to-device copy that does not block the host (pinned, non-blocking) on CUDA."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
-    return type(value).__name__
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
-def _fmt(value: float) -> str:
-    return str(int(value)) if math.isfinite(value) and value == int(value) else repr(value)
-
-
-def _describe_bad_weights(sample_weight: Tensor | None) -> str:
-    assert sample_weight is not None
-    w = sample_weight.detach()
-    return (
-        "sample_weight must be finite and non-negative; got "
-        f"{int((~torch.isfinite(w)).sum())} non-finite and {int((w < 0).sum())} negative values"
-    )
+def _caller_stacklevel() -> int:
+    """``stacklevel`` that points a warning at the first frame outside this package and torch."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(
+        (_PACKAGE_DIR, _TORCH_DIR)
+    ):
+        frame, level = frame.f_back, level + 1
+    return level

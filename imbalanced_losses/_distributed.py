@@ -1,17 +1,27 @@
 """Everything that talks to ``torch.distributed`` lives here.
 
-Gathers are rank-ordered and accept uneven (even empty) per-rank row counts.
-Two gradient rules are offered:
+Gathers are rank-ordered within a process group (``group=None``: the default
+group) and accept uneven (even empty) per-rank row counts. Rank order and the
+gradient factor come from that group, never from the whole world, so a loss
+used under DDP on the data-parallel group of a 2-D mesh pools exactly the rows
+that DDP averages over. Three gradient rules are offered:
 
 * ``all_gather_with_grad`` (public, general): the backward sums every rank's
   gradient for this rank's rows (one all-reduce), which is right whatever each
   rank does with the gathered tensor.
 * ``replicated`` (used by the losses): every rank computes the *same* loss
   from the *same* gathered pool, so every rank already holds the full
-  gradient. Returning ``world_size x`` the local slice then makes DDP's
+  gradient. Returning ``group size x`` the local slice then makes DDP's
   gradient *average* equal the single-process gradient exactly, with no
   collective in backward. Keeping only the slice without the factor is the
   well-known silent ``1 / world_size`` bug.
+* ``gather_own_column`` (the replicated rule for losses whose gradient only
+  flows through each row's own-class score): the rows travel detached and only
+  a ``[global rows]`` vector carries gradient, never a dense ``[rows, C]`` one.
+
+Collective tensors live where the group's backend needs them
+(:func:`collective_device`): a CPU tensor under NCCL is moved for the
+collective and back.
 """
 
 from __future__ import annotations
@@ -22,20 +32,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+Group = Any  # a torch.distributed ProcessGroup, or None for the default group
 
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default group, ``(0, 1)`` when not initialised."""
+
+def world(group: Group = None) -> tuple[int, int]:
+    """``(rank, size)`` within ``group``, ``(0, 1)`` when torch.distributed is not initialised."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
-def should_gather(gather_distributed: bool | None) -> bool:
-    """Resolve the ``gather_distributed`` option *now* (auto = initialised and world > 1)."""
-    active = world()[1] > 1
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def should_gather(gather_distributed: bool | None, group: Group = None) -> bool:
+    """Resolve ``gather_distributed`` *now* (auto: initialised and the group has > 1 rank)."""
+    active = world(group)[1] > 1
     if gather_distributed is None:
         return active
-    if gather_distributed and not (dist.is_available() and dist.is_initialized()):
+    if gather_distributed and not is_initialized():
         raise RuntimeError(
             "gather_distributed=True but torch.distributed is not initialised; "
             "call torch.distributed.init_process_group first or pass gather_distributed=None"
@@ -43,73 +59,160 @@ def should_gather(gather_distributed: bool | None) -> bool:
     return bool(gather_distributed) and active
 
 
-def all_gather_rows_of_equal_shape(tensor: Tensor) -> list[Tensor]:
-    """One ``all_gather`` of a tensor that has the same shape on every rank."""
-    out = [torch.empty_like(tensor) for _ in range(world()[1])]
-    dist.all_gather(out, tensor.contiguous())
-    return out
+def collective_device(group: Group = None) -> torch.device:
+    """Device that collective tensors must live on for ``group``'s backend.
+
+    NCCL only moves CUDA tensors (the current device, one GPU per rank); gloo
+    and the others take CPU tensors, which also makes the host read of the
+    metadata row a plain copy.
+    """
+    if is_initialized() and "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def _gather_padded(tensor: Tensor, sizes: list[int]) -> Tensor:
+def _on_backend(tensor: Tensor, group: Group) -> Tensor:
+    """``tensor`` where the backend can move it: only a non-CUDA tensor under NCCL moves."""
+    device = collective_device(group)
+    if device.type == "cuda" and tensor.device.type != "cuda":
+        return tensor.to(device)
+    return tensor
+
+
+def all_gather_rows_of_equal_shape(tensor: Tensor, group: Group = None) -> list[Tensor]:
+    """One ``all_gather`` of a tensor that has the same shape on every rank of ``group``.
+
+    The results come back on ``tensor``'s device.
+    """
+    sendable = _on_backend(tensor.contiguous(), group)
+    out = [torch.empty_like(sendable) for _ in range(world(group)[1])]
+    dist.all_gather(out, sendable, group=group)
+    return [t.to(tensor.device) for t in out]
+
+
+def _gather_padded(tensor: Tensor, sizes: list[int], group: Group) -> Tensor:
     """Rank-ordered concatenation of uneven row blocks via one padded ``all_gather``."""
-    rank, _ = world()
+    rank, _ = world(group)
     longest = max(sizes)
     if longest == 0:
         return tensor.new_empty((0, *tensor.shape[1:]))
     padded = tensor.new_zeros((longest, *tensor.shape[1:]))
     padded[: sizes[rank]] = tensor
-    blocks = all_gather_rows_of_equal_shape(padded)
+    blocks = all_gather_rows_of_equal_shape(padded, group)
     return torch.cat([block[:n] for block, n in zip(blocks, sizes)], dim=0)
 
 
+def _local_slice(grad: Tensor, sizes: list[int], group: Group) -> Tensor:
+    rank, _ = world(group)
+    start = sum(sizes[:rank])
+    return grad[start : start + sizes[rank]]
+
+
 class _GatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor, sizes: list[int], replicated: bool) -> Tensor:
-        ctx.sizes, ctx.replicated = sizes, replicated
-        return _gather_padded(tensor, sizes)
+    """Replicated rule: the backward keeps this rank's slice times the group size."""
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        rank, world_size = world()
-        start = sum(ctx.sizes[:rank])
-        if ctx.replicated:
-            local = grad[start : start + ctx.sizes[rank]] * world_size
-        else:
-            grad = grad.contiguous()
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-            local = grad[start : start + ctx.sizes[rank]]
-        return local, None, None
+    def forward(ctx: Any, tensor: Tensor, sizes: list[int], group: Group) -> Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        return _gather_padded(tensor, sizes, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _local_slice(grad, ctx.sizes, ctx.group) * world(ctx.group)[1], None, None
 
 
-def gather_rows(tensor: Tensor, sizes: list[int], *, replicated: bool = True) -> Tensor:
-    """Differentiable rank-ordered gather when the per-rank row counts are already known."""
+def gather_rows(tensor: Tensor, sizes: list[int], *, group: Group = None) -> Tensor:
+    """Rank-ordered gather of rows whose per-rank counts are known (replicated gradient rule)."""
     if tensor.requires_grad:
-        return _GatherRows.apply(tensor, sizes, replicated)
-    return _gather_padded(tensor, sizes)
+        return _GatherRows.apply(tensor, sizes, group)
+    return _gather_padded(tensor, sizes, group)
 
 
-def gather_sizes(tensor: Tensor) -> list[int]:
-    """Row count of every rank (one small collective)."""
-    n = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
-    return [int(t.item()) for t in all_gather_rows_of_equal_shape(n)]
+class _GatherOwnColumn(torch.autograd.Function):
+    """Gather detached rows; only each row's own-class score carries gradient back."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, own: Tensor, packed: Tensor, width: int, sizes: list[int], group: Group
+    ) -> tuple[Tensor, Tensor]:
+        ctx.sizes, ctx.group = sizes, group
+        gathered = _gather_padded(packed, sizes, group)
+        ctx.mark_non_differentiable(gathered)
+        return gathered, _own_scores(gathered, width)
+
+    @staticmethod
+    def backward(
+        ctx: Any, _grad_rows: Tensor | None, grad_own: Tensor
+    ) -> tuple[Tensor, None, None, None, None]:
+        # The replicated rule on a [global rows] vector: local slice times the group size.
+        local = _local_slice(grad_own, ctx.sizes, ctx.group) * world(ctx.group)[1]
+        return local, None, None, None, None
 
 
-def all_gather_with_grad(tensor: Tensor) -> Tensor:
+def _own_scores(packed: Tensor, width: int) -> Tensor:
+    """Each packed row's score in the column stored in its last entry."""
+    return packed[:, :width].gather(1, packed[:, -1:].long()).squeeze(1)
+
+
+def gather_own_column(
+    scores: Tensor, own_column: Tensor, extra: Tensor, sizes: list[int], group: Group = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gather ``scores [n, C]`` detached with ``extra [n, k]`` columns, in one collective.
+
+    Returns ``(scores [M, C], extra [M, k], own [M])`` in rank order, where
+    ``own[i]`` is row ``i``'s score in column ``own_column[i]``: the only output
+    that carries gradient back to ``scores`` (``group size x`` the local slice).
+    """
+    width = scores.shape[1]
+    packed = torch.cat(
+        [scores.detach(), extra.to(scores.dtype), own_column[:, None].to(scores.dtype)], dim=1
+    )
+    own_local = scores.gather(1, own_column[:, None]).squeeze(1)
+    if own_local.requires_grad:
+        gathered, own = _GatherOwnColumn.apply(own_local, packed, width, sizes, group)
+    else:
+        gathered = _gather_padded(packed, sizes, group)
+        own = _own_scores(gathered, width)
+    return gathered[:, :width], gathered[:, width:-1], own
+
+
+def gather_sizes(tensor: Tensor, group: Group = None) -> list[int]:
+    """Row count of every rank of ``group`` (one small collective)."""
+    n = torch.tensor([tensor.shape[0]], dtype=torch.long, device=collective_device(group))
+    return [int(t.item()) for t in all_gather_rows_of_equal_shape(n, group)]
+
+
+def all_gather_with_grad(tensor: Tensor, *, process_group: Group = None) -> Tensor:
     """Concatenate ``tensor`` (``[n_r, ...]``, ``n_r`` may differ) from all ranks in rank order.
 
     The result is differentiable: its backward sums, across ranks, the
     gradients that flow into this rank's rows (one all-reduce in backward), so
-    the usual DDP average of a per-rank loss is exact. Returns ``tensor``
-    unchanged when not running distributed.
+    the usual DDP average of a per-rank loss is exact. ``process_group``: the
+    ranks to gather from (default: all), e.g. the data-parallel group that DDP
+    averages gradients over. Returns ``tensor`` unchanged when not running
+    distributed.
     """
-    if world()[1] == 1:
+    if world(process_group)[1] == 1:
         return tensor
-    return _GatherRows.apply(tensor, gather_sizes(tensor), False)
+    return _GatherRowsWithSum.apply(tensor, gather_sizes(tensor, process_group), process_group)
 
 
-def all_gather_no_grad(tensor: Tensor) -> Tensor:
+class _GatherRowsWithSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, sizes: list[int], group: Group) -> Tensor:
+        ctx.sizes, ctx.group, ctx.device = sizes, group, tensor.device
+        return _gather_padded(tensor, sizes, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        summed = _on_backend(grad.contiguous(), ctx.group)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
+        return _local_slice(summed, ctx.sizes, ctx.group).to(ctx.device), None, None
+
+
+def all_gather_no_grad(tensor: Tensor, *, process_group: Group = None) -> Tensor:
     """Like :func:`all_gather_with_grad` without gradient (for metrics and queues)."""
-    if world()[1] == 1:
+    if world(process_group)[1] == 1:
         return tensor.detach()
     with torch.no_grad():
-        return _gather_padded(tensor.detach(), gather_sizes(tensor))
+        return _gather_padded(tensor.detach(), gather_sizes(tensor, process_group), process_group)

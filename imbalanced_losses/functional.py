@@ -20,6 +20,12 @@ INTERPOLATIONS: tuple[str, ...] = ("linear", "lower", "higher", "nearest", "midp
 # beats a top-k heap/partial sort of the upper tail.
 _TOPK_MAX_FRACTION = 0.05
 _TOPK_CHUNK_ROWS = 1 << 20
+# The quickselect path copies columns into a contiguous [columns, P] chunk, and
+# torch.kthvalue allocates a clone and int64 indices of its input: about 4x the
+# chunk. At most 1/8 of the columns (and 2**22 elements) per chunk keeps that
+# near half the pool or less once C >= 8.
+_KTH_MIN_CHUNKS = 8
+_KTH_CHUNK_ELEMENTS = 1 << 22
 
 
 def _order_statistic_positions(
@@ -52,30 +58,59 @@ def _select_ascending(
 ) -> tuple[list[Tensor], Tensor]:
     """Per-column values at ascending order-statistic positions (0-based) of the stacked blocks.
 
-    A small upper tail is found by a top-k of each block (in chunks) and a
-    top-k of their union (no concatenation of the blocks); otherwise one quickselect per
-    position over the concatenated column. Also returns a per-column NaN flag
-    (torch.quantile returns NaN for such a column).
+    Also returns a per-column NaN flag (torch.quantile returns NaN for such a
+    column). Neither path concatenates the blocks.
     """
     num_rows = sum(block.shape[0] for block in blocks)
     needed = num_rows - min(positions)  # the top-k must reach the lowest position
     if needed <= max(1, int(_TOPK_MAX_FRACTION * num_rows)):
-        # CPU top-k allocates (value, index) scratch for its whole input, so big
-        # blocks go in chunks; the union of per-chunk top-k sets holds the global one.
-        chunk = max(_TOPK_CHUNK_ROWS, 16 * needed)
-        tails = [
-            torch.topk(part, min(needed, part.shape[0]), dim=0, sorted=False).values
-            for block in blocks
-            for part in block.split(chunk)
-            if part.shape[0] > 0
-        ]
-        union = tails[0] if len(tails) == 1 else torch.cat(tails)
-        top = torch.topk(union, needed, dim=0, sorted=True).values
-        # top-k orders NaN above every number, so a NaN column shows it first.
-        return [top[num_rows - 1 - p] for p in positions], torch.isnan(top[0])
-    column = torch.cat(list(blocks)) if len(blocks) > 1 else blocks[0]
-    values = [torch.kthvalue(column, p + 1, dim=0).values for p in positions]
-    return values, torch.isnan(column).any(dim=0)
+        return _select_from_top(blocks, positions, num_rows, needed)
+    return _select_by_quickselect(blocks, positions, num_rows)
+
+
+def _select_from_top(
+    blocks: Sequence[Tensor], positions: tuple[int, ...], num_rows: int, needed: int
+) -> tuple[list[Tensor], Tensor]:
+    """A small upper tail: top-k of each block (in row chunks), then top-k of their union."""
+    # CPU top-k allocates (value, index) scratch for its whole input, so big
+    # blocks go in chunks; the union of per-chunk top-k sets holds the global one.
+    chunk = max(_TOPK_CHUNK_ROWS, 16 * needed)
+    tails = [
+        torch.topk(part, min(needed, part.shape[0]), dim=0, sorted=False).values
+        for block in blocks
+        for part in block.split(chunk)
+        if part.shape[0] > 0
+    ]
+    union = tails[0] if len(tails) == 1 else torch.cat(tails)
+    top = torch.topk(union, needed, dim=0, sorted=True).values
+    # top-k orders NaN above every number, so a NaN column shows it first.
+    return [top[num_rows - 1 - p] for p in positions], torch.isnan(top[0])
+
+
+def _select_by_quickselect(
+    blocks: Sequence[Tensor], positions: tuple[int, ...], num_rows: int
+) -> tuple[list[Tensor], Tensor]:
+    """One quickselect per position, over contiguous chunks of columns.
+
+    Each chunk holds a few columns of every block, transposed, so the selection
+    runs along contiguous memory and its scratch stays a fraction of the pool.
+    """
+    num_columns = blocks[0].shape[1]
+    width = max(1, min(-(-num_columns // _KTH_MIN_CHUNKS), _KTH_CHUNK_ELEMENTS // num_rows))
+    found: list[list[Tensor]] = [[] for _ in positions]
+    has_nan = []
+    for start in range(0, num_columns, width):
+        stop = min(start + width, num_columns)
+        chunk = blocks[0].new_empty(stop - start, num_rows)
+        offset = 0
+        for block in blocks:
+            chunk[:, offset : offset + block.shape[0]] = block[:, start:stop].T
+            offset += block.shape[0]
+        for values, p in zip(found, positions):
+            values.append(torch.kthvalue(chunk, p + 1, dim=1).values)
+        has_nan.append(torch.isnan(chunk.amax(dim=1)))  # max propagates NaN
+        del chunk
+    return [torch.cat(values) for values in found], torch.cat(has_nan)
 
 
 def quantile_threshold(
@@ -131,17 +166,28 @@ def positive_columns(targets: Tensor, num_classes: int) -> Tensor:
 
 
 def positive_scores(
-    scores: Tensor, targets: Tensor, weights: Tensor, num_classes: int
+    scores: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    num_classes: int,
+    own: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Each positive row's score in its own class column: ``(score [K], class [K], weight [K])``.
+    """Each row's score in its own class column: ``(score [n], class [n], weight [n])``.
 
     A row is a positive of at most one class (one-vs-rest), so per-positive
-    terms cost ``O(P)`` rather than ``O(P * C)``.
+    terms cost ``O(n)`` rather than ``O(n * C)``. Rows that are no positive
+    (binary target 0) keep their place with weight 0: selecting the positives
+    out would need their count on the host, a device sync. ``own``, when
+    given, is the own-class score already extracted (e.g. gathered with
+    gradient while ``scores`` travelled detached).
     """
     column = positive_columns(targets, num_classes)
-    rows = (column >= 0).nonzero(as_tuple=True)[0]
-    cls = column[rows]
-    return scores[rows, cls], cls, weights[rows]
+    cls = column.clamp(min=0)
+    if own is None:
+        own = scores.gather(1, cls[:, None]).squeeze(1)
+    if num_classes == 1:
+        weights = torch.where(column >= 0, weights, torch.zeros_like(weights))
+    return own, cls, weights
 
 
 def soft_recall_per_class(
@@ -160,9 +206,75 @@ def soft_recall_per_class(
     recall_terms = torch.sigmoid((own_scores - threshold[own_class]) / temperature)
     w = weights.to(recall_terms.dtype)
     mass = torch.zeros_like(threshold).index_add(0, own_class, w)
-    weighted = torch.zeros_like(threshold).index_add(0, own_class, w * recall_terms)
+    # where, not w * terms: a weight-0 row must add 0 even if its term is inf/NaN.
+    terms = torch.where(w > 0, w * recall_terms, torch.zeros_like(recall_terms))
+    weighted = torch.zeros_like(threshold).index_add(0, own_class, terms)
     recall = weighted / mass.clamp_min(torch.finfo(mass.dtype).tiny)
     return recall, mass
+
+
+def soft_recall_loss(
+    own_scores: Tensor,
+    own_class: Tensor,
+    weights: Tensor,
+    threshold: Tensor,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """``(1 - soft recall [C], valid [C])``: a class is valid when its positives weigh > 0."""
+    recall, mass = soft_recall_per_class(own_scores, own_class, weights, threshold, temperature)
+    return 1.0 - recall, mass > 0
+
+
+def recall_at_quantile_loss(
+    scores: Tensor,
+    targets: Tensor,
+    quantile: float,
+    temperature: float,
+    *,
+    weights: Tensor | None = None,
+    extra: tuple[Tensor, Tensor, Tensor] | None = None,
+    interpolation: str = "higher",
+    ignore_index: int = -100,
+    positives: str = "pool",
+) -> tuple[Tensor, Tensor]:
+    r"""Per-class ``1 - soft recall`` of the positives above each class's alert threshold.
+
+    The loss of :class:`~imbalanced_losses.RecallAtQuantileLoss` as one pure
+    function, without queue or gather. For class ``c``, ``theta_c`` is the
+    ``(1 - quantile)`` quantile (``torch.quantile``'s ``interpolation``, no
+    gradient) of column ``c`` over the rows of ``scores`` and of ``extra``, and
+
+    .. math:: \text{loss}_c = 1 - \frac{\sum_{i \in P_c} w_i\,
+              \sigma((s_{ic} - \theta_c)/\tau)}{\sum_{i \in P_c} w_i}
+
+    Args:
+        scores: ``[N, C]`` logits (``C == 1``: binary, positives have target 1).
+        targets: ``[N]`` class ids; rows equal to ``ignore_index`` count nowhere.
+        quantile: alert budget in (0, 1); must exceed each class's positive fraction.
+        temperature: sigmoid width ``tau`` > 0.
+        weights: ``[N]`` non-negative weights of the positives (never move ``theta``).
+        extra: more rows ``(scores [M, C], targets [M], weights [M])`` without
+            ignored targets, e.g. a memory queue: they move ``theta`` and, with
+            ``positives="pool"``, count as positives too.
+        positives: ``"pool"`` (every positive of ``scores`` and ``extra``) or
+            ``"live"`` (only those of ``scores``).
+
+    Returns:
+        ``(per_class [C], valid [C] bool)``; ``per_class`` is meaningless where
+        ``valid`` is False (no positive weight).
+    """
+    num_classes = scores.shape[1]
+    if weights is None:
+        weights = torch.ones(scores.shape[0], dtype=scores.dtype, device=scores.device)
+    keep = targets.reshape(-1) != ignore_index
+    rows = [(scores[keep], targets.reshape(-1)[keep].long(), weights[keep].to(scores.dtype))]
+    if extra is not None:
+        rows.append((extra[0].to(scores.dtype), extra[1].long(), extra[2].to(scores.dtype)))
+    threshold = quantile_threshold([r[0] for r in rows], quantile, interpolation)
+    counted = rows if positives == "pool" else rows[:1]
+    parts = [positive_scores(s, t, w, num_classes) for s, t, w in counted]
+    own, cls, w = (torch.cat(p) for p in zip(*parts))
+    return soft_recall_loss(own, cls, w, threshold, temperature)
 
 
 def reduce_per_class(

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from . import _distributed
-from .functional import (
-    INTERPOLATIONS,
-    out_of_range_targets,
-    positive_columns,
-    quantile_threshold,
-)
+from . import _distributed, _validation
+from ._validation import Meta
+from .functional import INTERPOLATIONS, positive_scores, quantile_threshold
 
 
 @torch.no_grad()
@@ -24,6 +22,7 @@ def recall_at_quantile(
     ignore_index: int = -100,
     reduction: str = "none",
     gather_distributed: bool | None = None,
+    process_group: Any = None,
 ) -> Tensor:
     """Fraction of each class's positives scoring at or above its alert threshold.
 
@@ -32,7 +31,8 @@ def recall_at_quantile(
     ``scores`` ``[N]`` is binary and gives a 0-d result; ``[N, C]`` gives ``[C]``
     (``C == 1`` is binary), NaN for a class without positives; ``reduction="mean"``
     averages the classes that have positives. Under ``torch.distributed`` every
-    rank's rows are pooled, so every rank returns the global value.
+    rank's rows are pooled (the ranks of ``process_group``, default all), so
+    every rank returns the global value.
 
     Every row tied with the threshold counts as alerted: with heavily tied scores
     (e.g. saturated or dead units) more than the budget is alerted and recall is
@@ -44,46 +44,75 @@ def recall_at_quantile(
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     if reduction not in ("none", "mean"):
         raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
-    problem = _input_problem(scores, targets, ignore_index)
-    if _distributed.should_gather(gather_distributed):
-        # One metadata collective first, so bad input on any rank raises on every
-        # rank instead of leaving the others waiting in the row gather.
-        width = scores.shape[1] if problem is None and scores.dim() == 2 else 1
-        num_rows = scores.shape[0] if problem is None else 0
-        device = scores.device if isinstance(scores, Tensor) else None
-        meta = torch.tensor(
-            [float(problem is not None), num_rows, width], dtype=torch.float64, device=device
-        )
-        metas = torch.stack(_distributed.all_gather_rows_of_equal_shape(meta)).tolist()
-        _raise_on_any(metas, problem)
-        columns, targets = scores.reshape(num_rows, width), targets.reshape(-1).long()
-        packed = torch.cat([columns.double(), targets.double()[:, None]], dim=1)
-        packed = _distributed.gather_rows(packed, [int(m[1]) for m in metas])
-        columns, targets = packed[:, :-1].to(scores.dtype), packed[:, -1].long()
-    elif problem is not None:
-        raise ValueError(problem)
-    else:
-        columns, targets = scores.reshape(scores.shape[0], -1), targets.reshape(-1).long()
-    squeeze = scores.dim() == 1
-    keep = targets != ignore_index
-    columns, targets = columns[keep], targets[keep]
+    columns, targets = _pooled_rows(
+        scores, targets, ignore_index, gather_distributed, process_group
+    )
     num_classes = columns.shape[1]
     result = torch.full((num_classes,), float("nan"), dtype=torch.float64, device=columns.device)
     if columns.shape[0] > 0:
         theta = quantile_threshold(columns, quantile, interpolation)
-        cls = positive_columns(targets, num_classes)
-        rows = (cls >= 0).nonzero(as_tuple=True)[0]
-        hit = (columns[rows, cls[rows]] >= theta[cls[rows]]).double()
-        positives = torch.zeros_like(result).index_add(0, cls[rows], torch.ones_like(hit))
-        hits = torch.zeros_like(result).index_add(0, cls[rows], hit)
+        ones = torch.ones(targets.shape[0], dtype=torch.float64, device=columns.device)
+        own, cls, is_positive = positive_scores(columns, targets, ones, num_classes)
+        hit = (own >= theta[cls]).double() * is_positive
+        positives = torch.zeros_like(result).index_add(0, cls, is_positive)
+        hits = torch.zeros_like(result).index_add(0, cls, hit)
         result = torch.where(positives > 0, hits / positives.clamp_min(1), result)
     if reduction == "mean":
         return result.nanmean()
-    return result[0] if squeeze else result
+    return result[0] if scores.dim() == 1 else result
 
 
-def _input_problem(scores: object, targets: object, ignore_index: int) -> str | None:
-    """What is wrong with this rank's ``scores``/``targets``, or ``None``."""
+def _pooled_rows(
+    scores: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    gather_distributed: bool | None,
+    group: Any,
+) -> tuple[Tensor, Tensor]:
+    """Validated non-ignored ``(scores [M, C], targets [M])`` of every rank, in rank order."""
+    distributed = _distributed.should_gather(gather_distributed, group)
+    problem = _static_problem(scores, targets)
+    if problem is not None and not distributed:
+        raise ValueError(problem)
+    if problem is None:
+        columns = scores[:, None] if scores.dim() == 1 else scores
+        tgt = targets.reshape(-1).long()
+        width = columns.shape[1]
+        keep = tgt != ignore_index
+        flag: Tensor | bool = _validation.bad_targets(tgt, width, ignore_index)
+    else:
+        columns, tgt = torch.empty(0, 1), torch.empty(0, dtype=torch.long)
+        width, keep, flag = 1, torch.empty(0, dtype=torch.bool), False
+    row = _validation.metadata_row(
+        static_error=problem is not None,
+        rows=keep.sum(),
+        finite_rows=0,
+        bad_targets=flag,
+        bad_weights=False,
+        config=torch.tensor([float(width)], dtype=torch.float64, device=columns.device),
+    )
+    metas = _validation.exchange(row, distributed=distributed, group=group)
+    rank = _distributed.world(group)[0] if distributed else 0
+    _validation.raise_on_any_problem(
+        metas,
+        rank,
+        {
+            Meta.STATIC_ERROR: lambda: problem or "",
+            Meta.BAD_TARGETS: lambda: _validation.describe_bad_targets(tgt, width, ignore_index),
+        },
+        ["the number of score columns"],
+    )
+    rows = _validation.true_indices(keep, int(metas[rank][Meta.ROWS]))
+    columns, tgt = columns[rows], tgt[rows]
+    if not distributed:
+        return columns, tgt
+    packed = torch.cat([columns.double(), tgt.double()[:, None]], dim=1)
+    packed = _distributed.gather_rows(packed, [int(m[Meta.ROWS]) for m in metas], group=group)
+    return packed[:, :-1].to(scores.dtype), packed[:, -1].long()
+
+
+def _static_problem(scores: object, targets: object) -> str | None:
+    """What is wrong with the shapes and dtypes of this rank's inputs, or ``None``."""
     if (
         not isinstance(scores, Tensor)
         or not scores.is_floating_point()
@@ -98,22 +127,6 @@ def _input_problem(scores: object, targets: object, ignore_index: int) -> str | 
             f"targets must hold {scores.shape[0]} class ids to match scores, "
             f"got shape {tuple(targets.shape)}"
         )
-    t = targets.reshape(-1).long()
-    t = t[t != ignore_index]
-    num_classes = 1 if scores.dim() == 1 else scores.shape[1]
-    if not out_of_range_targets(t, num_classes).any():
-        return None
-    if num_classes == 1:
-        return f"binary targets must be 0, 1 or ignore_index={ignore_index}"
-    return f"targets must be in [0, {num_classes}) or ignore_index={ignore_index}"
-
-
-def _raise_on_any(metas: list[list[float]], problem: str | None) -> None:
-    flagged = [r for r, m in enumerate(metas) if m[0]]
-    if problem is not None:
-        raise ValueError(f"rank {_distributed.world()[0]}: {problem}")
-    if flagged:
-        raise ValueError(f"invalid input on rank(s) {flagged} (see their error)")
-    widths = {int(m[2]) for m in metas}
-    if len(widths) > 1:
-        raise ValueError(f"ranks disagree on the number of score columns: {sorted(widths)}")
+    if targets.device != scores.device:
+        return f"targets are on {targets.device} but scores are on {scores.device}"
+    return None

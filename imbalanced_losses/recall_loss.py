@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Any
 
 from torch import Tensor
 
 from ._base import Pool, QueuedRankingLoss
-from .functional import INTERPOLATIONS, quantile_threshold, soft_recall_per_class
-
-
-def _check_temperature(value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise ValueError(f"temperature must be a finite float > 0, got {value!r}")
-    return float(value)
+from .functional import INTERPOLATIONS, quantile_threshold, soft_recall_loss
 
 
 class RecallAtQuantileLoss(QueuedRankingLoss):
@@ -58,11 +46,24 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         max_pool_size: estimate the threshold from a uniform sample of this
             many pooled rows (recall still uses every positive).
         seed: seed of that sample's private generator (the global RNG is untouched).
+        process_group: the ranks to pool rows from (default: all). Pass the
+            group DDP averages gradients over, e.g. the data-parallel group of
+            a 2-D mesh: rank order and the gradient factor come from it.
+        positives: ``"pool"`` (mean over every pooled positive, queued ones
+            included) or ``"live"`` (this step's positives of all ranks; the
+            queue only sets the threshold, and a class needs a live positive).
+
+    The forward runs eagerly, also inside a program compiled with
+    ``torch.compile`` (a graph break there): compile the model, not the loss.
 
     Shape:
         ``logits`` ``[N, C]`` float, ``targets`` ``[N]`` or ``[N, 1]`` integer or bool,
         ``sample_weight`` ``[N]`` non-negative (moves recall, never the threshold).
     """
+
+    # Its gradient flows only through each positive's own-class score: under DDP the
+    # gathered rows travel detached and no dense [global rows, C] gradient is built.
+    own_class_gradient_only = True
 
     def __init__(
         self,
@@ -78,6 +79,8 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         max_pool_size: int | None = None,
         *,
         seed: int = 0,
+        process_group: Any = None,
+        positives: str = "pool",
     ) -> None:
         super().__init__(
             num_classes,
@@ -88,6 +91,9 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
             gather_distributed=gather_distributed,
             max_pool_size=max_pool_size,
             seed=seed,
+            process_group=process_group,
+            positives=positives,
+            temperature=temperature,
         )
         if (
             isinstance(quantile, bool)
@@ -102,47 +108,26 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
             )
         self.quantile = float(quantile)
         self.quantile_interpolation = quantile_interpolation
-        self.temperature = temperature
-        self._warned_small_pool = False
-
-    @property
-    def temperature(self) -> float:
-        """Sigmoid width; assign a new value to anneal it (kept in ``state_dict()``)."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._temperature = _check_temperature(value)
 
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
         blocks = pool.threshold_blocks()
         sample_size = sum(block.shape[0] for block in blocks)
-        if sample_size * self.quantile < 1 and not self._warned_small_pool:
-            self._warned_small_pool = True
-            warnings.warn(
+        if sample_size * self.quantile < 1:
+            self._warn_once(
+                "small pool",
                 f"the pool holds {sample_size} rows, too few for quantile={self.quantile} "
                 f"(pool * quantile < 1), so the threshold sits at the top of the pool; "
                 f"use a larger queue_size or batch.",
-                stacklevel=5,  # the caller of loss_fn(...)
             )
         theta = quantile_threshold(blocks, self.quantile, self.quantile_interpolation)
-        recall, mass = soft_recall_per_class(*pool.positives(), theta, self.temperature)
-        return 1.0 - recall, mass > 0
+        return soft_recall_loss(*pool.positives(), theta, self.temperature)
 
     def config_fingerprint(self) -> dict[str, float]:
         return {
             **super().config_fingerprint(),
             "quantile": self.quantile,
-            "temperature": self.temperature,
             "quantile_interpolation": float(INTERPOLATIONS.index(self.quantile_interpolation)),
         }
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "temperature": self.temperature}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.temperature = state["temperature"]
 
     def extra_repr(self) -> str:
         return (

@@ -1,4 +1,4 @@
-"""Benchmark of RecallAtQuantileLoss against the in-repo plain reference (contract §7).
+"""Benchmark of RecallAtQuantileLoss against the in-repo plain reference.
 
 Every speed case times forward + backward (float32) of the library loss and of the reference
 implementation (``imbalanced_losses.testing.reference``: a Python loop over classes, boolean
@@ -57,7 +57,7 @@ from imbalanced_losses.testing.reference import ReferenceRecallAtQuantileLoss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUANTILE = 0.005  # the library default
-BINARY_POS_RATE = 0.002  # below the quantile, as the contract's rule asks (§3)
+BINARY_POS_RATE = 0.002  # below the quantile, as the quantile rule asks
 TORCH_QUANTILE_LIMIT = 2**24
 
 # name -> full sizes, quick sizes, target

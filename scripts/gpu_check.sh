@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GPU check (contract §7, CUDA part). Run on a CUDA machine from anywhere:
+# GPU check (the CUDA part of the benchmarks). Run on a CUDA machine from anywhere:
 #   bash scripts/gpu_check.sh            # writes results/gpu_check_<date>/
 # 1. tests/test_cuda.py: the loss on CUDA matches CPU (several configs, f32/f64, queue wrap),
 #    host syncs per forward+backward are the same for C=2 and C=100, backward does not sync.
 # 2. scripts/bench.py on CUDA: C=100 with a 1,000,000-row pool (batch 8192 + queue 991,808),
-#    plus the §7 speed cases, against the plain reference, GPU named in the output.
+#    plus the speed cases of docs/benchmarks.md, against the plain reference, GPU named in the output.
 # Exits non-zero if there is no CUDA device or a test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -178,3 +178,47 @@ def test_more_than_2_pow_24_rows():
             expected = _torch_quantile_on_sorted(sorted_col, 1 - quantile, interpolation)
             assert got.shape == (1,)
             assert torch.equal(got[0], expected), (quantile, interpolation, got, expected)
+
+
+def _split_rows(scores, cuts):
+    """Row blocks of ``scores`` at ``cuts`` (empty blocks included), as live rows + queue."""
+    edges = [0, *cuts, scores.shape[0]]
+    return [scores[a:b] for a, b in zip(edges, edges[1:])]
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize(
+    ("quantile", "path"),
+    [(0.01, "top"), (0.04, "top"), (0.0501, "quickselect"), (0.3, "quickselect"),
+     (0.5, "quickselect"), (0.97, "quickselect")],
+)
+@pytest.mark.parametrize("columns", [1, 3, 7, 17])
+def test_blocks_and_chunk_boundaries_match_torch_quantile(
+    monkeypatch, interpolation, quantile, path, columns
+):
+    # Tiny chunk sizes put chunk boundaries inside every block and leave a short last chunk:
+    # quickselect chunks of 3 columns (17 = 3+3+3+3+3+2), top-k row chunks of 16 * needed rows.
+    from imbalanced_losses import functional
+
+    rows = 401
+    monkeypatch.setattr(functional, "_KTH_CHUNK_ELEMENTS", 3 * rows)
+    monkeypatch.setattr(functional, "_TOPK_CHUNK_ROWS", 1)
+    taken = []
+    for name in ("_select_from_top", "_select_by_quickselect"):
+        original = getattr(functional, name)
+        monkeypatch.setattr(
+            functional, name, lambda *a, _f=original, _n=name: taken.append(_n) or _f(*a)
+        )
+    gen = torch.Generator().manual_seed(columns * 1000 + int(quantile * 1e4))
+    for dtype in (torch.float32, torch.float64):
+        scores = torch.randn(rows, columns, generator=gen, dtype=dtype)
+        scores[::5] = scores[::5].round()  # ties
+        if columns > 2:  # a NaN column and a column with infinities, among finite ones
+            scores[13, 1] = float("nan")
+            scores[::7, 2] = float("inf")
+            scores[1::11, 2] = -float("inf")
+        for cuts in ([], [64], [0, 64], [64, 64, 400], [401]):
+            got = quantile_threshold(_split_rows(scores, cuts), quantile, interpolation)
+            assert_identical(got, torch_reference(scores, quantile, interpolation))
+    expected = "_select_from_top" if path == "top" else "_select_by_quickselect"
+    assert set(taken) == {expected}

@@ -2,31 +2,47 @@
 
 ``run_ranks`` spawns real rank processes (gloo or NCCL) and fails fast, with tracebacks and
 stack dumps, instead of hanging. ``check_ddp_exactness`` trains a small float64 model under
-DistributedDataParallel with a loss and compares every step with one process fed the global
-batch: loss on every rank, DDP gradients, queues bit for bit, parameters.
+DistributedDataParallel with any loss and compares every step with one process fed the global
+batch: loss on every rank, DDP gradients, the loss's state bit for bit, parameters.
+``assert_ddp_exact`` is the same for a test suite: it raises with the report on a mismatch.
 """
 
+from imbalanced_losses.testing._adapter import queue_state, whole_state_dict
 from imbalanced_losses.testing._ddp_check import (
-    Case,
-    Check,
-    DdpMismatch,
-    DdpReport,
-    Step,
+    StepRecord,
+    assert_ddp_exact,
     check_ddp_exactness,
     check_many,
 )
-from imbalanced_losses.testing._spawn import NotEnoughGPUs, RankFailure, RankTimeout, run_ranks
+from imbalanced_losses.testing._plan import Case, Step, default_plan
+from imbalanced_losses.testing._report import Check, DdpMismatch, DdpReport, NotChecked
+from imbalanced_losses.testing._spawn import (
+    NotEnoughGPUs,
+    RankFailure,
+    RanksInterrupted,
+    RankTimeout,
+    report_progress,
+    run_ranks,
+)
 
 __all__ = [
     "Case",
     "Check",
     "DdpMismatch",
     "DdpReport",
+    "NotChecked",
     "NotEnoughGPUs",
     "RankFailure",
     "RankTimeout",
+    "RanksInterrupted",
     "Step",
+    "StepRecord",
+    "assert_ddp_exact",
     "check_ddp_exactness",
     "check_many",
+    "default_plan",
+    "queue_state",
+    "report_progress",
     "run_ranks",
+    "whole_state_dict",
 ]

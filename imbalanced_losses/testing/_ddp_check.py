@@ -1,46 +1,45 @@
-"""Check a queued ranking loss under real DDP against a single-process float64 oracle.
+"""Check a loss under real DDP against a single-process float64 oracle.
 
-The promise being checked (contract §5): training with the loss under DistributedDataParallel
-is *the same computation* as one process fed the concatenated global batch. So the check trains
-a small seeded float64 model (``nn.Linear`` on seeded features, SGD with momentum) on real ranks
-under DDP and compares every step with single-process runs on the global batch in rank order:
+The promise being checked: training with the loss under DistributedDataParallel is *the same
+computation* as one process fed the concatenated global batch. So the check trains a small
+seeded float64 model (``nn.Linear`` on seeded features, SGD with momentum) on real ranks under
+DDP and compares every step with single-process runs on the global batch in rank order:
 
 * the loss: bit-identical on every rank, and equal to the oracle's;
 * the gradients DDP leaves on the parameters: equal to the oracle's within ``rtol``;
-* the loss's queue (``.queue.scores/targets/weights``, ``ptr``, ``count``): bit-identical on
-  every rank, equal to the oracle's, and untouched by eval steps;
+* the loss's state (by default its whole ``state_dict()``; the queue for this package's
+  losses): bit-identical on every rank after every step, equal to the oracle's, and untouched
+  by eval steps unless the loss writes it in eval by design;
 * the parameters: identical on every rank, and equal to a free-running oracle's after each
   optimiser step.
 
 Two oracles, because one cannot be both exact and independent: the *replay* recomputes each
 step from the very parameters the ranks had before it, so the loss sees bit-identical inputs and
-any difference in value or queue is the loss's fault; the *free run* trains on its own, so the
+any difference in value or state is the loss's fault; the *free run* trains on its own, so the
 parameters are checked over several steps of a trajectory that never saw the ranks.
 
-Each step of the plan says how many rows every rank gets (uneven, even zero), so the world size
-is ``len(step.sizes)``. A plan whose world size changes between steps is a checkpoint test: the
-ranks save ``loss.state_dict()`` (and the model's and optimiser's), a new world of the next size
-loads it (``torch.load(weights_only=True)``) and carries on, and the oracles never stop.
-With NCCL the (CPU) oracle is compared within ``rtol`` instead of bit for bit.
+A plan whose world size changes between steps is a checkpoint test: the ranks save
+``loss.state_dict()`` (and the model's and optimiser's), a new world of the next size loads it
+(``torch.load(weights_only=True)``) and carries on, and the oracles never stop. With NCCL the
+(CPU) oracle is compared within ``rtol`` instead of bit for bit.
 
-Example, for your own subclass of ``QueuedRankingLoss``::
+Example (``MyLoss`` must be importable by name: every rank is a fresh process)::
 
     from functools import partial
     from imbalanced_losses.testing import Step, check_ddp_exactness
 
     plan = [Step((5, 3)), Step((0, 7), pad_frac=0.3), Step((4, 4), weighted=True, train=False)]
     check_ddp_exactness(partial(MyLoss, 3, queue_size=8), plan).raise_if_failed()
-
-(``MyLoss`` must be importable by name: every rank is a fresh process.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,49 +47,43 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from imbalanced_losses.testing._report import (
-    Check,
-    DdpMismatch,
-    DdpReport,
-    diff,
-    magnitude,
-    relative_diff,
-)
-from imbalanced_losses.testing._spawn import run_ranks
+from imbalanced_losses.testing._adapter import LossAdapter, as_float64, to_device
+from imbalanced_losses.testing._compare import compare_segment, unchecked
+from imbalanced_losses.testing._plan import Case, Step, default_plan, make_batch, segments
+from imbalanced_losses.testing._report import DdpMismatch, DdpReport
+from imbalanced_losses.testing._spawn import report_progress, run_ranks
 
-__all__ = ["Case", "Check", "DdpMismatch", "DdpReport", "Step", "check_ddp_exactness", "check_many"]
+__all__ = [
+    "Case",
+    "DdpMismatch",
+    "DdpReport",
+    "Step",
+    "assert_ddp_exact",
+    "check_ddp_exactness",
+    "check_many",
+]
 
-
-@dataclass(frozen=True)
-class Step:
-    """One training (or eval) step: ``sizes[r]`` rows for rank ``r``.
-
-    ``pad_frac`` of the rows get ``ignore_index`` targets; ``weighted`` passes a non-negative
-    ``sample_weight`` (some zeros); ``train=False`` runs the step in ``eval()`` mode without
-    backward; ``kwargs`` go to the loss's forward (e.g. ``{"return_per_class": True}``).
-    """
-
-    sizes: tuple[int, ...]
-    pad_frac: float = 0.0
-    weighted: bool = False
-    train: bool = True
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
+DEFAULT_TIMEOUT_S = 60.0  # without progress from any rank; a healthy step takes well under 1 s
 
 
-@dataclass(frozen=True)
-class Case:
-    """One check: a loss, a plan and the training layout (see :func:`check_ddp_exactness`)."""
+@dataclass
+class StepRecord:
+    """What one step left behind, on a rank or on the oracle (all on CPU)."""
 
-    loss_factory: Callable[[], Any]
-    plan: Sequence[Step]
-    loss_inside_ddp: bool = False
-    broadcast_buffers: bool = True
-    local_ce_weight: float = 0.0
-    oracle_factory: Callable[[], Any] | None = None
-    in_features: int = 5
-    lr: float = 0.5
-    seed: int = 0
-    rtol: float = 1e-9
+    out: Any  # the loss's output, detached
+    logits: Tensor
+    grads: list[Tensor] | None  # None on eval steps
+    params: list[Tensor]  # after the optimiser step
+    state: Any  # the loss's state after the step, as read by the case's accessor
+
+
+@dataclass
+class SegmentRun:
+    """One rank's run of a segment: its steps and what the next world resumes from."""
+
+    records: list[StepRecord]
+    start_state: Any  # the loss's state before the segment's first step
+    checkpoint: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -98,8 +91,7 @@ class _Setup:
     """What a rank needs to rebuild a case (the plan travels separately, segment by segment)."""
 
     case: Case
-    num_classes: int
-    ignore_index: int
+    adapter: LossAdapter
     backend: str
 
 
@@ -108,126 +100,188 @@ def check_ddp_exactness(
     plan: Sequence[Step],
     *,
     backend: str = "gloo",
-    timeout_s: float = 180.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     **options: Any,
 ) -> DdpReport:
     """Run ``plan`` under DDP and on the single-process oracle; return the per-step report.
 
-    ``loss_factory()`` builds the loss (a picklable callable, e.g. ``functools.partial`` of the
-    class; leave ``gather_distributed`` on auto); it is cast to float64. Options (fields of
-    :class:`Case`): ``oracle_factory`` (default: the same factory) builds the single-process
-    loss, e.g. a plain reference implementation; ``loss_inside_ddp`` puts the loss inside the
-    DDP-wrapped module; ``broadcast_buffers`` is DDP's option; ``local_ce_weight`` adds a
-    per-rank cross-entropy (sum over the rank's rows / its row count), which DDP's average
-    turns into the global mean only for equal per-rank batches, so it requires them;
-    ``rtol`` bounds the relative error of values and gradients against the oracle.
+    ``loss_factory()`` builds the loss: any ``nn.Module`` or callable taking
+    ``(logits, targets, **step.kwargs)``; a picklable callable, e.g. ``functools.partial`` of a
+    module-level class. It is cast to float64. Options (fields of :class:`Case`):
+
+    * ``num_classes`` / ``ignore_index``: the model's output width and label range, and the
+      padding label, for a loss without these attributes (default ``ignore_index`` -100);
+    * ``takes_padding=False``: the loss has no padding label, so no step pads;
+      ``takes_sample_weight`` (default: whether its forward accepts ``sample_weight``);
+    * ``state`` / ``oracle_state``: picklable accessors returning the loss's state (nested
+      dicts, lists, tensors, numbers), by default ``state_dict()``;
+    * ``writes_state_in_eval=True``: the loss writes its state in eval by design;
+    * ``loss_scale="world_size"``: the ranks' loss value is world_size times the oracle's
+      (a wrapper that multiplies by the world size so that DDP's average gives the sum);
+    * ``oracle_factory`` (default: the same factory): the single-process loss, e.g. a plain
+      reference implementation;
+    * ``loss_inside_ddp``, ``broadcast_buffers``: the layout under DDP;
+    * ``local_ce_weight``: adds a per-rank cross-entropy (equal per-rank batches only);
+    * ``rtol``: the relative error allowed against the oracle.
+
+    Raises ``RankFailure`` naming the rank that failed first and the plan step it was at, or
+    ``RankTimeout`` with every rank's stack when no rank made progress for ``timeout_s``.
     """
     case = Case(loss_factory, plan, **options)
     return check_many([case], backend=backend, timeout_s=timeout_s)[0]
 
 
+def assert_ddp_exact(
+    loss_factory: Callable[[], Any],
+    plan: Sequence[Step] | None = None,
+    *,
+    backend: str = "gloo",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    **options: Any,
+) -> DdpReport:
+    """For a test suite: check the loss (by default on :func:`default_plan`) and raise
+    :class:`DdpMismatch` with the report if any check failed. Returns the report, whose
+    ``not_checked`` lists what could not be checked for this loss."""
+    report = check_ddp_exactness(
+        loss_factory,
+        default_plan() if plan is None else plan,
+        backend=backend,
+        timeout_s=timeout_s,
+        **options,
+    )
+    report.raise_if_failed()
+    return report
+
+
 def check_many(
-    cases: Sequence[Case], *, backend: str = "gloo", timeout_s: float = 180.0
+    cases: Sequence[Case], *, backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> list[DdpReport]:
     """Like :func:`check_ddp_exactness` for several cases, sharing spawned worlds.
 
     Spawning ranks costs seconds; the n-th segment of every case with the same world size runs
     in one spawned world, one case after the other.
     """
-    setups, segments, oracles, probes = [], [], [], []
+    setups, runs, oracles, probes = [], [], [], []
     for case in cases:
-        if not case.plan:
-            raise ValueError("a plan must hold at least one Step")
-        for i, step in enumerate(case.plan):
-            if case.local_ce_weight and len(set(step.sizes)) != 1:
-                raise ValueError(
-                    f"step {i}: local_ce_weight needs equal per-rank sizes, got {step.sizes}"
-                )
-        probe = _as_float64(case.loss_factory())
-        ignore_index = int(getattr(probe, "ignore_index", -100))
-        setup = _Setup(case, int(probe.num_classes), ignore_index, backend)
-        setups.append(setup)
+        _validate(case)
+        probe = as_float64(case.loss_factory())
         probes.append(probe)
+        setup = _Setup(case, LossAdapter.for_case(case, probe), backend)
+        setups.append(setup)
         oracles.append(_Oracle(setup, case.oracle_factory or case.loss_factory))
-        groups = itertools.groupby(enumerate(case.plan), key=lambda item: len(item[1].sizes))
-        segments.append([[i for i, _ in group] for _, group in groups])
+        runs.append(segments(case.plan))
 
-    checks: list[list[Check]] = [[] for _ in cases]
-    states: list[Any] = [None] * len(cases)
-    for round_ in range(max(len(s) for s in segments)):
+    checks: list[list] = [[] for _ in cases]
+    checkpoints: list[Any] = [None] * len(cases)
+    for round_ in range(max(len(r) for r in runs)):
         worlds: dict[int, list[int]] = {}
-        for c, segs in enumerate(segments):
+        for c, segs in enumerate(runs):
             if round_ < len(segs):
                 worlds.setdefault(len(cases[c].plan[segs[round_][0]].sizes), []).append(c)
         for world_size, members in sorted(worlds.items()):
-            jobs = [
-                (
-                    setups[c],
-                    segments[c][round_][0],
-                    [cases[c].plan[i] for i in segments[c][round_]],
-                    states[c],
-                )
-                for c in members
-            ]
+            jobs = [(setups[c], runs[c][round_], checkpoints[c]) for c in members]
             results = run_ranks(
                 _rank_jobs, world_size, backend=backend, timeout_s=timeout_s, args=(jobs,)
             )
             for j, c in enumerate(members):
                 per_rank = [r[j] for r in results]
-                checks[c] += _compare_segment(
-                    setups[c], segments[c][round_], per_rank, oracles[c], probes[c]
-                )
-                states[c] = per_rank[0][1]
-    return [DdpReport(ch, final_state=st or {}) for ch, st in zip(checks, states)]
+                checks[c] += compare_segment(setups[c], runs[c][round_], per_rank, oracles[c])
+                checkpoints[c] = per_rank[0].checkpoint
+    reports = []
+    for setup, found, checkpoint, oracle, probe in zip(
+        setups, checks, checkpoints, oracles, probes
+    ):
+        skipped, notes = unchecked(setup, probe, oracle.has_state)
+        reports.append(DdpReport(found, checkpoint or {}, skipped, notes))
+    return reports
 
 
-# ----------------------------------------------------------------------------- the runs
+def _validate(case: Case) -> None:
+    if not case.plan:
+        raise ValueError("plan: must hold at least one Step, got an empty plan")
+    for i, step in enumerate(case.plan):
+        if case.local_ce_weight and len(set(step.sizes)) != 1:
+            raise ValueError(
+                f"local_ce_weight: step {i} has per-rank sizes {step.sizes}; "
+                "a per-rank cross-entropy needs equal per-rank sizes"
+            )
 
 
-def _rank_jobs(rank: int, jobs: list) -> list:
+# ----------------------------------------------------------------------------- the ranks
+
+
+def _rank_jobs(rank: int, jobs: list) -> list[SegmentRun]:
     """Body of one rank: run each case's segment in turn in this process group."""
     return [_rank_segment(rank, *job) for job in jobs]
 
 
-def _rank_segment(rank: int, setup: _Setup, first: int, steps: list[Step], state: Any) -> Any:
-    """DDP training over ``steps``; returns per-step records and the end state to resume from."""
+def _rank_segment(
+    rank: int, setup: _Setup, indices: list[int], checkpoint: dict | None
+) -> SegmentRun:
+    """DDP training over the plan steps ``indices``; records each step and the end state."""
+    case, adapter = setup.case, setup.adapter
     device = torch.device("cuda", rank) if setup.backend == "nccl" else torch.device("cpu")
-    model, loss_fn, optimizer = _build(setup, setup.case.loss_factory, device)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optim"])
-        loss_fn.load_state_dict(torch.load(io.BytesIO(state["loss"]), weights_only=True))
-    net = _Net(model, loss_fn if setup.case.loss_inside_ddp else None)
-    ddp = DistributedDataParallel(
-        net,
-        device_ids=[rank] if device.type == "cuda" else None,
-        broadcast_buffers=setup.case.broadcast_buffers,
+    report_progress(
+        f"building the loss and model before {case.plan[indices[0]].describe(indices[0])}"
     )
+    model, loss_fn, optimizer = _build(setup, case.loss_factory, device)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optim"])
+        if checkpoint["loss"] is not None:
+            loss_fn.load_state_dict(torch.load(io.BytesIO(checkpoint["loss"]), weights_only=True))
+    start_state = adapter.state(loss_fn)
+    net = _Net(model, loss_fn if case.loss_inside_ddp else None, adapter)
+    ddp = _wrap_ddp(net, device, case.broadcast_buffers)
     records = []
-    for i, step in enumerate(steps, start=first):
-        x, y, w = _batch(setup, i, step, device)
+    for i in indices:
+        step = case.plan[i]
+        report_progress(step.describe(i))
+        x, y, w = make_batch(case, adapter, i, step, device)
         lo = sum(step.sizes[:rank])
         rows = slice(lo, lo + step.sizes[rank])
         x, y, w = x[rows], y[rows], (None if w is None else w[rows])
 
         def forward(x=x, y=y, w=w, kwargs=step.kwargs):
-            if setup.case.loss_inside_ddp:
+            if case.loss_inside_ddp:
                 return ddp(x, y, w, dict(kwargs))
             logits = ddp(x)
-            return logits, loss_fn(logits, y, sample_weight=w, **kwargs)
+            return logits, adapter.call(loss_fn, logits, y, w, kwargs)
 
         records.append(
             _train_step(setup, step, forward, (ddp, loss_fn), loss_fn, model, optimizer, y)
         )
-    buffer = io.BytesIO()
-    torch.save(loss_fn.state_dict(), buffer)
-    end = {
+    report_progress(f"saving the checkpoint after {case.plan[indices[-1]].describe(indices[-1])}")
+    return SegmentRun(records, start_state, _checkpoint(model, optimizer, loss_fn))
+
+
+def _checkpoint(model: nn.Module, optimizer: Any, loss_fn: Any) -> dict[str, Any]:
+    loss_bytes = None
+    if hasattr(loss_fn, "state_dict"):
+        buffer = io.BytesIO()
+        torch.save(loss_fn.state_dict(), buffer)
+        loss_bytes = buffer.getvalue()
+    return {
         "model": _cpu(model.state_dict()),
         "optim": _cpu(optimizer.state_dict()),
-        "loss": buffer.getvalue(),
-        "loss_state": _cpu(loss_fn.state_dict()),
+        "loss": loss_bytes,
+        "loss_state": _cpu(loss_fn.state_dict()) if loss_bytes is not None else None,
     }
-    return records, end
+
+
+def _wrap_ddp(net: nn.Module, device: torch.device, broadcast_buffers: bool) -> nn.Module:
+    """DDP, with the buffer option spelled the way this torch wants (torch 2.13 deprecates
+    ``broadcast_buffers``; its successor differs only in syncing at init, which is a no-op
+    here because every rank built or loaded the same state)."""
+    options: dict[str, Any] = {"device_ids": [device.index] if device.type == "cuda" else None}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        options["forward_sync_buffers"] = broadcast_buffers
+    else:
+        options["broadcast_buffers"] = broadcast_buffers
+    return DistributedDataParallel(net, **options)
+
+
+# ---------------------------------------------------------------------------- the oracle
 
 
 class _Oracle:
@@ -235,7 +289,7 @@ class _Oracle:
 
     Two runs. The *replay* recomputes each step on the global batch with the very parameters
     the ranks had before that step, so everything the loss sees is bit-identical to what the
-    ranks fed it, and its value and queue must be too (the DDP gradient differs only by the
+    ranks fed it, and its value and state must be too (the DDP gradient differs only by the
     order of a float64 sum over ranks: ``rtol``); its loss object runs on across checkpoints.
     The *free run* trains its own model from the same start, so the parameters after several
     optimiser steps are compared with a trajectory that never saw the ranks.
@@ -243,25 +297,27 @@ class _Oracle:
 
     def __init__(self, setup: _Setup, factory: Callable[[], Any]) -> None:
         self.setup = setup
+        plan = setup.case.plan
         with _one_thread():
             model, loss_fn, optimizer = _build(setup, factory, torch.device("cpu"))
             self.free = [
-                _single_process_step(setup, i, step, model, loss_fn, optimizer)
-                for i, step in enumerate(setup.case.plan)
+                _oracle_step(setup, i, step, model, loss_fn, optimizer, setup.adapter.oracle_state)
+                for i, step in enumerate(plan)
             ]
         self.model, self.loss_fn, _ = _build(setup, factory, torch.device("cpu"))
+        self.has_state = setup.adapter.oracle_state(self.loss_fn) is not None
         self.params = [p.detach().clone() for p in self.model.parameters()]
-        self.replayed: list[dict] = []
 
-    def replay(self, i: int, step: Step, params_after: list[Tensor]) -> dict:
+    def replay(self, i: int, step: Step, params_after: list[Tensor]) -> StepRecord:
         """Step ``i`` from the ranks' parameters; remember theirs after it for the next step."""
         with torch.no_grad():
             for p, value in zip(self.model.parameters(), self.params):
                 p.copy_(value)
         with _one_thread():
-            record = _single_process_step(self.setup, i, step, self.model, self.loss_fn, None)
+            record = _oracle_step(
+                self.setup, i, step, self.model, self.loss_fn, None, self.setup.adapter.oracle_state
+            )
         self.params = params_after
-        self.replayed.append(record)
         return record
 
 
@@ -275,22 +331,33 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _single_process_step(setup, i, step, model, loss_fn, optimizer) -> dict:
+def _oracle_step(setup, i, step, model, loss_fn, optimizer, read_state) -> StepRecord:
     """Step ``i`` on the global batch, logits computed on the ranks' row blocks in rank order."""
-    x, y, w = _batch(setup, i, step, torch.device("cpu"))
+    adapter = setup.adapter
+    x, y, w = make_batch(setup.case, adapter, i, step, torch.device("cpu"))
     edges = [0, *itertools.accumulate(step.sizes)]
 
     def forward() -> tuple[Tensor, Any]:
         logits = torch.cat([model(x[a:b]) for a, b in zip(edges, edges[1:])])
-        return logits, loss_fn(logits, y, sample_weight=w, **step.kwargs)
+        return logits, adapter.call(loss_fn, logits, y, w, step.kwargs)
 
-    return _train_step(setup, step, forward, (model, loss_fn), loss_fn, model, optimizer, y)
+    try:
+        return _train_step(
+            setup, step, forward, (model, loss_fn), loss_fn, model, optimizer, y, read_state
+        )
+    except Exception as exc:
+        raise RuntimeError(
+            f"the single-process oracle failed at {step.describe(i)}: {exc}"
+        ) from exc
 
 
-def _train_step(setup, step, forward, modules, loss_fn, model, optimizer, y) -> dict:
-    """One step, identical for ranks and oracle; records what the comparison needs."""
+def _train_step(
+    setup, step, forward, modules, loss_fn, model, optimizer, y, read_state=None
+) -> StepRecord:
+    """One step, identical for ranks and oracle."""
     for module in modules:
-        module.train(step.train)
+        if hasattr(module, "train"):
+            module.train(step.train)
     params = list(model.parameters())
     for p in params:
         p.grad = None
@@ -303,13 +370,13 @@ def _train_step(setup, step, forward, modules, loss_fn, model, optimizer, y) -> 
             total.backward()
             if optimizer is not None:
                 optimizer.step()
-    return {
-        "out": _cpu(_detach(out)),
-        "logits": logits.detach().cpu(),
-        "grads": [p.grad.detach().cpu().clone() for p in params] if step.train else None,
-        "params": [p.detach().cpu().clone() for p in params],
-        "queue": _queue_state(loss_fn),
-    }
+    return StepRecord(
+        out=_cpu(_detach(out)),
+        logits=logits.detach().cpu(),
+        grads=[_grad(p) for p in params] if step.train else None,
+        params=[p.detach().cpu().clone() for p in params],
+        state=(read_state or setup.adapter.state)(loss_fn),
+    )
 
 
 # ------------------------------------------------------------------------------ pieces
@@ -318,10 +385,11 @@ def _train_step(setup, step, forward, modules, loss_fn, model, optimizer, y) -> 
 class _Net(nn.Module):
     """What DDP wraps: the model, and optionally the loss (the 'loss inside DDP' layout)."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module | None) -> None:
+    def __init__(self, model: nn.Module, loss_fn: Any, adapter: LossAdapter) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.adapter = adapter
 
     def forward(
         self,
@@ -331,76 +399,47 @@ class _Net(nn.Module):
         kwargs: dict | None = None,
     ) -> Any:
         logits = self.model(x)
-        if self.loss_fn is None:
+        if self.loss_fn is None or y is None:
             return logits
-        return logits, self.loss_fn(logits, y, sample_weight=w, **(kwargs or {}))
+        return logits, self.adapter.call(self.loss_fn, logits, y, w, kwargs or {})
 
 
 def _build(setup: _Setup, factory: Callable[[], Any], device: torch.device) -> tuple:
-    gen = torch.Generator().manual_seed(setup.case.seed)
-    model = nn.Linear(setup.case.in_features, setup.num_classes, dtype=torch.float64)
+    case, width = setup.case, setup.adapter.num_classes
+    gen = torch.Generator().manual_seed(case.seed)
+    model = nn.Linear(case.in_features, width, dtype=torch.float64)
     with torch.no_grad():
         model.weight.copy_(torch.randn(model.weight.shape, generator=gen, dtype=torch.float64))
         model.bias.copy_(0.1 * torch.randn(model.bias.shape, generator=gen, dtype=torch.float64))
     model = model.to(device)
-    loss_fn = _as_float64(factory())
-    if isinstance(loss_fn, nn.Module):
-        loss_fn = loss_fn.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=setup.case.lr, momentum=0.9)
+    loss_fn = to_device(as_float64(factory()), device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=case.lr, momentum=0.9)
     return model, loss_fn, optimizer
-
-
-def _batch(setup: _Setup, index: int, step: Step, device: torch.device) -> tuple:
-    """The global batch of step ``index`` (rank ``r`` takes rows ``sizes[:r]`` onwards)."""
-    gen = torch.Generator().manual_seed(setup.case.seed * 1_000_003 + index)
-    n = sum(step.sizes)
-    x = torch.randn(n, setup.case.in_features, generator=gen, dtype=torch.float64)
-    if setup.num_classes == 1:
-        y = (torch.rand(n, generator=gen) < 0.3).long()
-    else:
-        y = torch.randint(0, setup.num_classes, (n,), generator=gen)
-    y = torch.where(torch.rand(n, generator=gen) < step.pad_frac, setup.ignore_index, y)
-    w = None
-    if step.weighted:
-        w = 2 * torch.rand(n, generator=gen, dtype=torch.float64)
-        w = torch.where(torch.rand(n, generator=gen) < 0.2, 0.0, w).to(device)
-    return x.to(device), y.to(device), w
 
 
 def _local_ce(logits: Tensor, y: Tensor, setup: _Setup) -> Tensor:
     """Cross-entropy summed over this block's counted rows, divided by the block's row count."""
-    keep = y != setup.ignore_index
-    if setup.num_classes == 1:
+    ignore_index = setup.adapter.ignore_index
+    keep = y != ignore_index
+    if setup.adapter.num_classes == 1:
         terms = F.binary_cross_entropy_with_logits(
             logits[:, 0], y.clamp(0, 1).to(logits.dtype), reduction="none"
         )
         total = (terms * keep).sum()
     else:
-        total = F.cross_entropy(logits, y, ignore_index=setup.ignore_index, reduction="sum")
+        total = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
     return total / max(y.shape[0], 1)
 
 
-def _as_float64(loss_fn: Any) -> Any:
-    return loss_fn.double() if isinstance(loss_fn, nn.Module) else loss_fn
+def _grad(p: Tensor) -> Tensor:
+    """The parameter's gradient (zeros when the loss left none: nothing reached it)."""
+    return torch.zeros_like(p, device="cpu") if p.grad is None else p.grad.detach().cpu().clone()
 
 
 def _scalar(out: Any) -> Tensor:
     """What to backpropagate: the loss, or the sum of its finite per-class entries ('none')."""
     loss = out[0] if isinstance(out, tuple) else out
     return torch.where(torch.isnan(loss), 0.0, loss).sum() if loss.dim() else loss
-
-
-def _queue_state(loss_fn: Any) -> tuple | None:
-    q = getattr(loss_fn, "queue", loss_fn)
-    if not hasattr(q, "scores"):
-        return None
-    return (
-        q.scores.detach().cpu().clone(),
-        q.targets.detach().cpu().clone(),
-        q.weights.detach().cpu().clone(),
-        int(q.ptr),
-        int(q.count),
-    )
 
 
 def _detach(out: Any) -> Any:
@@ -415,60 +454,3 @@ def _cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_cpu(v) for v in obj)
     return obj
-
-
-# ------------------------------------------------------------------------- comparison
-
-
-def _compare_segment(setup, indices, per_rank, oracle, probe) -> list[Check]:
-    """Checks of each step of one segment, plus the agreement of the states it ends with."""
-    checks = []
-    for k, i in enumerate(indices):
-        ranks = [records[k] for records, _ in per_rank]
-        previous_queue = oracle.replayed[-1]["queue"] if oracle.replayed else None
-        step = setup.case.plan[i]
-        replay = oracle.replay(i, step, ranks[0]["params"])
-        checks += _compare(setup, i, step, ranks, replay, oracle.free[i], previous_queue, probe)
-    states = [_no_bytes(state) for _, state in per_rank]
-    error = max(diff(s, states[0]) for s in states)
-    checks.append(
-        Check(indices[-1], len(per_rank), "checkpoint identical on every rank", error, 0.0)
-    )
-    return checks
-
-
-def _compare(setup, i, step, ranks, replay, free, previous_queue, probe) -> list[Check]:
-    rtol = setup.case.rtol
-    exact = 0.0 if setup.backend != "nccl" else rtol  # CPU oracle vs GPU ranks: not bit for bit
-    out = []
-
-    def add(name: str, error: float, limit: float, scale: float = 0.0) -> None:
-        out.append(Check(i, len(step.sizes), name, error, limit, scale))
-
-    def across_ranks(key: str) -> float:
-        return max(diff(r[key], ranks[0][key]) for r in ranks)
-
-    edges = [0, *itertools.accumulate(step.sizes)]
-    slices = zip(ranks, edges, edges[1:])
-    logits = max(relative_diff(r["logits"], replay["logits"][a:b]) for r, a, b in slices)
-    add("logits vs oracle (same parameters)", logits, exact)
-    add("loss identical on every rank", across_ranks("out"), 0.0)
-    add("loss vs oracle", relative_diff(ranks[0]["out"], replay["out"]), rtol)
-    if step.train:
-        add("grads identical on every rank", across_ranks("grads"), 0.0)
-        scale = magnitude(replay["grads"])
-        add("DDP grads vs oracle", relative_diff(ranks[0]["grads"], replay["grads"]), rtol, scale)
-    if replay["queue"] is not None and ranks[0]["queue"] is not None:
-        add("queue identical on every rank", across_ranks("queue"), 0.0)
-        add("queue vs oracle", relative_diff(ranks[0]["queue"], replay["queue"]), exact)
-        frozen = not step.train and not getattr(probe, "update_queue_in_eval", False)
-        if frozen and previous_queue is not None:
-            add("queue frozen in eval", diff(ranks[0]["queue"], previous_queue), 0.0)
-    add("params identical on every rank", across_ranks("params"), 0.0)
-    add("params vs free-running oracle", relative_diff(ranks[0]["params"], free["params"]), rtol)
-    add("loss vs free-running oracle", relative_diff(ranks[0]["out"], free["out"]), rtol)
-    return out
-
-
-def _no_bytes(state: dict) -> dict:
-    return {k: v for k, v in state.items() if not isinstance(v, bytes)}

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Check", "DdpMismatch", "DdpReport", "diff", "relative_diff", "magnitude"]
+__all__ = [
+    "Check",
+    "DdpMismatch",
+    "DdpReport",
+    "NotChecked",
+    "diff",
+    "magnitude",
+    "relative_diff",
+]
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,14 @@ class Check:
         return self.error <= self.limit
 
 
+@dataclass(frozen=True)
+class NotChecked:
+    """A check that could not run, and why: a report never passes over it in silence."""
+
+    name: str
+    reason: str
+
+
 class DdpMismatch(AssertionError):
     """Raised by :meth:`DdpReport.raise_if_failed`; the message is the report."""
 
@@ -43,6 +59,8 @@ class DdpReport:
 
     checks: list[Check]
     final_state: dict[str, Any] = field(default_factory=dict, repr=False)
+    not_checked: list[NotChecked] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # options that changed what was compared
 
     @property
     def ok(self) -> bool:
@@ -54,7 +72,11 @@ class DdpReport:
         return [c for c in self.checks if not c.ok]
 
     def __str__(self) -> str:
-        lines = [f"DDP exactness: {'PASS' if self.ok else 'FAIL'} ({len(self.checks)} checks)"]
+        skipped = (
+            f", {len(self.not_checked)} not checked (listed below)" if self.not_checked else ""
+        )
+        verdict = "PASS" if self.ok else "FAIL"
+        lines = [f"DDP exactness: {verdict} ({len(self.checks)} checks{skipped})"]
         for name in dict.fromkeys(c.name for c in self.checks):
             group = [c for c in self.checks if c.name == name]
             bad = [c for c in group if not c.ok]
@@ -64,6 +86,8 @@ class DdpReport:
                 f"(limit {group[0].limit:g}) over {len(group)} steps"
                 + (f"; fails at steps {[c.step for c in bad][:10]}" if bad else "")
             )
+        lines += [f"  not checked: {n.name}, because {n.reason}" for n in self.not_checked]
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     def table(self) -> str:
@@ -86,8 +110,8 @@ class DdpReport:
 
 
 def _flat(obj: Any) -> list:
-    if isinstance(obj, dict):
-        return [v for k in sorted(obj) for v in _flat(obj[k])]
+    if isinstance(obj, dict):  # keys count too: a state with other entries is another state
+        return [v for k in sorted(obj, key=str) for v in (str(k), *_flat(obj[k]))]
     if isinstance(obj, (list, tuple)):
         return [v for item in obj for v in _flat(item)]
     return [obj]

@@ -13,11 +13,15 @@ engine is built around failing loudly and quickly, in the spirit of PyTorch's ow
   that raises writes its traceback next to it;
 * the parent fails fast: the first rank that fails (exception, non-zero exit, death by signal)
   gets every other rank killed at once, and the error carries that rank's traceback;
-* a parent-side deadline: on expiry every live rank dumps its Python stack (``faulthandler`` on
-  SIGUSR1, into the rank's log file) and the dumps go into the error;
+* the first failure is the one the parent *saw* first (an exit, or a death by signal), and a
+  rank says where it was (``report_progress``), so every error names the step that failed;
+* a hang is a parent-side deadline of ``timeout_s`` without progress: every live rank then dumps
+  its Python stack (``faulthandler`` on SIGUSR1, into the rank's log file) and the dumps go into
+  the error; Ctrl-C in the parent does the same before it stops;
 * every rank runs in its own session (process group) and is killed with ``killpg`` whatever
-  happens, so neither ranks nor anything they started outlive the call; ranks also die with
-  the parent (``PR_SET_PDEATHSIG``) if the parent itself is killed.
+  happens, so neither ranks nor anything they started outlive the call. If the parent itself is
+  killed, the ranks die with it (``PR_SET_PDEATHSIG``) and a tiny janitor process, which holds
+  the read end of a pipe from the parent, sees it close and removes the work directory.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import faulthandler
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,10 +45,41 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["NotEnoughGPUs", "RankFailure", "RankTimeout", "run_ranks"]
+__all__ = [
+    "NotEnoughGPUs",
+    "RankFailure",
+    "RankTimeout",
+    "RanksInterrupted",
+    "report_progress",
+    "run_ranks",
+]
 
 _LOG_TAIL_CHARS = 8000  # per rank, in error messages
 _DUMP_SETTLE_S = 2.0  # how long the parent waits for stack dumps to land in the logs
+_POLL_S = 0.25  # how often the parent looks for progress while it waits
+
+# Run by the janitor: wait until the parent's end of the pipe closes (the parent returned or
+# died), then kill what is left of the ranks' sessions and remove the work directory.
+_JANITOR = """
+import os, shutil, signal, sys
+workdir = sys.argv[1]
+sys.stdin.buffer.read()
+try:
+    with open(os.path.join(workdir, "pids")) as f:
+        pids = [int(p) for p in f.read().split()]
+except (OSError, ValueError):
+    pids = []
+for pid in pids:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+shutil.rmtree(workdir, ignore_errors=True)
+"""
+
+_progress_file: str | None = None  # set in a rank: where report_progress writes
+_NOT_STARTED = "starting (before the rank body ran)"
+_stage = _NOT_STARTED
 
 
 class NotEnoughGPUs(unittest.SkipTest):
@@ -69,7 +105,24 @@ class RankFailure(RuntimeError):
 
 
 class RankTimeout(RankFailure):
-    """The parent-side deadline expired; ``logs`` holds each live rank's stack at that moment."""
+    """No rank made progress for ``timeout_s``; ``logs`` holds each live rank's stack then."""
+
+
+class RanksInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) reached the parent; the message holds each rank's stack at that moment."""
+
+
+def report_progress(stage: str) -> None:
+    """Inside a rank: say what it is doing now (e.g. ``"plan step 3 (...)"``).
+
+    Each call restarts the parent's hang deadline, and a failure, a death by signal or a hang
+    of this rank is reported with the last stage it announced. A no-op outside a rank.
+    """
+    global _stage
+    _stage = stage
+    if _progress_file is not None:
+        with open(_progress_file, "w") as f:
+            f.write(stage)
 
 
 def run_ranks(
@@ -77,7 +130,7 @@ def run_ranks(
     world_size: int,
     *,
     backend: str = "gloo",
-    timeout_s: float = 120.0,
+    timeout_s: float = 60.0,
     pg_timeout_s: float | None = None,
     args: Sequence[Any] = (),
     kwargs: dict[str, Any] | None = None,
@@ -86,15 +139,17 @@ def run_ranks(
     """Call ``fn(rank, *args, **kwargs)`` on ``world_size`` spawned ranks; return results by rank.
 
     Inside ``fn`` the default process group is initialised (``backend``, this world size, a
-    process-group timeout of ``pg_timeout_s``, default ``timeout_s``) and, for NCCL, the current
-    CUDA device is ``rank``. ``fn``, ``args`` and the results must be picklable (``fn`` a
-    module-level function: the spawned ranks import it by name); every rank gets its own copy
-    of ``args`` (tensors included: nothing is shared between ranks).
+    process-group timeout of ``pg_timeout_s``, default ``timeout_s`` + 15 s) and, for NCCL,
+    the current CUDA device is ``rank``. ``fn``, ``args`` and the results must be picklable
+    (``fn`` a module-level function: the spawned ranks import it by name); every rank gets its
+    own copy of ``args`` (tensors included: nothing is shared between ranks).
 
-    Raises ``RankFailure`` as soon as one rank fails, ``RankTimeout`` when all ranks have not
-    returned within ``timeout_s`` seconds of the spawn, and ``NotEnoughGPUs`` (a skip) for
-    ``backend="nccl"`` with fewer GPUs than ranks. ``threads_per_rank`` caps intra-op threads so
-    that several ranks on a small machine do not oversubscribe it.
+    Raises ``RankFailure`` as soon as one rank fails (the first one the parent saw fail leads,
+    with the stage it had announced with :func:`report_progress`), ``RankTimeout`` when no rank
+    has returned or reported progress for ``timeout_s`` seconds, ``RanksInterrupted`` (a
+    ``KeyboardInterrupt``) on Ctrl-C, after printing every rank's stack, and ``NotEnoughGPUs``
+    (a skip) for ``backend="nccl"`` with fewer GPUs than ranks. ``threads_per_rank`` caps
+    intra-op threads so that several ranks on a small machine do not oversubscribe it.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -106,12 +161,13 @@ def run_ranks(
                 f"this machine has {found}"
             )
     workdir = tempfile.mkdtemp(prefix="imbalanced_losses_ranks_")
+    janitor = _start_janitor(workdir)
     try:
         # Through a file, not the spawn pipe: torch's pickler would hand every rank the same
         # shared-memory tensor, and one rank's in-place update would show up in the others.
         torch.save((fn, tuple(args), kwargs or {}), os.path.join(workdir, "call.pt"))
     except Exception as exc:
-        shutil.rmtree(workdir, ignore_errors=True)
+        _stop_janitor(janitor, workdir)
         raise TypeError(
             "run_ranks: fn and its arguments must be picklable (fn a module-level function), "
             f"because each rank is a fresh process that imports them: {exc}"
@@ -119,7 +175,8 @@ def run_ranks(
     spec = {
         "world_size": world_size,
         "backend": backend,
-        "pg_timeout_s": pg_timeout_s if pg_timeout_s is not None else timeout_s,
+        # Later than the parent's deadline, so that a hang is reported as one, with the stacks.
+        "pg_timeout_s": pg_timeout_s if pg_timeout_s is not None else timeout_s + 15,
         "workdir": workdir,
         "threads": threads_per_rank,
         "parent_pid": os.getpid(),
@@ -127,16 +184,20 @@ def run_ranks(
     ctx = mp.get_context("spawn")
     procs: list[Any] = []
     try:
-        deadline = time.monotonic() + timeout_s
         for rank in range(world_size):
-            proc = ctx.Process(
-                target=_rank_main,
-                args=(rank, spec),
-                name=f"rank{rank}",
-            )
+            proc = ctx.Process(target=_rank_main, args=(rank, spec), name=f"rank{rank}")
             proc.start()
             procs.append(proc)
-        failed = _wait_for_ranks(procs, workdir, deadline)
+            with open(os.path.join(workdir, "pids"), "a") as f:
+                f.write(f"{proc.pid}\n")
+        try:
+            failed = _wait_for_ranks(procs, workdir, timeout_s)
+        except KeyboardInterrupt:
+            _dump_stacks(procs, workdir)
+            _kill_all(procs)
+            message = _interrupted(procs, workdir, backend)
+            print(message, file=sys.stderr, flush=True)
+            raise RanksInterrupted(message) from None
         if failed is None:
             return [_load_result(workdir, rank) for rank in range(world_size)]
         _dump_stacks(procs, workdir)
@@ -144,57 +205,112 @@ def run_ranks(
         raise _failure(procs, workdir, failed, backend, timeout_s)
     finally:
         _kill_all(procs)
-        shutil.rmtree(workdir, ignore_errors=True)
+        _stop_janitor(janitor, workdir)
 
 
-def _wait_for_ranks(procs: list[Any], workdir: str, deadline: float) -> list[int] | None:
-    """Block until every rank exits (None) or one fails / the deadline passes (failed ranks)."""
+def _start_janitor(workdir: str) -> subprocess.Popen | None:
+    """A process that removes ``workdir`` once our end of its stdin closes, even if we die."""
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-S", "-c", _JANITOR, workdir],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the terminal must not stop it before it cleans
+        )
+    except OSError:
+        return None  # the normal path still cleans up; only a killed parent would leave the dir
+
+
+def _stop_janitor(janitor: subprocess.Popen | None, workdir: str) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    if janitor is not None:
+        assert janitor.stdin is not None
+        janitor.stdin.close()
+        janitor.wait()
+
+
+def _wait_for_ranks(procs: list[Any], workdir: str, timeout_s: float) -> list[int] | None:
+    """Block until every rank exits (None), one fails (the failed ranks, in the order the
+    parent saw them), or ``timeout_s`` passes without progress ([])."""
     running = {p.sentinel: rank for rank, p in enumerate(procs)}
+    last_progress = time.monotonic()
+    seen = [_mtime(_path(workdir, rank, "progress")) for rank in range(len(procs))]
     while running:
-        left = deadline - time.monotonic()
+        now = [_mtime(_path(workdir, rank, "progress")) for rank in range(len(procs))]
+        if now != seen:
+            seen, last_progress = now, time.monotonic()
+        left = last_progress + timeout_s - time.monotonic()
         if left <= 0:
-            return []  # nobody failed on its own: a timeout
-        failed = []
-        for sentinel in wait(list(running), timeout=left):
-            rank = running.pop(sentinel)
+            return []  # nobody failed on its own: a hang
+        ended = [running.pop(s) for s in wait(list(running), timeout=min(left, _POLL_S))]
+        for rank in ended:
             procs[rank].join()
-            if procs[rank].exitcode != 0 or not os.path.exists(_path(workdir, rank, "result")):
-                failed.append(rank)
+        failed = [
+            rank
+            for rank in ended
+            if procs[rank].exitcode != 0 or not os.path.exists(_path(workdir, rank, "result"))
+        ]
         if failed:
-            return failed
+            # Seen in the same instant: a death by signal is a cause (nobody here sends one);
+            # among tracebacks, the earliest written is.
+            return sorted(failed, key=lambda r: (procs[r].exitcode >= 0, _error_time(workdir, r)))
+        if ended:
+            last_progress = time.monotonic()
     return None
 
 
 def _failure(
     procs: list[Any], workdir: str, failed: list[int], backend: str, timeout_s: float
 ) -> RankFailure:
-    """Build the error: who failed, each failure's traceback, each rank's output and stack."""
+    """Build the error: who failed first, each failure's traceback, each rank's output and stack."""
     world = f"{len(procs)} ranks on {backend}"
     logs = {rank: _tail(_path(workdir, rank, "log")) for rank in range(len(procs))}
     failures = {}
     for rank, proc in enumerate(procs):
         reason = _read(_path(workdir, rank, "error"))
+        if not reason and (rank in failed or not failed):
+            reason = _describe_exit(proc.exitcode) if rank in failed else "still running"
+            reason += f"; it was at: {_read(_path(workdir, rank, 'progress')) or _NOT_STARTED}"
         if reason:
             failures[rank] = reason
-        elif rank in failed:
-            failures[rank] = _describe_exit(proc.exitcode)
-    # A rank that raised usually makes its peers fail a moment later ("connection closed"):
-    # lead with the earliest traceback written, which is the cause.
-    first = sorted(failures, key=lambda r: (_mtime(_path(workdir, r, "error")), r))
+    # The parent's own observation leads; ranks that failed while it was stopping the others
+    # (usually "connection closed" from a peer that died) follow, earliest traceback first.
+    later = sorted(set(failures) - set(failed), key=lambda r: (_error_time(workdir, r), r))
+    order = [*failed, *later]
     parts = []
     if not failed:
-        parts.append(f"{world}: deadline of {timeout_s:g} s expired; Python stack of each rank:")
+        parts.append(
+            f"{world}: deadline of {timeout_s:g} s expired with no rank making progress; "
+            "Python stack of each rank below."
+        )
         error_cls: type[RankFailure] = RankTimeout
     else:
-        parts.append(f"{world}: rank {first[0]} failed first.")
+        parts.append(f"{world}: rank {failed[0]} failed first.")
         error_cls = RankFailure
-    for i, rank in enumerate(first):
-        later = " (later: probably a consequence of the first)" if i else ""
-        parts.append(f"=== rank {rank} failed{later} ===\n{failures[rank].rstrip()}")
+    for i, rank in enumerate(order):
+        if not failed:
+            title = f"=== rank {rank} ==="
+        elif i:
+            title = f"=== rank {rank} failed (later: probably a consequence of the first) ==="
+        else:
+            title = f"=== rank {rank} failed ==="
+        parts.append(f"{title}\n{failures[rank].rstrip()}")
     for rank in range(len(procs)):
         if logs[rank].strip():
             parts.append(f"=== rank {rank} output (tail, with its stack dump) ===\n{logs[rank]}")
     return error_cls("\n".join(parts), failures, logs)
+
+
+def _interrupted(procs: list[Any], workdir: str, backend: str) -> str:
+    parts = [f"{len(procs)} ranks on {backend}: interrupted (Ctrl-C); Python stack of each rank:"]
+    for rank in range(len(procs)):
+        stage = _read(_path(workdir, rank, "progress")) or _NOT_STARTED
+        parts.append(
+            f"=== rank {rank} (at: {stage}) output (tail, with its stack dump) ===\n"
+            + _tail(_path(workdir, rank, "log"))
+        )
+    return "\n".join(parts)
 
 
 def _describe_exit(exitcode: int | None) -> str:
@@ -246,7 +362,9 @@ def _kill_all(procs: list[Any]) -> None:
 
 def _rank_main(rank: int, spec: dict) -> None:
     """Body of one rank process: isolate, rendezvous, check the world, run ``fn``, report."""
+    global _progress_file
     workdir, world_size, backend = spec["workdir"], spec["world_size"], spec["backend"]
+    _progress_file = _path(workdir, rank, "progress")
     os.setsid()  # own process group, so the parent's killpg also takes our children
     _die_with_parent(spec["parent_pid"])
     log = open(_path(workdir, rank, "log"), "a", buffering=1)
@@ -280,7 +398,7 @@ def _rank_main(rank: int, spec: dict) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     except BaseException:
-        text = traceback.format_exc()
+        text = f"{traceback.format_exc()}(rank {rank} was at: {_stage})\n"
         with open(_path(workdir, rank, "error.tmp"), "w") as f:
             f.write(text)
         os.replace(_path(workdir, rank, "error.tmp"), _path(workdir, rank, "error"))
@@ -339,6 +457,10 @@ def _size(path: str) -> int:
         return os.path.getsize(path)
     except FileNotFoundError:
         return -1
+
+
+def _error_time(workdir: str, rank: int) -> int:
+    return _mtime(_path(workdir, rank, "error"))
 
 
 def _mtime(path: str) -> int:

@@ -1,6 +1,6 @@
-"""Plain reference implementation of Recall-at-Quantile (contract §3/§4).
+"""Plain reference implementation of Recall-at-Quantile (the formula of the README).
 
-Written from the contract, not from the library: a Python loop over classes, boolean masks and
+Written from the formula, not from the library: a Python loop over classes, boolean masks and
 ``torch.quantile`` per class. It is the oracle of the test-suite and the baseline of
 ``scripts/bench.py``. It is deliberately slow and deliberately keeps ``torch.quantile``'s
 2^24-row limit. It does no input validation, no subsampling and no distributed gather.

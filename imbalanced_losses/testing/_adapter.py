@@ -1,0 +1,135 @@
+"""What the harness needs from a loss, in one place.
+
+Any ``nn.Module`` or callable can be checked: it is called as ``loss(logits, targets,
+**step_kwargs)``, with ``sample_weight=`` added only on weighted steps and only when its forward
+takes one. The label range and the padding label come from the loss's ``num_classes`` /
+``ignore_index`` attributes when it has them, else from the case. Its state, the thing that must
+be identical on every rank, equal to the single process's and (usually) frozen in eval, is read
+by an accessor: by default the loss's whole ``state_dict()`` (buffers and extra state); for a
+subclass of this package's ``QueuedRankingLoss`` the queue itself, which is comparable with the
+plain reference implementation used as an oracle.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LossAdapter", "queue_state", "whole_state_dict"]
+
+
+def whole_state_dict(loss_fn: Any) -> dict[str, Any] | None:
+    """The default state accessor: ``loss_fn.state_dict()`` copied to CPU (None: it has none)."""
+    state_dict = getattr(loss_fn, "state_dict", None)
+    return None if state_dict is None else _cpu_copy(state_dict())
+
+
+def queue_state(loss_fn: Any) -> dict[str, Any] | None:
+    """The memory queue of a ``QueuedRankingLoss`` (or of the plain reference loss)."""
+    queue = getattr(loss_fn, "queue", loss_fn)
+    if not hasattr(queue, "scores"):
+        return None
+    return {
+        "scores": queue.scores.detach().cpu().clone(),
+        "targets": queue.targets.detach().cpu().clone(),
+        "weights": queue.weights.detach().cpu().clone(),
+        "ptr": int(queue.ptr),
+        "count": int(queue.count),
+    }
+
+
+@dataclass(frozen=True)
+class LossAdapter:
+    """How one case calls a loss and reads its state (built by :meth:`for_case`)."""
+
+    num_classes: int
+    ignore_index: int
+    takes_padding: bool
+    takes_sample_weight: bool
+    state: Callable[[Any], Any]
+    oracle_state: Callable[[Any], Any]
+    state_label: str  # "queue" or "state": the prefix of the state checks' names
+    writes_state_in_eval: bool
+    loss_scale: float | str  # the ranks' loss is this times the oracle's (1 or "world_size")
+
+    @classmethod
+    def for_case(cls, case: Any, probe: Any) -> LossAdapter:
+        """Fill what the case leaves open from a probe instance of the loss."""
+        num_classes = case.num_classes
+        if num_classes is None:
+            num_classes = getattr(probe, "num_classes", None)
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"num_classes: the loss {type(probe).__name__} has no num_classes attribute "
+                f"(saw {num_classes!r}); pass num_classes=<int >= 1> to the check (it is the "
+                "model's output width and the label range)"
+            )
+        ignore_index = case.ignore_index
+        if ignore_index is None:
+            ignore_index = int(getattr(probe, "ignore_index", -100))
+        ours = queue_state(probe) is not None and hasattr(probe, "update_queue_in_eval")
+        accessor = case.state or (queue_state if ours else whole_state_dict)
+        writes_in_eval = case.writes_state_in_eval
+        if writes_in_eval is None:
+            writes_in_eval = bool(getattr(probe, "update_queue_in_eval", False))
+        takes_weight = case.takes_sample_weight
+        if takes_weight is None:
+            takes_weight = _accepts_keyword(probe, "sample_weight")
+        if case.loss_scale not in (1, 1.0, "world_size"):
+            raise ValueError(f"loss_scale must be 1 or 'world_size', got {case.loss_scale!r}")
+        return cls(
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+            takes_padding=case.takes_padding,
+            takes_sample_weight=takes_weight,
+            state=accessor,
+            oracle_state=case.oracle_state or accessor,
+            state_label="queue" if ours and case.state is None else "state",
+            writes_state_in_eval=writes_in_eval,
+            loss_scale=case.loss_scale,
+        )
+
+    def call(
+        self, loss_fn: Any, logits: Tensor, targets: Tensor, weight: Tensor | None, kwargs: Any
+    ) -> Any:
+        """``loss_fn(logits, targets, **kwargs)``, with ``sample_weight`` on weighted steps."""
+        if weight is not None:
+            kwargs = {**kwargs, "sample_weight": weight}
+        return loss_fn(logits, targets, **kwargs)
+
+    def scale(self, world_size: int) -> float:
+        """Factor between the ranks' loss value and the oracle's."""
+        return float(world_size) if self.loss_scale == "world_size" else 1.0
+
+
+def _accepts_keyword(loss_fn: Any, name: str) -> bool:
+    target = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def as_float64(loss_fn: Any) -> Any:
+    """The loss in float64 (a callable that is not a module is taken as it is)."""
+    return loss_fn.double() if isinstance(loss_fn, nn.Module) else loss_fn
+
+
+def to_device(loss_fn: Any, device: torch.device) -> Any:
+    return loss_fn.to(device) if isinstance(loss_fn, nn.Module) else loss_fn

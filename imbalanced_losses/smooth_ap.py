@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -17,16 +16,6 @@ from .functional import positive_columns
 # so allocate-and-free loops make the resident memory climb).
 _TILE_ELEMENTS = 1 << 18
 _TILE_COLUMNS = 1 << 14
-
-
-def _check_temperature(value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise ValueError(f"temperature must be a finite float > 0, got {value!r}")
-    return float(value)
 
 
 class _Block:
@@ -193,6 +182,8 @@ class SmoothAPLoss(QueuedRankingLoss):
         max_pool_size: the sums over ``j`` use a uniform sample of this many pooled
             rows, scaled up by ``pool / sample`` (each positive ``i`` still counts).
         seed: seed of that sample's private generator (the global RNG is untouched).
+        process_group: the group whose ranks' rows are pooled (default: the whole world);
+            pass the group that DDP averages gradients over.
 
     Shape:
         ``logits`` ``[N, C]`` float, ``targets`` ``[N]`` or ``[N, 1]`` integer or bool,
@@ -211,6 +202,7 @@ class SmoothAPLoss(QueuedRankingLoss):
         max_pool_size: int | None = None,
         *,
         seed: int = 0,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             num_classes,
@@ -221,17 +213,9 @@ class SmoothAPLoss(QueuedRankingLoss):
             gather_distributed=gather_distributed,
             max_pool_size=max_pool_size,
             seed=seed,
+            process_group=process_group,
+            temperature=temperature,
         )
-        self.temperature = temperature
-
-    @property
-    def temperature(self) -> float:
-        """Sigmoid width; assign a new value to anneal it (kept in ``state_dict()``)."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._temperature = _check_temperature(value)
 
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
         num_classes = self.num_classes
@@ -287,16 +271,6 @@ class SmoothAPLoss(QueuedRankingLoss):
             torch.finfo(mass.dtype).tiny
         )
         return 1.0 - ap, valid
-
-    def config_fingerprint(self) -> dict[str, float]:
-        return {**super().config_fingerprint(), "temperature": self.temperature}
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "temperature": self.temperature}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.temperature = state["temperature"]
 
     def extra_repr(self) -> str:
         return (

@@ -201,7 +201,8 @@ def test_temperature_is_validated_saved_and_restored():
     loss_fn = SmoothAPLoss(2, temperature=0.2)
     loss_fn.temperature = 0.05
     restored = SmoothAPLoss(2, temperature=0.2)
-    restored.load_state_dict(loss_fn.state_dict())
+    with pytest.warns(UserWarning, match="checkpoint's temperature=0.05 replaces"):
+        restored.load_state_dict(loss_fn.state_dict())
     assert restored.temperature == 0.05
 
 

@@ -5,6 +5,7 @@ import importlib
 from ._base import Pool, QueuedRankingLoss, Rows
 from ._distributed import all_gather_no_grad, all_gather_with_grad
 from ._queue import MemoryQueue
+from .functional import recall_at_quantile_loss
 from .metrics import recall_at_quantile
 from .recall_loss import RecallAtQuantileLoss
 from .smooth_ap import SmoothAPLoss
@@ -23,6 +24,7 @@ __all__ = [
     "all_gather_no_grad",
     "all_gather_with_grad",
     "recall_at_quantile",
+    "recall_at_quantile_loss",
 ]
 
 

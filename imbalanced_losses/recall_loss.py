@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._base import Pool, QueuedRankingLoss
-from .functional import INTERPOLATIONS, quantile_threshold, soft_recall_loss
+from .functional import INTERPOLATIONS, positive_columns, quantile_threshold, soft_recall_loss
+
+# The positive-fraction check waits until the pool expects this many rows above the
+# threshold: fewer, and a fraction near the quantile is sampling noise.
+_MIN_ROWS_TO_JUDGE_FRACTION = 20
 
 
 class RecallAtQuantileLoss(QueuedRankingLoss):
@@ -108,19 +113,63 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
             )
         self.quantile = float(quantile)
         self.quantile_interpolation = quantile_interpolation
+        self._pending_fraction: _HostCopy | None = None
 
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
         blocks = pool.threshold_blocks()
-        sample_size = sum(block.shape[0] for block in blocks)
-        if sample_size * self.quantile < 1:
-            self._warn_once(
-                "small pool",
-                f"the pool holds {sample_size} rows, too few for quantile={self.quantile} "
-                f"(pool * quantile < 1), so the threshold sits at the top of the pool; "
-                f"use a larger queue_size or batch.",
-            )
+        self._warn_if_pool_too_small(sum(block.shape[0] for block in blocks))
+        self._warn_if_positives_exceed_quantile(pool)
         theta = quantile_threshold(blocks, self.quantile, self.quantile_interpolation)
         return soft_recall_loss(*pool.positives(), theta, self.temperature)
+
+    def reset_queue(self) -> None:
+        super().reset_queue()
+        self._pending_fraction = None
+
+    def _warn_if_pool_too_small(self, sample_size: int) -> None:
+        """``pool * quantile < 1`` puts the threshold at the pool's top score.
+
+        Judged only once the queue is full (or disabled): a filling queue is
+        small by nature and says nothing about the settings.
+        """
+        if self.queue.count == self.queue.capacity and sample_size * self.quantile < 1:
+            self._warn_once(
+                "small pool",
+                f"the pool holds {sample_size} rows with a full queue, too few for "
+                f"quantile={self.quantile} (pool * quantile < 1), so the threshold sits at "
+                "the top of the pool; use a larger queue_size or batch.",
+            )
+
+    def _warn_if_positives_exceed_quantile(self, pool: Pool) -> None:
+        """Warn when a class's positives make up at least ``quantile`` of the pooled rows.
+
+        The threshold admits only that share of rows, so even a perfect model
+        leaves some positives below it. The fraction is computed on the device;
+        on CUDA its value is read at a later step, once it has reached the host,
+        so the check never makes the host wait.
+        """
+        if "positive fraction" in self._warned:
+            return
+        if self._pending_fraction is None:
+            if pool.size * self.quantile < _MIN_ROWS_TO_JUDGE_FRACTION:
+                return
+            self._pending_fraction = _HostCopy(_largest_positive_fraction(pool))
+        reading = self._pending_fraction.get()
+        if reading is None:  # not on the host yet
+            return
+        self._pending_fraction = None
+        fraction, column = reading
+        if fraction < self.quantile:
+            return
+        who = "positives" if self.num_classes == 1 else f"class {int(column)}'s positives"
+        self._warn_once(
+            "positive fraction",
+            f"{who} make up {fraction:.2%} of the {pool.size} pooled rows, at or above "
+            f"quantile={self.quantile}: the threshold admits only that share of the rows, so "
+            "even a perfect model leaves some positives below it and the loss keeps pushing "
+            "positives against each other; use a quantile above every class's positive "
+            f"fraction (e.g. quantile={min(0.5, 2 * fraction):.3g}).",
+        )
 
     def config_fingerprint(self) -> dict[str, float]:
         return {
@@ -137,3 +186,33 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
             f"quantile_interpolation={self.quantile_interpolation!r}, "
             f"max_pool_size={self.max_pool_size}"
         )
+
+
+def _largest_positive_fraction(pool: Pool) -> Tensor:
+    """``[fraction, class]`` (float64, on the device) of the class with most pooled positives."""
+    counts = torch.zeros(pool.num_classes, dtype=torch.float64, device=pool.live.scores.device)
+    for rows in (pool.live, pool.queued):
+        column = positive_columns(rows.targets, pool.num_classes)
+        counts.index_add_(0, column.clamp(min=0), (column >= 0).to(torch.float64))
+    worst = counts.argmax()
+    return torch.stack([counts[worst] / pool.size, worst.to(torch.float64)])
+
+
+class _HostCopy:
+    """A small device tensor on its way to the host: pinned memory and an event on CUDA."""
+
+    def __init__(self, values: Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values
+
+    def get(self) -> list[float] | None:
+        """The values, or ``None`` while the copy has not finished (never waits)."""
+        if self._event is not None and not self._event.query():
+            return None
+        return self._host.tolist()

@@ -634,7 +634,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--bce-weight", type=float, default=1.0,
                    help="blend: loss = RecallAtQuantile + bce_weight * BCE after the warm-up")
     g = p.add_argument_group("Smooth-AP arm")
-    g.add_argument("--sap-temperature", type=float, default=1.0,
+    g.add_argument("--sap-temperature", type=float, default=0.3,
                    help="sigmoid temperature of SmoothAPLoss, in logit units")
     g.add_argument("--sap-queue-size", type=int, default=8192)
     g.add_argument("--sap-bce-weight", type=float, default=1.0,

@@ -270,7 +270,12 @@ def _failure(
     for rank, proc in enumerate(procs):
         reason = _read(_path(workdir, rank, "error"))
         if not reason and (rank in failed or not failed):
-            reason = _describe_exit(proc.exitcode) if rank in failed else "still running"
+            if rank in failed:
+                reason = _describe_exit(proc.exitcode)
+            elif os.path.exists(_path(workdir, rank, "result")):
+                reason = "returned its result"
+            else:
+                reason = "still running"
             reason += f"; it was at: {_read(_path(workdir, rank, 'progress')) or _NOT_STARTED}"
         if reason:
             failures[rank] = reason
@@ -389,6 +394,7 @@ def _rank_main(rank: int, spec: dict) -> None:
             timeout=datetime.timedelta(seconds=spec["pg_timeout_s"]),
         )
         _check_world(rank, world_size, backend)
+        report_progress(f"running {getattr(fn, '__name__', fn)!s} (joined the process group)")
         result = fn(rank, *args, **kwargs)
         tmp = _path(workdir, rank, "result.tmp")
         torch.save(result, tmp)

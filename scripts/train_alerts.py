@@ -584,8 +584,8 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
     ax.axvline(args.warmup_epochs + 0.5, color="gray", ls=":", lw=1.2, label="end of BCE warm-up")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"test recall at top {100 * args.quantile:g}%")
-    ax.set_title(f"recall at the alert budget over epochs, mean ± std of {len(results)} "
-                 "seed(s) at the end\n(thin lines: individual seeds)")
+    ax.set_title(f"recall at the budget over epochs (legend: final\nmean ± std of "
+                 f"{len(results)} seed(s); thin lines: single seeds)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -634,7 +634,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--bce-weight", type=float, default=1.0,
                    help="blend: loss = RecallAtQuantile + bce_weight * BCE after the warm-up")
     g = p.add_argument_group("Smooth-AP arm")
-    g.add_argument("--sap-temperature", type=float, default=1.0,
+    g.add_argument("--sap-temperature", type=float, default=0.3,
                    help="sigmoid temperature of SmoothAPLoss, in logit units")
     g.add_argument("--sap-queue-size", type=int, default=8192)
     g.add_argument("--sap-bce-weight", type=float, default=1.0,

@@ -123,6 +123,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         return soft_recall_loss(*pool.positives(), theta, self.temperature)
 
     def reset_queue(self) -> None:
+        """Empty the memory queue; re-arms the warnings (a pending check is dropped)."""
         super().reset_queue()
         self._pending_fraction = None
 

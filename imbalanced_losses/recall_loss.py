@@ -123,6 +123,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         return soft_recall_loss(*pool.positives(), theta, self.temperature)
 
     def reset_queue(self) -> None:
+        """Empty the memory queue; re-arms the warnings (a pending check is dropped)."""
         super().reset_queue()
         self._pending_fraction = None
 
@@ -133,11 +134,12 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         small by nature and says nothing about the settings.
         """
         if self.queue.count == self.queue.capacity and sample_size * self.quantile < 1:
+            queue_state = " with the queue full" if self.queue.capacity else ""
             self._warn_once(
                 "small pool",
-                f"the pool holds {sample_size} rows with a full queue, too few for "
-                f"quantile={self.quantile} (pool * quantile < 1), so the threshold sits at "
-                "the top of the pool; use a larger queue_size or batch.",
+                f"the pool holds {sample_size} rows{queue_state}, "
+                f"too few for quantile={self.quantile} (pool * quantile < 1), so the threshold "
+                "sits at the top of the pool; use a larger queue_size or batch.",
             )
 
     def _warn_if_positives_exceed_quantile(self, pool: Pool) -> None:

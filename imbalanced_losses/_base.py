@@ -41,12 +41,15 @@ class Rows:
     ``own [n]``, when set, is each row's score in its own class column and is
     the only tensor carrying gradient (``scores`` travelled detached): the cheap
     gradient path of a loss that sets ``own_class_gradient_only``.
+    ``num_positives``, when the host knows it, is how many rows are a
+    positive of some class: binary positives are then selected without a sync.
     """
 
     scores: Tensor
     targets: Tensor
     weights: Tensor
     own: Tensor | None = None
+    num_positives: int | None = None
 
 
 @dataclass
@@ -91,10 +94,14 @@ class Pool:
         """Own-class score, class and weight of the rows that count as positives.
 
         ``(own_score [K], class [K], weight [K])``; live scores carry gradient.
-        Multi-class: every row is a positive of its class. Binary: rows with
-        target 0 come with weight 0 (selecting them out would cost a host sync).
+        Multi-class: every row is a positive of its class. Binary: the live
+        positives are selected (their count came with the metadata, so without
+        a host sync); queued rows with target 0 come with weight 0 instead
+        (selecting them would cost a sync, and the queue is small).
         """
-        blocks = (self.live,) if self.positives_from == "live" else (self.live, self.queued)
+        blocks = [self._binary_positives_only(self.live)]
+        if self.positives_from == "pool" and self.queued.targets.shape[0] > 0:
+            blocks.append(self.queued)  # an empty queue joins no copy of the live positives
         parts = [
             positive_scores(rows.scores, rows.targets, rows.weights, self.num_classes, rows.own)
             for rows in blocks
@@ -102,6 +109,19 @@ class Pool:
         if len(parts) == 1:
             return parts[0]
         return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+
+    def _binary_positives_only(self, rows: Rows) -> Rows:
+        """The positive rows of a binary block whose positive count is known, else ``rows``.
+
+        Keeps every per-positive temporary (and its gradient) positive-sized
+        rather than row-sized: binary positives are often 1% of the rows.
+        """
+        count = rows.num_positives
+        if self.num_classes != 1 or count is None or count == rows.targets.shape[0]:
+            return rows
+        index = _validation.true_indices(rows.targets == 1, count)
+        own = None if rows.own is None else rows.own[index]
+        return Rows(rows.scores[index], rows.targets[index], rows.weights[index], own, count)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -397,9 +417,13 @@ class QueuedRankingLoss(nn.Module):
             rows = _validation.true_indices(keep, num_kept)
             scores, tgt, weights = scores[rows], tgt[rows], weights[rows]
         num_finite = int(sum(m[Meta.FINITE_ROWS] for m in metas))
-        if not distributed:
-            return Rows(scores, tgt, weights), num_finite
-        return self._gather(scores, tgt, weights, [int(m[Meta.ROWS]) for m in metas]), num_finite
+        num_positives = int(sum(m[Meta.POSITIVE_ROWS] for m in metas))
+        if distributed:
+            live = self._gather(scores, tgt, weights, [int(m[Meta.ROWS]) for m in metas])
+        else:
+            live = Rows(scores, tgt, weights)
+        live.num_positives = num_positives
+        return live, num_finite
 
     def _local_rows(
         self,
@@ -438,6 +462,7 @@ class QueuedRankingLoss(nn.Module):
         else:
             weights = sample_weight.detach().to(dtype)
             bad_weights = _validation.bad_weights(weights)
+        positive = keep & (tgt == 1) if self.num_classes == 1 else keep
         meta = _validation.metadata_row(
             static_error=False,
             rows=keep.sum(),
@@ -445,6 +470,7 @@ class QueuedRankingLoss(nn.Module):
             bad_targets=_validation.bad_targets(tgt, self.num_classes, self.ignore_index),
             bad_weights=bad_weights,
             config=config_t,
+            positive_rows=positive.sum(),
         )
         return meta, (logits.to(dtype), tgt, weights, keep)
 

@@ -26,8 +26,8 @@ from .functional import out_of_range_targets
 class Meta:
     """Columns of the metadata row; the agreed-on configuration follows ``CONFIG``."""
 
-    STATIC_ERROR, ROWS, FINITE_ROWS, BAD_TARGETS, BAD_WEIGHTS = range(5)
-    CONFIG = 5
+    STATIC_ERROR, ROWS, FINITE_ROWS, BAD_TARGETS, BAD_WEIGHTS, POSITIVE_ROWS = range(6)
+    CONFIG = 6
 
 
 def metadata_row(
@@ -38,9 +38,14 @@ def metadata_row(
     bad_targets: Tensor | bool,
     bad_weights: Tensor | bool,
     config: Tensor,
+    positive_rows: Tensor | int = 0,
 ) -> Tensor:
-    """This rank's metadata row (float64, on ``config``'s device), without a host sync."""
-    values = [rows, finite_rows, bad_targets, bad_weights]
+    """This rank's metadata row (float64, on ``config``'s device), without a host sync.
+
+    ``positive_rows`` (kept rows that are a positive of some class) lets the
+    loss select its positives with a size the host knows, so without a sync.
+    """
+    values = [rows, finite_rows, bad_targets, bad_weights, positive_rows]
     device = config.device
     row = torch.stack(
         [torch.as_tensor(v, device=device).to(torch.float64).reshape(()) for v in values]

@@ -194,6 +194,9 @@ def _largest_positive_fraction(pool: Pool) -> Tensor:
     """``[fraction, class]`` (float64, on the device) of the class with most pooled positives."""
     counts = torch.zeros(pool.num_classes, dtype=torch.float64, device=pool.live.scores.device)
     for rows in (pool.live, pool.queued):
+        if pool.num_classes == 1:  # no row-sized temporary for the common binary case
+            counts += (rows.targets == 1).sum()
+            continue
         column = positive_columns(rows.targets, pool.num_classes)
         counts.index_add_(0, column.clamp(min=0), (column >= 0).to(torch.float64))
     worst = counts.argmax()

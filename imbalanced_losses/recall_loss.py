@@ -199,8 +199,10 @@ def _largest_positive_fraction(pool: Pool) -> Tensor:
             continue
         column = positive_columns(rows.targets, pool.num_classes)
         counts.index_add_(0, column.clamp(min=0), (column >= 0).to(torch.float64))
-    worst = counts.argmax()
-    return torch.stack([counts[worst] / pool.size, worst.to(torch.float64)])
+    # max over a dim keeps both on the device; counts[counts.argmax()] would read the index
+    # on the host (a sync on CUDA).
+    largest, worst = counts.max(dim=0)
+    return torch.stack([largest / pool.size, worst.to(torch.float64)])
 
 
 class _HostCopy:

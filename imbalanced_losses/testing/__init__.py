@@ -5,6 +5,8 @@ stack dumps, instead of hanging. ``check_ddp_exactness`` trains a small float64 
 DistributedDataParallel with any loss and compares every step with one process fed the global
 batch: loss on every rank, DDP gradients, the loss's state bit for bit, parameters.
 ``assert_ddp_exact`` is the same for a test suite: it raises with the report on a mismatch.
+``SyncCounter`` counts the ops of a step that would make the host wait for a CUDA device, on any
+build (CPU included).
 """
 
 from imbalanced_losses.testing._adapter import queue_state, whole_state_dict
@@ -13,6 +15,7 @@ from imbalanced_losses.testing._ddp_check import (
     check_ddp_exactness,
     check_many,
 )
+from imbalanced_losses.testing._host_syncs import SyncCounter
 from imbalanced_losses.testing._plan import Case, Step, default_plan
 from imbalanced_losses.testing._report import Check, DdpMismatch, DdpReport, NotChecked
 from imbalanced_losses.testing._spawn import (
@@ -35,6 +38,7 @@ __all__ = [
     "RankTimeout",
     "RanksInterrupted",
     "Step",
+    "SyncCounter",
     "assert_ddp_exact",
     "check_ddp_exactness",
     "check_many",

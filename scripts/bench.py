@@ -28,6 +28,10 @@ size (memory ratios, collective counts), showing the speed targets as "n/a (full
   backward, steady state = every step after the first.   target: <= 2 per forward, 0 in backward
 * ``c100_pool1m`` (not in the default set; for ``--device cuda``) C=100, batch 8192 + queue
   991,808 = a 1,000,000-row pool.
+* Host syncs (``c16_q64k``, ``c10k_q16k``): after the timed calls, one more steady-state step
+  of ours runs under ``imbalanced_losses.testing.SyncCounter``, which counts the ops that
+  would make the host wait for a CUDA device (on any build, CPU included).   target: <= 2 per
+  forward, 0 in backward. The count does not depend on size, so ``--quick`` judges it.
 * ``sap_1m`` (not in the default set) ``SmoothAPLoss``, binary, 1,000,000 rows with 5,000
   positives, peak extra memory (fresh process, default malloc) target < 1 GiB; and ours beside
   the plain full-matrix Smooth-AP of the tests (float32) at 100,000 rows / 500 positives.
@@ -65,6 +69,7 @@ from typing import Any
 import torch
 
 from imbalanced_losses import RecallAtQuantileLoss
+from imbalanced_losses.testing import SyncCounter
 from imbalanced_losses.testing.reference import ReferenceRecallAtQuantileLoss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +80,8 @@ TORCH_QUANTILE_LIMIT = 2**24
 # name -> full sizes, quick sizes, target
 CASES: dict[str, dict[str, Any]] = {
     "c16_q64k": dict(
-        kind="speed", C=16, full=(4096, 65536), quick=(512, 4096), speedup=10.0
+        kind="speed", C=16, full=(4096, 65536), quick=(512, 4096), speedup=10.0,
+        max_syncs=(2, 0),
     ),
     "c100_q64k": dict(
         kind="speed", C=100, full=(8192, 65536), quick=(2048, 16384), speedup=4.0,
@@ -88,7 +94,7 @@ CASES: dict[str, dict[str, Any]] = {
     "c10k_q16k": dict(
         kind="speed", C=10_000, quantile=0.3, full=(1024, 16384), quick=(64, 256),
         speedup=None, max_extra_pool=2.0, reference_limit_s=(60.0, 5.0), repeats=3, warmup=0,
-        memory_calls=1,
+        memory_calls=1, max_syncs=(2, 0),
     ),
     "c1_1m": dict(kind="speed", C=1, full=(1_000_000, 0), quick=(50_000, 0), speedup=1.0),
     # --quick runs ours on 1M rows; the reference is still shown to refuse > 2**24 rows.
@@ -215,6 +221,7 @@ def run_speed_case(name: str, spec: dict[str, Any], args: argparse.Namespace) ->
     quantile = spec.get("quantile", QUANTILE)
     repeats = min(args.repeats, spec.get("repeats", args.repeats))
     ours, ref, batches = speed_inputs(spec, batch, queue, device)
+    module = ours
     if device != "cpu":
         # The reference builds default weights on the CPU; on another device give both losses
         # the same all-ones sample_weight (same math, same work on both sides).
@@ -287,6 +294,13 @@ def run_speed_case(name: str, spec: dict[str, Any], args: argparse.Namespace) ->
         target = spec["speedup"]
         targets.append("no slower than baseline" if target == 1.0 else f">= {target:g}x faster")
         met.append(None if args.quick else bool(speedup >= target))
+    if "max_syncs" in spec:
+        forward, backward = count_host_syncs(module, batches[-1], device)
+        result.update(host_syncs_per_forward=forward, host_syncs_per_backward=backward)
+        max_forward, max_backward = spec["max_syncs"]
+        targets.append(f"<= {max_forward} host syncs/forward, {max_backward} in backward")
+        met.append(bool(sum(forward.values()) <= max_forward
+                        and sum(backward.values()) <= max_backward))
     if "max_extra_pool" in spec and device == "cpu":
         memory = run_pool_memory(name, batch, queue, spec.get("memory_calls", 2))
         result.update(memory)
@@ -297,6 +311,22 @@ def run_speed_case(name: str, spec: dict[str, Any], args: argparse.Namespace) ->
     result["met"] = all(judged) if judged else None
     result["not_judged"] = "speed: n/a at --quick sizes" if None in met else None
     return result
+
+
+def count_host_syncs(
+    loss_fn: RecallAtQuantileLoss, batch: tuple[torch.Tensor, ...], device: str
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Ops that would block the host on CUDA in one steady-state forward and its backward."""
+    logits = batch[0].detach().clone().requires_grad_(True)
+    targets = batch[1]
+    weights = torch.ones(targets.shape[0], device=device)  # the timed calls' code path
+    buffers = list(loss_fn.buffers())
+    kwargs = {} if device == "cpu" else {"sample_weight": weights}
+    with SyncCounter(logits, targets, weights, *buffers) as forward:
+        loss = loss_fn(logits, targets, **kwargs)
+    with SyncCounter(loss, *buffers) as backward:
+        loss.backward()
+    return dict(forward.counts), dict(backward.counts)
 
 
 # --------------------------------------------------------------------------- memory case
@@ -670,6 +700,9 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                 measured = f"> {r['speedup']:,.0f}x"
             else:
                 ref, measured = fmt_ms(r["reference_median_ms"]), f"{r['speedup']:.1f}x"
+            if "host_syncs_per_forward" in r:
+                measured += (f"; host syncs {sum(r['host_syncs_per_forward'].values())} per "
+                             f"forward, {sum(r['host_syncs_per_backward'].values())} in backward")
             if "peak_extra_over_pool" in r:
                 measured += (f"; peak extra {max(r['peak_extra_mb']):,.0f} MiB = "
                              f"{r['peak_extra_over_pool']:.2f}x pool ({r['pool_mb']:,.0f} MiB)")

@@ -194,8 +194,10 @@ def _largest_positive_fraction(pool: Pool) -> Tensor:
     """``[fraction, class]`` (float64, on the device) of the class with most pooled positives."""
     counts = torch.zeros(pool.num_classes, dtype=torch.float64, device=pool.live.scores.device)
     for rows in (pool.live, pool.queued):
-        column = positive_columns(rows.targets, pool.num_classes)
-        counts.index_add_(0, column.clamp(min=0), (column >= 0).to(torch.float64))
+        # In row chunks: a 20M-row binary batch must not get int64/float64 temporaries.
+        for targets in rows.targets.split(1 << 20):
+            column = positive_columns(targets, pool.num_classes)
+            counts.index_add_(0, column.clamp(min=0), (column >= 0).to(torch.float64))
     worst = counts.argmax()
     return torch.stack([counts[worst] / pool.size, worst.to(torch.float64)])
 

@@ -23,6 +23,10 @@ from _smooth_ap_reference import ReferenceSmoothAPLoss  # noqa: E402
 # The warm-up loss of the wrapper cases is the recall loss on tiny pools: its warning is noise.
 pytestmark = pytest.mark.filterwarnings("ignore:the pool holds .* too few for quantile")
 
+# The hang deadline also covers the ranks' start-up (importing torch), which took over 60 s on
+# this 2-core machine while other jobs ran; these worlds are not the place to test hangs.
+START_UP_S = 180.0
+
 # A temperature of 0.5 on unit-scale logits keeps the pair sigmoids off their flat tails.
 SAP = partial(SmoothAPLoss, temperature=0.5)
 
@@ -99,7 +103,7 @@ def test_every_step_matches_the_single_process_oracle_on_gloo(world_size):
         "multi-class, max_pool_size": Case(partial(SAP, 3, queue_size=12, max_pool_size=6), plan),
         "binary, loss inside DDP": Case(partial(SAP, 1, queue_size=6), plan, loss_inside_ddp=True),
     }
-    assert_all_pass(cases)
+    assert_all_pass(cases, timeout_s=START_UP_S)
 
 
 def test_checkpoints_resume_across_world_sizes_on_the_oracle_trajectory():
@@ -113,7 +117,7 @@ def test_checkpoints_resume_across_world_sizes_on_the_oracle_trajectory():
         Case(partial(SAP, 3, queue_size=9, max_pool_size=8), plan),
         Case(partial(WarmupToSmoothAP, 2, 9), plan),
     ]
-    for report in check_many(cases):
+    for report in check_many(cases, timeout_s=START_UP_S):
         report.raise_if_failed()
         checked = {(c.step, c.world_size) for c in report.checks if c.name == "queue vs oracle"}
         assert checked == {(i, len(s.sizes)) for i, s in enumerate(plan)}

@@ -1,8 +1,11 @@
 """Training losses for class-imbalanced, alert-budget problems, exact under DDP."""
 
+import importlib
+
 from ._base import Pool, QueuedRankingLoss, Rows
 from ._distributed import all_gather_no_grad, all_gather_with_grad
 from ._queue import MemoryQueue
+from .functional import recall_at_quantile_loss
 from .metrics import recall_at_quantile
 from .recall_loss import RecallAtQuantileLoss
 from .smooth_ap import SmoothAPLoss
@@ -21,14 +24,21 @@ __all__ = [
     "all_gather_no_grad",
     "all_gather_with_grad",
     "recall_at_quantile",
+    "recall_at_quantile_loss",
 ]
 
 
-def __getattr__(name: str) -> object:
-    # RecallAtQuantile subclasses torchmetrics.Metric: import it (and torchmetrics) only when
-    # asked for, so that the losses never need torchmetrics.
-    if name == "RecallAtQuantile":
-        from ._metric_class import RecallAtQuantile
+# Public names that need an optional dependency: imported on first access, so that
+# `import imbalanced_losses` and the losses never need it. Name -> (module, extra).
+_OPTIONAL_EXPORTS = {"RecallAtQuantile": ("._metric_class", "metrics")}
 
-        return RecallAtQuantile
+
+def __getattr__(name: str) -> object:
+    if name in _OPTIONAL_EXPORTS:
+        module = importlib.import_module(_OPTIONAL_EXPORTS[name][0], __name__)
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_OPTIONAL_EXPORTS])

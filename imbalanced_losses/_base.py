@@ -142,6 +142,7 @@ class QueuedRankingLoss(nn.Module):
     """
 
     own_class_gradient_only: ClassVar[bool] = False
+    _temperature: float  # set only by losses that have a temperature
 
     def __init__(
         self,
@@ -185,7 +186,8 @@ class QueuedRankingLoss(nn.Module):
         self.seed = seed
         self.process_group = process_group
         self.positives = positives
-        self._temperature = None if temperature is None else check_temperature(temperature)
+        if temperature is not None:  # a loss without a sigmoid width has no temperature
+            self._temperature = check_temperature(temperature)
         self.subsample_step = 0
         self.queue = MemoryQueue(queue_size, num_classes)
         self._warned: set[str] = set()
@@ -207,7 +209,7 @@ class QueuedRankingLoss(nn.Module):
             "seed": float(self.seed),
             "positives": float(POSITIVES.index(self.positives)),
         }
-        if self._temperature is not None:
+        if self._has_temperature():
             fingerprint["temperature"] = self._temperature
         return fingerprint
 
@@ -215,7 +217,7 @@ class QueuedRankingLoss(nn.Module):
     @property
     def temperature(self) -> float:
         """Sigmoid width; assign a new value to anneal it (kept in ``state_dict()``)."""
-        if self._temperature is None:
+        if not self._has_temperature():
             raise AttributeError(f"{type(self).__name__} has no temperature")
         return self._temperature
 
@@ -230,7 +232,7 @@ class QueuedRankingLoss(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"version": STATE_VERSION, "subsample_step": self.subsample_step}
-        if self._temperature is not None:
+        if self._has_temperature():
             state["temperature"] = self._temperature
         return state
 
@@ -246,7 +248,7 @@ class QueuedRankingLoss(nn.Module):
             "subsample_step", int(state.get("subsample_step", self.subsample_step)), 0
         )
         saved = state.get("temperature")
-        if saved is not None and self._temperature is not None:
+        if saved is not None and self._has_temperature():
             saved = check_temperature(saved)
             if saved != self._temperature:
                 warnings.warn(
@@ -302,6 +304,9 @@ class QueuedRankingLoss(nn.Module):
         return loss
 
     # ---------------------------------------------------------------- helpers
+    def _has_temperature(self) -> bool:
+        return "_temperature" in vars(self)
+
     def _warn_once(self, key: str, message: str) -> None:
         """Warn once per condition ``key`` at the caller's line; ``reset_queue`` re-arms it."""
         if key in self._warned:

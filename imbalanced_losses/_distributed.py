@@ -20,8 +20,8 @@ that DDP averages over. Three gradient rules are offered:
   a ``[global rows]`` vector carries gradient, never a dense ``[rows, C]`` one.
 
 Collective tensors live where the group's backend needs them
-(:func:`collective_device`): a CPU tensor under NCCL is moved for the
-collective and back.
+(:func:`collective_device`): a CPU tensor under NCCL (or a CUDA tensor under
+gloo) is moved for the collective and back.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def collective_device(group: Group = None) -> torch.device:
 
 
 def _on_backend(tensor: Tensor, group: Group) -> Tensor:
-    """``tensor`` where the backend can move it: only a non-CUDA tensor under NCCL moves."""
+    """``tensor`` where the backend can move it (CPU under NCCL, CUDA under gloo move)."""
     device = collective_device(group)
-    if device.type == "cuda" and tensor.device.type != "cuda":
+    if tensor.device.type != device.type:
         return tensor.to(device)
     return tensor
 
@@ -136,14 +136,17 @@ class _GatherOwnColumn(torch.autograd.Function):
         ctx: Any, own: Tensor, packed: Tensor, width: int, sizes: list[int], group: Group
     ) -> tuple[Tensor, Tensor]:
         ctx.sizes, ctx.group = sizes, group
+        ctx.set_materialize_grads(False)  # no zero [rows, C] gradient for the detached rows
         gathered = _gather_padded(packed, sizes, group)
         ctx.mark_non_differentiable(gathered)
         return gathered, _own_scores(gathered, width)
 
     @staticmethod
     def backward(
-        ctx: Any, _grad_rows: Tensor | None, grad_own: Tensor
-    ) -> tuple[Tensor, None, None, None, None]:
+        ctx: Any, _grad_rows: Tensor | None, grad_own: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None, None]:
+        if grad_own is None:
+            return None, None, None, None, None
         # The replicated rule on a [global rows] vector: local slice times the group size.
         local = _local_slice(grad_own, ctx.sizes, ctx.group) * world(ctx.group)[1]
         return local, None, None, None, None

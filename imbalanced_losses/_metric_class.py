@@ -20,8 +20,9 @@ except ImportError as exc:  # the core package never needs torchmetrics
         'pip install "imbalanced-losses[metrics]"'
     ) from exc
 
+from . import _validation
 from .functional import INTERPOLATIONS
-from .metrics import _input_problem, recall_at_quantile
+from .metrics import _static_problem, recall_at_quantile
 
 __all__ = ["RecallAtQuantile"]
 
@@ -101,12 +102,18 @@ class RecallAtQuantile(Metric):
 
     def update(self, scores: Tensor, targets: Tensor) -> None:
         """Keep this batch's non-ignored rows; checks the batch before storing anything."""
-        problem = _input_problem(scores, targets, self.ignore_index)
+        # the function's own checks, so the metric accepts exactly what it accepts
+        problem = _static_problem(scores, targets)
         if problem is not None:
             raise ValueError(problem)
         if scores.dtype not in _SCORE_DTYPES:
             raise ValueError(f"scores must be one of {_SCORE_DTYPES}, got {scores.dtype}")
         columns = 0 if scores.dim() == 1 else scores.shape[1]
+        targets = targets.reshape(-1).long()
+        if _validation.bad_targets(targets, max(columns, 1), self.ignore_index):
+            raise ValueError(
+                _validation.describe_bad_targets(targets, max(columns, 1), self.ignore_index)
+            )
         if isinstance(self.layouts, list) and self.layouts:
             seen = int(self.layouts[0][0])
             if seen != columns:
@@ -114,7 +121,6 @@ class RecallAtQuantile(Metric):
                     f"scores have {_describe(columns)} but earlier updates had "
                     f"{_describe(seen)}; call reset() between different tasks"
                 )
-        targets = targets.reshape(-1).long()
         keep = targets != self.ignore_index
         kept_scores = scores.reshape(scores.shape[0], max(columns, 1))[keep].double()
         kept = torch.cat([kept_scores, targets[keep].double()[:, None]], dim=1)

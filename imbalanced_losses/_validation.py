@@ -57,8 +57,7 @@ def exchange(row: Tensor, *, distributed: bool, group: Any = None) -> list[list[
     validation costs per forward.
     """
     if distributed:
-        sendable = row.to(_distributed.collective_device(group))
-        rows = torch.stack(_distributed.all_gather_rows_of_equal_shape(sendable, group))
+        rows = torch.stack(_distributed.all_gather_rows_of_equal_shape(row, group))
     else:
         rows = row[None]
     return host_copy(rows).tolist()

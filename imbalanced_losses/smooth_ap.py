@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -11,76 +10,65 @@ from torch import Tensor
 from ._base import Pool, QueuedRankingLoss, Rows
 from .functional import positive_columns
 
-# Elements of the one pair buffer a forward or backward reuses for every chunk. Reusing
-# it (rather than allocating per chunk) keeps the process's resident memory flat: glibc
-# keeps freed blocks below its mmap threshold on the heap.
-_PAIR_BUFFER_ELEMENTS = 1 << 23  # 32 MiB in float32
-
-
-def _check_temperature(value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise ValueError(f"temperature must be a finite float > 0, got {value!r}")
-    return float(value)
+# Pairs are computed in tiles of at most this many elements (x64 on CUDA) in one buffer
+# that a forward or backward allocates once and reuses: small enough to stay in the CPU's
+# cache, and never a per-tile allocation (glibc keeps freed mid-sized blocks on its heap,
+# so allocate-and-free loops make the resident memory climb).
+_TILE_ELEMENTS = 1 << 18
+_TILE_COLUMNS = 1 << 14
 
 
 class _Block:
-    """Columns that the positives are ranked against: ``cols [C_b, m]`` plus how to read them.
+    """Columns the positives are ranked against: ``cols [C_b, m]``, already divided by tau.
 
-    ``self_pos [P]`` is each positive's own column in this block (-1: not in it), so
-    the pair ``j == i`` is left out. ``j_class [m]`` (or ``None``) keeps only the
-    columns that are positives of the row's class; ``cols`` then has one row and
-    holds each column's own-class score.
+    ``has_self [P]`` says whether positive ``i`` is itself one of the columns (its
+    pair ``j == i`` contributes ``sigmoid(0)`` and is taken out again). With
+    ``j_class [m]`` only columns that are positives of the row's class count;
+    ``cols`` then has one row: each column's own-class score.
     """
 
-    def __init__(self, cols: Tensor, self_pos: Tensor, j_class: Tensor | None = None) -> None:
-        self.cols, self.self_pos, self.j_class = cols, self_pos, j_class
+    def __init__(self, cols: Tensor, has_self: Tensor, j_class: Tensor | None = None) -> None:
+        self.cols, self.has_self, self.j_class = cols, has_self, j_class
+
+
+def _tiles(num_pos: int, width: int, device: torch.device) -> list[tuple[slice, slice]]:
+    scale = 64 if device.type == "cuda" else 1
+    cols = max(1, min(width, _TILE_ELEMENTS * scale, _TILE_COLUMNS * scale))
+    rows = max(1, _TILE_ELEMENTS * scale // cols)
+    return [
+        (slice(a, min(a + rows, num_pos)), slice(b, min(b + cols, width)))
+        for a in range(0, num_pos, rows)
+        for b in range(0, width, cols)
+    ]
 
 
 def _pair_sigmoids(
-    block: _Block, own: Tensor, own_class: Tensor, rows: slice, tau: float, out: Tensor
+    block: _Block, own: Tensor, own_class: Tensor, tile: tuple[slice, slice], buffer: Tensor
 ) -> Tensor:
-    """``sigmoid((s_j - s_i) / tau)`` for positives ``rows`` x the block's columns, into ``out``.
-
-    Pairs ``j == i`` and, with ``j_class``, columns of another class are zero.
-    """
+    """``sigmoid(s_j / tau - s_i / tau)`` for one tile of (positives, columns), in ``buffer``."""
+    rows, columns = tile
     own_k, cls_k = own[rows], own_class[rows]
-    k, m = own_k.shape[0], block.cols.shape[1]
-    pairs = out[: k * m].view(k, m)
-    if block.cols.shape[0] == 1:
-        torch.sub(block.cols, own_k[:, None], out=pairs)
+    cols = block.cols[:, columns]
+    pairs = buffer[: own_k.shape[0] * cols.shape[1]].view(own_k.shape[0], cols.shape[1])
+    if cols.shape[0] == 1:
+        torch.sub(cols, own_k[:, None], out=pairs)
     else:
-        torch.index_select(block.cols, 0, cls_k, out=pairs)
+        torch.index_select(cols, 0, cls_k, out=pairs)
         pairs.sub_(own_k[:, None])
-    pairs.div_(tau).sigmoid_()
+    pairs.sigmoid_()
     if block.j_class is not None:
-        pairs.mul_(block.j_class[None, :] == cls_k[:, None])
-    self_pos = block.self_pos[rows]
-    at = torch.arange(k, device=pairs.device), self_pos.clamp(min=0)
-    pairs.index_put_(at, pairs[at] * (self_pos < 0))  # no host sync: a masked write
+        pairs.mul_(block.j_class[None, columns] == cls_k[:, None])
     return pairs
-
-
-def _chunks(num_pos: int, width: int) -> list[slice]:
-    rows = max(1, _PAIR_BUFFER_ELEMENTS // max(width, 1))
-    return [slice(a, min(a + rows, num_pos)) for a in range(0, num_pos, rows)]
-
-
-def _buffer(blocks: list[_Block], num_pos: int, like: Tensor) -> Tensor:
-    widths = [b.cols.shape[1] for b in blocks]
-    size = max(min(num_pos, max(1, _PAIR_BUFFER_ELEMENTS // max(w, 1))) * w for w in widths)
-    return like.new_empty(max(size, 1))
 
 
 class _SmoothAPRatios(torch.autograd.Function):
     """``R+(i) / R(i)`` of every positive without materialising the ``[P, M]`` pair matrix.
 
-    Chunks of positives are ranked against each block of columns in one reused
-    buffer; the backward recomputes the sigmoids chunk by chunk instead of saving
-    them, so memory is ``O(P + M)`` plus the buffer.
+    Tiles of (positives x columns) of each block are computed in one reused buffer;
+    the backward recomputes the sigmoids tile by tile instead of saving them, so
+    memory is ``O(P + M)`` plus the buffer. The pair ``j == i`` is included in the
+    tiles and its exact contribution removed afterwards (``sigmoid(0) = 1/2`` in the
+    sums; in the gradient its two halves land on the same score and cancel).
     """
 
     @staticmethod
@@ -92,60 +80,34 @@ class _SmoothAPRatios(torch.autograd.Function):
         pos_cols: Tensor,
         own_class: Tensor,
         pos_class: Tensor,
-        self_live: Tensor,
-        self_queued: Tensor,
-        self_pos: Tensor,
+        self_in_live: Tensor,
+        self_in_queued: Tensor,
+        self_in_pos: Tensor,
         scale: float,
         tau: float,
     ) -> Tensor:
-        blocks = _blocks(
-            live_cols, queued_cols, pos_cols, self_live, self_queued, self_pos, pos_class
-        )
-        buffer = _buffer(blocks, own.shape[0], own)
+        inputs = (own, live_cols, queued_cols, pos_cols, own_class, pos_class,
+                  self_in_live, self_in_queued, self_in_pos)  # fmt: skip
+        ctx.save_for_backward(*inputs)
+        ctx.scale, ctx.tau = scale, tau
+        own_t, blocks = _blocks(inputs, tau)
+        buffer = own.new_empty(_TILE_ELEMENTS * (64 if own.is_cuda else 1))
         sums = []
         for block in blocks:
             total = torch.zeros_like(own)
-            for rows in (
-                [] if block.cols.shape[1] == 0 else _chunks(own.shape[0], block.cols.shape[1])
-            ):
-                total[rows] = _pair_sigmoids(block, own, own_class, rows, tau, buffer).sum(1)
-            sums.append(total)
+            for tile in _tiles(own.shape[0], block.cols.shape[1], own.device):
+                total[tile[0]] += _pair_sigmoids(block, own_t, own_class, tile, buffer).sum(1)
+            sums.append(total - 0.5 * block.has_self)
         rank = 1 + scale * (sums[0] + sums[1])  # R(i): every pooled row above i, softly
         rank_pos = 1 + scale * sums[2]  # R+(i): the positives of i's class above it
-        ctx.save_for_backward(
-            own,
-            live_cols,
-            queued_cols,
-            pos_cols,
-            own_class,
-            pos_class,
-            self_live,
-            self_queued,
-            self_pos,
-            rank,
-            rank_pos,
-        )
-        ctx.scale, ctx.tau = scale, tau
+        ctx.ranks = rank, rank_pos
         return rank_pos / rank
 
     @staticmethod
     def backward(ctx: Any, grad_ratio: Tensor) -> tuple[Tensor | None, ...]:
-        (
-            own,
-            live_cols,
-            queued_cols,
-            pos_cols,
-            own_class,
-            pos_class,
-            self_live,
-            self_queued,
-            self_pos,
-            rank,
-            rank_pos,
-        ) = ctx.saved_tensors
-        blocks = _blocks(
-            live_cols, queued_cols, pos_cols, self_live, self_queued, self_pos, pos_class
-        )
+        own, live_cols, queued_cols, pos_cols, own_class = ctx.saved_tensors[:5]
+        rank, rank_pos = ctx.ranks
+        own_t, blocks = _blocks(ctx.saved_tensors, ctx.tau)
         # d ratio / d sigmoid_ij, over tau: every pooled j moves R, same-class positives R+.
         coef_all = -grad_ratio * ctx.scale * rank_pos / rank.square() / ctx.tau
         coef_pos = grad_ratio * ctx.scale / rank / ctx.tau
@@ -155,38 +117,31 @@ class _SmoothAPRatios(torch.autograd.Function):
             for k, c in enumerate((live_cols, queued_cols, pos_cols))
         ]
         grad_own = torch.zeros_like(own)
-        buffer = _buffer(blocks, own.shape[0], own)
+        buffer = own.new_empty(_TILE_ELEMENTS * (64 if own.is_cuda else 1))
         for block, coef, grad_cols in zip(blocks, (coef_all, coef_all, coef_pos), grads):
-            for rows in (
-                [] if block.cols.shape[1] == 0 else _chunks(own.shape[0], block.cols.shape[1])
-            ):
-                pairs = _pair_sigmoids(block, own, own_class, rows, ctx.tau, buffer)
-                pairs.addcmul_(pairs, pairs, value=-1)  # sigmoid' = s (1 - s); zero stays zero
-                pairs.mul_(coef[rows, None])
-                grad_own[rows] -= pairs.sum(1)
+            for tile in _tiles(own.shape[0], block.cols.shape[1], own.device):
+                rows, columns = tile
+                pairs = _pair_sigmoids(block, own_t, own_class, tile, buffer)
+                pairs.addcmul_(pairs, pairs, value=-1)  # sigmoid' = s (1 - s)
+                grad_own[rows] -= coef[rows] * pairs.sum(1)
                 if grad_cols is None:
                     continue
-                if grad_cols.shape[0] == 1:
-                    grad_cols[0] += pairs.sum(0)
-                else:
-                    grad_cols.index_add_(0, own_class[rows], pairs)
+                if grad_cols.shape[0] == 1:  # one score per column (binary, or R+)
+                    grad_cols[0, columns].addmv_(pairs.t(), coef[rows])
+                else:  # each row's weight lands on its own class's scores
+                    weights = coef.new_zeros(pairs.shape[0], grad_cols.shape[0])
+                    weights.scatter_(1, own_class[rows, None], coef[rows, None])
+                    grad_cols[:, columns].addmm_(weights.t(), pairs)
         return (grad_own, *grads) + (None,) * 8
 
 
-def _blocks(
-    live_cols: Tensor,
-    queued_cols: Tensor,
-    pos_cols: Tensor,
-    self_live: Tensor,
-    self_queued: Tensor,
-    self_pos: Tensor,
-    pos_class: Tensor,
-) -> list[_Block]:
-    """The three blocks: live rows, queued rows (both for R), the positives among them (R+)."""
-    return [
-        _Block(live_cols, self_live),
-        _Block(queued_cols, self_queued),
-        _Block(pos_cols, self_pos, pos_class),
+def _blocks(inputs: tuple[Tensor, ...], tau: float) -> tuple[Tensor, list[_Block]]:
+    """``own / tau`` and the three blocks: live rows, queued rows (for R), positives (for R+)."""
+    own, live_cols, queued_cols, pos_cols, _, pos_class, *has_self = inputs
+    return own / tau, [
+        _Block(live_cols / tau, has_self[0]),
+        _Block(queued_cols / tau, has_self[1]),
+        _Block(pos_cols / tau, has_self[2], pos_class),
     ]
 
 
@@ -227,6 +182,8 @@ class SmoothAPLoss(QueuedRankingLoss):
         max_pool_size: the sums over ``j`` use a uniform sample of this many pooled
             rows, scaled up by ``pool / sample`` (each positive ``i`` still counts).
         seed: seed of that sample's private generator (the global RNG is untouched).
+        process_group: the group whose ranks' rows are pooled (default: the whole world);
+            pass the group that DDP averages gradients over.
 
     Shape:
         ``logits`` ``[N, C]`` float, ``targets`` ``[N]`` or ``[N, 1]`` integer or bool,
@@ -245,6 +202,7 @@ class SmoothAPLoss(QueuedRankingLoss):
         max_pool_size: int | None = None,
         *,
         seed: int = 0,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             num_classes,
@@ -255,17 +213,9 @@ class SmoothAPLoss(QueuedRankingLoss):
             gather_distributed=gather_distributed,
             max_pool_size=max_pool_size,
             seed=seed,
+            process_group=process_group,
+            temperature=temperature,
         )
-        self.temperature = temperature
-
-    @property
-    def temperature(self) -> float:
-        """Sigmoid width; assign a new value to anneal it (kept in ``state_dict()``)."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._temperature = _check_temperature(value)
 
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
         num_classes = self.num_classes
@@ -314,22 +264,13 @@ class SmoothAPLoss(QueuedRankingLoss):
             )
         ratio = _SmoothAPRatios.apply(
             own, live_cols, queued_cols, pos_cols, own_class, pos_class,
-            self_live, self_queued, self_pos, scale, self.temperature,
+            *((i >= 0).to(own.dtype) for i in (self_live, self_queued, self_pos)),
+            scale, self.temperature,
         )  # fmt: skip
         ap = zeros.index_add(0, own_class, weight * ratio) / mass.clamp_min(
             torch.finfo(mass.dtype).tiny
         )
         return 1.0 - ap, valid
-
-    def config_fingerprint(self) -> dict[str, float]:
-        return {**super().config_fingerprint(), "temperature": self.temperature}
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "temperature": self.temperature}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.temperature = state["temperature"]
 
     def extra_repr(self) -> str:
         return (

@@ -64,10 +64,13 @@ class LossWarmupWrapper(nn.Module):
     Args:
         warmup_loss: loss used alone during the warm-up (called with the same arguments).
         main_loss: loss blended in after it.
-        warmup_epochs, blend_epochs: schedule in epochs.
-        warmup_steps, blend_steps: schedule in steps (instead of epochs).
+        warmup_epochs: epochs of warm-up (``W`` in epochs).
+        blend_epochs: epochs of blending (``B`` in epochs).
+        warmup_steps: steps of warm-up; giving steps (instead of epochs) makes steps the unit.
+        blend_steps: steps of blending.
         final_main_weight: ``f`` in ``(0, 1]``.
-        temp_start, temp_end: the main loss's temperature at the start and end of the decay.
+        temp_start: the main loss's temperature on the first step after the warm-up.
+        temp_end: its temperature once the decay is over.
         temp_decay_steps: training steps over which the temperature decays.
     """
 
@@ -126,10 +129,12 @@ class LossWarmupWrapper(nn.Module):
 
     @property
     def in_warmup(self) -> bool:
+        """Whether the warm-up loss runs alone (``w = 0``)."""
         return self.unit < self.warmup_units
 
     @property
     def in_blend(self) -> bool:
+        """Whether ``w`` is still rising towards ``final_main_weight``."""
         return self.warmup_units <= self.unit < self.warmup_units + self.blend_units
 
     @property
@@ -153,9 +158,11 @@ class LossWarmupWrapper(nn.Module):
 
     # ------------------------------------------------------------------ hooks
     def on_train_epoch_start(self, epoch: int) -> None:
+        """Call at the start of each training epoch (``epoch`` counts from 0)."""
         self.epoch = _check_count("epoch", epoch)
 
     def on_train_batch_start(self, global_step: int) -> None:
+        """Optionally call before each training step: sets the step (and, for steps, the decay)."""
         self.step = _check_count("global_step", global_step)
         if self.by_steps:
             self.decay_step = max(0, self.step - self.warmup_units)

@@ -28,6 +28,9 @@ size (memory ratios, collective counts), showing the speed targets as "n/a (full
   backward, steady state = every step after the first.   target: <= 2 per forward, 0 in backward
 * ``c100_pool1m`` (not in the default set; for ``--device cuda``) C=100, batch 8192 + queue
   991,808 = a 1,000,000-row pool.
+* ``sap_1m`` (not in the default set) ``SmoothAPLoss``, binary, 1,000,000 rows with 5,000
+  positives, peak extra memory (fresh process, default malloc) target < 1 GiB; and ours beside
+  the plain full-matrix Smooth-AP of the tests (float32) at 100,000 rows / 500 positives.
 
 Peak extra memory is measured in a fresh subprocess: the kernel's peak-RSS counter
 (``VmHWM``) is reset through ``/proc/self/clear_refs`` right after the inputs exist, and the
@@ -48,6 +51,7 @@ import argparse
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import re
@@ -94,6 +98,10 @@ CASES: dict[str, dict[str, Any]] = {
     "c100_pool1m": dict(
         kind="speed", C=100, full=(8192, 1_000_000 - 8192), quick=(1024, 16384), speedup=None
     ),
+    # (rows, positives): ours alone at full size, ours and the plain full-matrix Smooth-AP
+    # side by side at a size the plain one can hold.
+    "sap_1m": dict(kind="smooth_ap", full=(1_000_000, 5000), quick=(20_000, 100),
+                   side_by_side=(100_000, 500), quick_side_by_side=(5_000, 25), max_extra_mb=1024),
 }
 DEFAULT_CASES = [
     "c16_q64k", "c100_q64k", "c100_q64k_q03", "c10k_q16k", "c1_1m", "c1_20m", "ddp_gloo_2"
@@ -542,6 +550,98 @@ def run_ddp_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
     }
 
 
+# --------------------------------------------------------------------------- Smooth-AP case
+def smooth_ap_child(impl: str, rows: int, positives: int, repeats: int) -> dict[str, Any]:
+    """Runs in a fresh process: forward+backward times and peak extra RSS of one implementation.
+
+    ``impl`` is ``ours`` (SmoothAPLoss, chunked) or ``plain`` (the tests' full-matrix oracle in
+    float32). Binary, no queue, temperature 0.01, float32 logits.
+    """
+    import gc
+
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(rows, 1, generator=gen).requires_grad_(True)
+    targets = torch.zeros(rows, dtype=torch.long)
+    targets[torch.randperm(rows, generator=gen)[:positives]] = 1
+    if impl == "ours":
+        from imbalanced_losses import SmoothAPLoss
+
+        loss_fn = SmoothAPLoss(1, queue_size=0, temperature=0.01)
+    else:
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        from _smooth_ap_reference import reference_smooth_ap_loss
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return reference_smooth_ap_loss(
+                x, y, num_classes=1, temperature=0.01, dtype=torch.float32
+            )[0]
+    times, extras, value = [], [], float("nan")
+    for _ in range(repeats):
+        logits.grad = None
+        gc.collect()
+        _reset_peak()
+        rss0, _ = _rss_mb()
+        start = time.perf_counter()
+        loss = loss_fn(logits, targets)
+        loss.backward()
+        times.append(time.perf_counter() - start)
+        extras.append(_rss_mb()[1] - rss0)
+        value = float(loss.detach())
+        del loss
+    return {"impl": impl, "rows": rows, "positives": positives, "ms": [t * 1e3 for t in times],
+            "peak_extra_mb": extras, "loss": value}
+
+
+def run_smooth_ap_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Each measurement in a fresh process (default glibc malloc: what a user's process gets)."""
+    full = spec["quick"] if args.quick else spec["full"]
+    side = spec["quick_side_by_side"] if args.quick else spec["side_by_side"]
+    repeats = 1 if args.quick else min(args.repeats, 3)
+    runs: dict[str, Any] = {}
+    for key, impl, (rows, positives) in (("ours_full", "ours", full), ("ours_side", "ours", side),
+                                         ("plain_side", "plain", side)):
+        code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+                f"import torch; torch.set_num_threads({torch.get_num_threads()}); import bench; "
+                f"print(json.dumps(bench.smooth_ap_child({impl!r}, {rows}, {positives}, "
+                f"{repeats})))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=3600, cwd=REPO)
+        if proc.returncode != 0:
+            runs[key] = {"error": proc.stderr[-2000:]}
+            continue
+        runs[key] = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs[key]["median_ms"] = statistics.median(runs[key]["ms"])
+        runs[key]["max_peak_extra_mb"] = max(runs[key]["peak_extra_mb"])
+    ok = all("error" not in r for r in runs.values())
+    limit = spec["max_extra_mb"]
+    agree = ok and math.isclose(runs["ours_side"]["loss"], runs["plain_side"]["loss"],
+                                rel_tol=1e-4)
+    return {
+        "kind": "smooth_ap", "runs": runs, "losses_agree": agree,
+        "target": f"{full[0]:,} rows / {full[1]:,} positives with peak extra < {limit:,} MiB",
+        "met": bool(agree and runs["ours_full"]["max_peak_extra_mb"] < limit),
+        "method": "fresh subprocess per run, default malloc; VmHWM reset after the inputs exist; "
+                  "peak extra = VmHWM after forward+backward - VmRSS before; max over calls",
+    }
+
+
+def smooth_ap_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
+    """Table rows of the Smooth-AP case: ours at full size, then both at the side-by-side size."""
+    out = []
+    for key, label in (("ours_full", "ours"), ("ours_side", "ours"), ("plain_side", "plain")):
+        run = r["runs"][key]
+        if "error" in run:
+            out.append([f"{name} {label}", "error", "", "", r["target"], "NO"])
+            continue
+        size = f"{run['rows']:,} rows, {run['positives']:,} positives"
+        ms = fmt_ms(run["median_ms"])
+        cells = [ms, "—"] if label == "ours" else ["—", ms]
+        met = ("yes" if r["met"] else "NO") if key == "ours_full" else ""
+        out.append([f"{name} {label} ({size})", *cells,
+                    f"peak extra {run['max_peak_extra_mb']:,.0f} MiB", r["target"], met])
+    return out
+
+
 # --------------------------------------------------------------------------- report
 def fmt_ms(value: float | None) -> str:
     return "—" if value is None else f"{value:,.1f}"
@@ -585,6 +685,8 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                         f"{r['peak_extra_over_logits']:.2f}x logits ({r['logits_mb']:,.0f} MiB)")
             rows.append([f"{name} (C=1, {r['rows']:,} rows, one call)",
                          fmt_ms(r["ours_median_ms"]), ref, measured, r["target"], _verdict(r)])
+        elif r["kind"] == "smooth_ap":
+            rows += smooth_ap_rows(name, r)
         elif r["kind"] == "ddp":
             measured = (f"{r['collectives_per_forward_steady_max']} per forward, "
                         f"{r['collectives_per_backward_steady_max']} in backward")
@@ -617,7 +719,8 @@ def print_report(info: dict[str, Any], results: dict[str, Any], quick: bool) -> 
 
 
 # --------------------------------------------------------------------------- main
-RUNNERS = {"speed": run_speed_case, "memory": run_memory_case, "ddp": run_ddp_case}
+RUNNERS = {"speed": run_speed_case, "memory": run_memory_case, "ddp": run_ddp_case,
+           "smooth_ap": run_smooth_ap_case}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -216,6 +216,12 @@ def render() -> str:
             sections.append(summary)
         for name in names:
             sections.append(_entry(f"{module_name}.{name}", getattr(module, name)))
+        # names exported lazily because they need an optional dependency (installed here)
+        for name, (_, extra) in getattr(module, "_OPTIONAL_EXPORTS", {}).items():
+            entry = _entry(f"{module_name}.{name}", getattr(module, name))
+            head, rest = entry.split("\n\n", 1)
+            needs = f'Needs the optional dependency: `pip install "imbalanced-losses[{extra}]"`.'
+            sections.append(f"{head}\n\n{needs}\n\n{rest}")
     text = "\n\n".join(sections) + "\n"
     return re.sub(r"\n{3,}", "\n\n", text)
 

@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""Alert-budget demo: does optimising recall at the alert budget beat BCE alone?
+"""Alert-budget demo: does a ranking loss beat BCE alone at the alert budget?
 
 Trains a linear scorer (the default; ``--hidden N`` for a one-hidden-layer MLP) on an
-imbalanced alert task twice per seed:
+imbalanced alert task, per seed, with the arms a user would choose between:
 
 * ``bce``:  binary cross-entropy for all epochs;
 * ``raq``:  the same BCE run up to the end of the warm-up, then
   ``RecallAtQuantileLoss`` (optionally blended with ``--bce-weight`` x BCE) for the
-  remaining epochs. Both arms share the warm-up exactly (the ``raq`` arm forks from
-  the ``bce`` arm's weights), see the same batches in the same order, and get the
-  same total number of epochs.
+  remaining epochs, the schedule written by hand in this script;
+* ``sap``:  the same, with ``SmoothAPLoss`` (``--sap-*`` options) instead;
+* ``raq_wrapped``: the ``raq`` arm with ``LossWarmupWrapper`` doing the schedule
+  instead of the hand-written code (it gives the same numbers: a check of the wrapper).
+
+All arms share the warm-up exactly (the ranking arms fork from the ``bce`` arm's
+weights), see the same batches in the same order, and get the same total number of
+epochs. ``--arms`` runs a subset.
 
 It reports hard recall at the alert budget (``recall_at_quantile``: the share of
 held-out positives whose score is at or above the top-``quantile`` threshold of all
@@ -52,18 +57,31 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 try:  # the installed package, else the checkout this script lives in
-    from imbalanced_losses import RecallAtQuantileLoss, recall_at_quantile
+    from imbalanced_losses import (
+        LossWarmupWrapper,
+        RecallAtQuantileLoss,
+        SmoothAPLoss,
+        recall_at_quantile,
+    )
 except ImportError:  # pragma: no cover - running from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from imbalanced_losses import RecallAtQuantileLoss, recall_at_quantile
+    from imbalanced_losses import (
+        LossWarmupWrapper,
+        RecallAtQuantileLoss,
+        SmoothAPLoss,
+        recall_at_quantile,
+    )
 
 try:
     from tqdm.auto import tqdm
 except ImportError:  # tqdm is optional
     tqdm = None
 
-ARMS = ("bce", "raq")
-ARM_LABELS = {"bce": "BCE alone", "raq": "BCE warm-up -> RecallAtQuantile"}
+ARMS = ("bce", "raq", "sap", "raq_wrapped")
+ARM_LABELS = {"bce": "BCE alone", "raq": "BCE warm-up -> RecallAtQuantile",
+              "sap": "BCE warm-up -> Smooth-AP",
+              "raq_wrapped": "RecallAtQuantile via LossWarmupWrapper"}
+RANKING_ARMS = ("raq", "sap")  # the hand-written schedule: ranking loss + bce_weight x BCE
 
 
 # --------------------------------------------------------------------------- distributed
@@ -313,25 +331,39 @@ class Progress:
             self.bar.close()
 
 
+class BCEOnScores(nn.Module):
+    """BCE on column 0 of ``[N, 1]`` logits against integer targets (the ranking losses'
+    call signature), so it can be the warm-up loss of ``LossWarmupWrapper``."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], targets.float())
+
+
 def train_epochs(model: nn.Module, wrapped: nn.Module, opt: torch.optim.Optimizer,
                  arm: str, epochs: range, data: Splits, args: argparse.Namespace, seed: int,
-                 info: DistInfo, raq: RecallAtQuantileLoss | None, history: dict,
+                 info: DistInfo, ranking: nn.Module | None, history: dict,
                  progress: Progress) -> None:
+    """Train ``epochs``: BCE (arm ``bce``, or any arm before the end of the warm-up),
+    ``ranking + bce_weight * BCE`` (arms ``raq``/``sap``), or the wrapper (``raq_wrapped``)."""
     gb = args.batch_size
     lb = gb // info.world_size
     n = len(data.y_train)
     steps = n // gb  # drop the ragged tail so every rank always has an equal slice
     for epoch in epochs:
         wrapped.train()
-        if raq is not None:
-            raq.train()
+        if ranking is not None:
+            ranking.train()
+        if isinstance(ranking, LossWarmupWrapper):
+            ranking.on_train_epoch_start(epoch)
         order = epoch_order(n, seed, epoch)
-        use_raq = arm == "raq" and epoch >= args.warmup_epochs
-        if use_raq and raq is not None and args.temperature_final is not None:
+        use_ranking = arm in RANKING_ARMS and epoch >= args.warmup_epochs
+        if use_ranking and arm == "raq" and args.temperature_final is not None:
             # geometric annealing over the ranking epochs: --temperature -> --temperature-final
+            assert isinstance(ranking, RecallAtQuantileLoss)
             k, last = epoch - args.warmup_epochs, args.epochs - args.warmup_epochs - 1
             frac = k / last if last > 0 else 1.0
-            raq.temperature = args.temperature * (args.temperature_final / args.temperature) ** frac
+            ranking.temperature = (
+                args.temperature * (args.temperature_final / args.temperature) ** frac)
         total = 0.0
         for step in range(steps):
             rows = order[step * gb:(step + 1) * gb][info.rank * lb:(info.rank + 1) * lb]
@@ -339,11 +371,16 @@ def train_epochs(model: nn.Module, wrapped: nn.Module, opt: torch.optim.Optimize
             yb = data.y_train[rows].to(info.device, non_blocking=True)
             logits = wrapped(xb)
             bce = F.binary_cross_entropy_with_logits(logits[:, 0], yb.float())
-            if use_raq:
-                assert raq is not None
-                loss = raq(logits, yb)
-                if args.bce_weight > 0:
-                    loss = loss + args.bce_weight * bce
+            if use_ranking:
+                assert ranking is not None
+                weight = args.bce_weight if arm == "raq" else args.sap_bce_weight
+                loss = ranking(logits, yb)
+                if weight > 0:
+                    loss = loss + weight * bce
+            elif isinstance(ranking, LossWarmupWrapper):
+                # The wrapper's mix (1 - f) BCE + f RAQ with f = 1 / (1 + bce_weight), scaled
+                # by 1 + bce_weight, is the hand-written RAQ + bce_weight * BCE.
+                loss = (1 + args.bce_weight) * ranking(logits, yb)
             else:
                 loss = bce
             opt.zero_grad(set_to_none=True)
@@ -371,14 +408,35 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     return DDP(model, device_ids=ids)
 
 
+def ranking_loss(arm: str, args: argparse.Namespace) -> nn.Module:
+    """The loss an arm switches to after the warm-up."""
+    if arm == "sap":
+        return SmoothAPLoss(num_classes=1, queue_size=args.sap_queue_size,
+                            temperature=args.sap_temperature)
+    raq = RecallAtQuantileLoss(num_classes=1, quantile=args.quantile,
+                               queue_size=args.queue_size, temperature=args.temperature)
+    if arm == "raq":
+        return raq
+    # The same schedule as arm "raq", written with the wrapper: BCE for the warm-up epochs,
+    # then the fixed mix (1 - f) BCE + f RAQ; temperature constant, or decayed per step to
+    # --temperature-final over the ranking epochs (arm "raq" decays it per epoch).
+    steps = args.steps_per_epoch * (args.epochs - args.warmup_epochs)
+    return LossWarmupWrapper(
+        BCEOnScores(), raq, warmup_epochs=args.warmup_epochs,
+        final_main_weight=1 / (1 + args.bce_weight), temp_start=args.temperature,
+        temp_end=args.temperature_final or args.temperature, temp_decay_steps=max(1, steps - 1))
+
+
 def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
     data = build_splits(args, seed)
     n_feat = data.x_train.shape[1]
-    steps_per_epoch = len(data.y_train) // args.batch_size
+    steps_per_epoch = args.steps_per_epoch = len(data.y_train) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
             f"--batch-size {args.batch_size} exceeds the {len(data.y_train)} training rows")
-    progress = Progress(info, steps_per_epoch * (2 * args.epochs - args.warmup_epochs),
+    forks = [arm for arm in args.arms if arm != "bce"]
+    total_steps = steps_per_epoch * (args.epochs + len(forks) * (args.epochs - args.warmup_epochs))
+    progress = Progress(info, total_steps,
                         not args.no_progress, desc=f"seed {seed}")
     empty = lambda: {"epoch": [], "train_loss": [], "val_recall": [], "test_recall": []}  # noqa: E731
 
@@ -396,17 +454,19 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
                  seed, info, None, hist_bce, progress)
     models = {"bce": model}
 
-    # Arm "raq": same warm-up weights, then the ranking loss (plus --bce-weight x BCE).
-    model_r = make_model(n_feat, args.hidden, prior).to(info.device)
-    model_r.load_state_dict(warm_state)
-    wrapped_r = wrap(model_r, info)
-    opt_r = torch.optim.Adam(model_r.parameters(), lr=args.raq_lr)
-    raq = RecallAtQuantileLoss(num_classes=1, quantile=args.quantile, queue_size=args.queue_size,
-                               temperature=args.temperature).to(info.device)
-    hist_raq = {k: list(v[:args.warmup_epochs]) for k, v in hist_bce.items()}
-    train_epochs(model_r, wrapped_r, opt_r, "raq", range(args.warmup_epochs, args.epochs), data,
-                 args, seed, info, raq, hist_raq, progress)
-    models["raq"] = model_r
+    # The other arms fork from the warm-up weights, with a fresh Adam at their own lr.
+    hists = {"bce": hist_bce}
+    for arm in forks:
+        model_r = make_model(n_feat, args.hidden, prior).to(info.device)
+        model_r.load_state_dict(warm_state)
+        wrapped_r = wrap(model_r, info)
+        lr = args.sap_lr if arm == "sap" else args.raq_lr
+        opt_r = torch.optim.Adam(model_r.parameters(), lr=lr)
+        hists[arm] = {k: list(v[:args.warmup_epochs]) for k, v in hist_bce.items()}
+        train_epochs(model_r, wrapped_r, opt_r, arm, range(args.warmup_epochs, args.epochs), data,
+                     args, seed, info, ranking_loss(arm, args).to(info.device), hists[arm],
+                     progress)
+        models[arm] = model_r
     progress.close()
 
     result: dict = {"seed": int(seed), "source": data.source,
@@ -415,14 +475,14 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
                     "test_positives": int(data.y_test.sum()),
                     "train_positive_rate": float(data.y_train.float().mean()),
                     "arms": {}}
-    for arm, hist in (("bce", hist_bce), ("raq", hist_raq)):
+    for arm, hist in hists.items():
         result["arms"][arm] = {"test_recall": hist["test_recall"][-1],
                                "val_recall": hist["val_recall"][-1], "history": hist}
     if info.is_main:  # full test scores for the plot, and a cross-check of the DDP metric
         result["_scores"] = {arm: scores_of(m, data.x_test, info.device)
                              for arm, m in models.items()}
         result["_y_test"] = data.y_test
-        for arm in ARMS:
+        for arm in args.arms:
             local = float(recall_at_quantile(result["_scores"][arm], data.y_test, args.quantile,
                                              gather_distributed=False))
             reported = result["arms"][arm]["test_recall"]
@@ -457,15 +517,18 @@ def print_table(results: list[dict], summary: dict, args: argparse.Namespace) ->
     seeds = [r["seed"] for r in results]
     head = ["arm"] + [f"seed {s}" for s in seeds] + ["mean ± std"]
     rows = []
-    for arm in ARMS:
+    for arm in args.arms:
         vals = [r["arms"][arm]["test_recall"] for r in results]
         s = summary[arm]
         rows.append([ARM_LABELS[arm]] + [f"{v:.4f}" for v in vals]
                     + [f"{s['mean']:.4f} ± {s['std']:.4f}"])
-    d = summary["raq_minus_bce"]
-    diffs = [r["arms"]["raq"]["test_recall"] - r["arms"]["bce"]["test_recall"] for r in results]
-    rows.append(["difference (raq - bce)"] + [f"{v:+.4f}" for v in diffs]
-                + [f"{d['mean']:+.4f} ± {d['std']:.4f}"])
+    wins = {}
+    for arm in args.arms[1:]:
+        d = summary[f"{arm}_minus_bce"]
+        diffs = [r["arms"][arm]["test_recall"] - r["arms"]["bce"]["test_recall"] for r in results]
+        wins[arm] = sum(v > 0 for v in diffs)
+        rows.append([f"difference ({arm} - bce)"] + [f"{v:+.4f}" for v in diffs]
+                    + [f"{d['mean']:+.4f} ± {d['std']:.4f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     print(f"\nTest recall at the alert budget (top {100 * args.quantile:g}% of held-out scores; "
@@ -474,8 +537,8 @@ def print_table(results: list[dict], summary: dict, args: argparse.Namespace) ->
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line(r))
-    wins = sum(v > 0 for v in diffs)
-    print(f"ranking loss better on {wins}/{len(diffs)} seed(s)")
+    for arm, count in wins.items():
+        print(f"{arm} better than bce on {count}/{len(results)} seed(s)")
 
 
 def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
@@ -486,8 +549,10 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
 
     first = results[0]
     y = first["_y_test"].numpy().astype(bool)
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    for ax, arm in zip(axes[:2], ARMS):
+    # One histogram per distinct training (raq_wrapped repeats raq exactly), then the curves.
+    shown = [arm for arm in args.arms if arm != "raq_wrapped" or "raq" not in args.arms]
+    fig, axes = plt.subplots(1, len(shown) + 1, figsize=(5.7 * (len(shown) + 1), 4.8))
+    for ax, arm in zip(axes[:-1], shown):
         s = first["_scores"][arm].numpy()
         theta = float(np.quantile(s, 1 - args.quantile, method="higher"))
         bins = np.linspace(np.percentile(s, 0.5), s.max(), 80)
@@ -504,19 +569,23 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
         ax.set_xlabel("logit")
         ax.set_ylabel("density (log scale)")
         ax.legend(loc="upper left", fontsize=8)
-    ax = axes[2]
-    colors = {"bce": "tab:blue", "raq": "tab:orange"}
-    for arm in ARMS:
+    ax = axes[-1]
+    colors = {"bce": "tab:blue", "raq": "tab:orange", "sap": "tab:green", "raq_wrapped": "black"}
+    for arm in args.arms:
         curves = np.array([r["arms"][arm]["history"]["test_recall"] for r in results])
         epochs = results[0]["arms"][arm]["history"]["epoch"]
-        for c in curves:
-            ax.plot(epochs, c, color=colors[arm], alpha=0.25, lw=1)
-        ax.plot(epochs, curves.mean(0), color=colors[arm], lw=2.2,
-                label=f"{ARM_LABELS[arm]} (mean of {len(results)} seed(s))")
+        style = dict(ls=":", lw=1.5) if arm == "raq_wrapped" else dict(lw=2.2)
+        if arm != "raq_wrapped":
+            for c in curves:
+                ax.plot(epochs, c, color=colors[arm], alpha=0.25, lw=1)
+        mean, std = curves.mean(0)[-1], curves.std(0, ddof=1)[-1] if len(curves) > 1 else 0.0
+        ax.plot(epochs, curves.mean(0), color=colors[arm], **style,
+                label=f"{ARM_LABELS[arm]}: {mean:.3f} ± {std:.3f}")
     ax.axvline(args.warmup_epochs + 0.5, color="gray", ls=":", lw=1.2, label="end of BCE warm-up")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"test recall at top {100 * args.quantile:g}%")
-    ax.set_title("recall at the alert budget over epochs\n(thin lines: individual seeds)")
+    ax.set_title(f"recall at the budget over epochs (legend: final\nmean ± std of "
+                 f"{len(results)} seed(s); thin lines: single seeds)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -564,17 +633,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--queue-size", type=int, default=8192)
     g.add_argument("--bce-weight", type=float, default=1.0,
                    help="blend: loss = RecallAtQuantile + bce_weight * BCE after the warm-up")
+    g = p.add_argument_group("Smooth-AP arm")
+    g.add_argument("--sap-temperature", type=float, default=0.3,
+                   help="sigmoid temperature of SmoothAPLoss, in logit units")
+    g.add_argument("--sap-queue-size", type=int, default=8192)
+    g.add_argument("--sap-bce-weight", type=float, default=1.0,
+                   help="blend: loss = SmoothAP + sap_bce_weight * BCE after the warm-up")
+    g.add_argument("--sap-lr", type=float, default=1e-2,
+                   help="Adam lr of the Smooth-AP arm after the warm-up")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="results", help="output folder (JSON + PNG)")
     g.add_argument("--cpu", action="store_true", help="force CPU (gloo) even with GPUs")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    g.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                   help="arms to run (bce always runs: the others fork from its warm-up)")
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = [args.seed]
+    args.arms = ["bce"] + [arm for arm in ARMS[1:] if arm in args.arms]
     if not 0 <= args.warmup_epochs < args.epochs:
         p.error(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
-    for name in ("temperature", "temperature_final"):
+    if args.bce_weight < 0 or args.sap_bce_weight < 0:
+        p.error("--bce-weight and --sap-bce-weight must be >= 0")
+    for name in ("temperature", "temperature_final", "sap_temperature"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             p.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
@@ -625,7 +707,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             res = run_seed(args, seed, info)
             results.append(res)
             log(info, f"[train_alerts] seed {seed}: "
-                      + ", ".join(f"{a}={res['arms'][a]['test_recall']:.4f}" for a in ARMS)
+                      + ", ".join(f"{a}={res['arms'][a]['test_recall']:.4f}" for a in args.arms)
                       + f"  ({time.perf_counter() - ts:.1f}s; {res['test_positives']} test "
                         f"positives, train positive rate {res['train_positive_rate']:.4%})")
             if res["train_positive_rate"] >= args.quantile:
@@ -636,9 +718,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             _barrier()  # wait for rank 0's report, see below
             return None
         summary = {arm: summarise([r["arms"][arm]["test_recall"] for r in results])
-                   for arm in ARMS}
-        summary["raq_minus_bce"] = summarise(
-            [r["arms"]["raq"]["test_recall"] - r["arms"]["bce"]["test_recall"] for r in results])
+                   for arm in args.arms}
+        for arm in args.arms[1:]:
+            summary[f"{arm}_minus_bce"] = summarise(
+                [r["arms"][arm]["test_recall"] - r["arms"]["bce"]["test_recall"] for r in results])
         print_table(results, summary, args)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,12 @@ def reference_smooth_ap_loss(
     queue_targets: Tensor | None = None,
     queue_weights: Tensor | None = None,
     sample: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Return ``(loss, per_class [C] with NaN where invalid, valid [C] bool)``."""
-    dtype = torch.float64
+    """Return ``(loss, per_class [C] with NaN where invalid, valid [C] bool)``.
+
+    Computed in ``dtype`` (float64 for the tests; the benchmark runs it in float32).
+    """
     targets = targets.reshape(-1).long()
     weights = (
         torch.ones(logits.shape[0], dtype=dtype)

@@ -1,8 +1,9 @@
 """Smoke test of the main demo, scripts/train_alerts.py: a tiny run end to end.
 
 Runs the script in a subprocess (single process, CPU) with a few epochs on a small
-synthetic task and checks that it prints the launch line and the results table and
-writes a well-formed JSON report and a non-empty PNG.
+synthetic task and checks that it prints the launch line and the results table,
+writes a well-formed JSON report and a non-empty PNG, and that the arm trained through
+LossWarmupWrapper gives exactly the numbers of the hand-written schedule.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "train_alerts.py"
 
+ARMS = ("bce", "raq", "sap", "raq_wrapped")
 TINY = ["--n-samples", "20000", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "1024",
         "--queue-size", "2048", "--no-progress"]
 
@@ -45,20 +47,25 @@ def test_demo_writes_json_png_and_table(tmp_path: Path) -> None:
     proc = _run([*TINY, "--seeds", "0", "1", "--out", str(out)])
     assert "world_size=1 backend=none" in proc.stdout
     assert "mean ± std" in proc.stdout and "BCE alone" in proc.stdout
+    assert "Smooth-AP" in proc.stdout and "LossWarmupWrapper" in proc.stdout
 
     report = json.loads((out / "train_alerts.json").read_text())
     assert report["world_size"] == 1
     assert [s["seed"] for s in report["seeds"]] == [0, 1]
     for seed in report["seeds"]:
-        for arm in ("bce", "raq"):
+        for arm in ARMS:
             hist = seed["arms"][arm]["history"]
             assert hist["epoch"] == [1, 2, 3]
             assert 0.0 <= seed["arms"][arm]["test_recall"] <= 1.0
             assert seed["arms"][arm]["test_recall"] == hist["test_recall"][-1]
-        # the ranking arm forks from the BCE arm after the warm-up: shared first epoch
-        assert seed["arms"]["raq"]["history"]["test_recall"][0] == \
-            seed["arms"]["bce"]["history"]["test_recall"][0]
-    for arm in ("bce", "raq"):
+        # the ranking arms fork from the BCE arm after the warm-up: shared first epoch
+        for arm in ARMS[1:]:
+            assert seed["arms"][arm]["history"]["test_recall"][0] == \
+                seed["arms"]["bce"]["history"]["test_recall"][0]
+        # LossWarmupWrapper reproduces the hand-written schedule bit for bit: every epoch's
+        # training loss and recall.
+        assert seed["arms"]["raq_wrapped"]["history"] == seed["arms"]["raq"]["history"]
+    for arm in ARMS:
         values = [s["arms"][arm]["test_recall"] for s in report["seeds"]]
         assert report["summary"][arm]["mean"] == pytest.approx(sum(values) / len(values))
         assert report["summary"][arm]["n"] == 2

@@ -89,3 +89,31 @@ def test_user_facing_text_cites_no_internal_sections():
         if pattern.search(line)
     ]
     assert not hits, "\n".join(hits)
+
+
+def _starts_a_process_group(block: Block) -> bool:
+    return bool(block.launcher) or "init_process_group" in block.code
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in all_blocks("python") if _starts_a_process_group(b)], ids=lambda b: b.id
+)
+def test_distributed_example_ends_with_the_gloo_exit_remedy(block: Block):
+    """The exit-time abort is intermittent, so the launches in ddp_tests cannot always show a
+    missing remedy; this check does: barrier, destroy the group, flush, then ``os._exit(0)``."""
+    steps = [
+        r"dist\.barrier\(\)|wait_for_everyone\(\)",
+        r"destroy_process_group\(\)",
+        r"sys\.stdout\.flush\(\)",
+        r"^os\._exit\(0\)",
+    ]
+    lines = [line.strip() for line in block.code.strip().splitlines()]
+    assert re.search(steps[-1], lines[-1]), f"{block.id}: the last line should be os._exit(0)"
+    found = [
+        max((i for i, line in enumerate(lines) if re.search(step, line)), default=-1)
+        for step in steps
+    ]
+    assert -1 not in found and found == sorted(found), (
+        f"{block.id}: the script should end with barrier, destroy_process_group(), "
+        f"sys.stdout.flush(), os._exit(0) in that order; got the last lines {lines[-6:]}"
+    )

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from imbalanced_losses import SmoothAPLoss, smooth_ap
 
-# Buffer sizes (elements) that make a chunk one row, a few rows, rows that straddle a block
-# boundary, and the default (every positive in one chunk here).
-BUFFERS = [1, 3, 7, 40, smooth_ap._PAIR_BUFFER_ELEMENTS]
+# Tile sizes (elements): one pair, tiles that straddle row and column boundaries, several rows
+# of a whole block, and the default (every pair of these small pools in one tile).
+BUFFERS = [1, 3, 7, 40, smooth_ap._TILE_ELEMENTS]
 
 
 @st.composite
@@ -73,7 +73,7 @@ def run_history(h):
         ref.train(train)
         x_lib = logits.clone().requires_grad_()
         x_ref = logits.clone().requires_grad_()
-        with mock.patch.object(smooth_ap, "_PAIR_BUFFER_ELEMENTS", h["buffer"]):
+        with mock.patch.object(smooth_ap, "_TILE_ELEMENTS", h["buffer"]):
             got = lib(x_lib, targets, sample_weight=weights, return_per_class=True)
             want = ref(x_ref, targets, sample_weight=weights, return_per_class=True)
             assert torch.equal(got[2], want[2]), f"step {step}: valid classes differ"
@@ -135,7 +135,7 @@ def test_subsampled_sums_are_the_sample_scaled_to_the_pool(
         drawn.clear()
         with (
             mock.patch.object(lib, "_subsample", recording),
-            mock.patch.object(smooth_ap, "_PAIR_BUFFER_ELEMENTS", buffer),
+            mock.patch.object(smooth_ap, "_TILE_ELEMENTS", buffer),
         ):
             got = lib(x_lib, targets, sample_weight=weights)
         sample = drawn[0] if drawn else None
@@ -201,7 +201,8 @@ def test_temperature_is_validated_saved_and_restored():
     loss_fn = SmoothAPLoss(2, temperature=0.2)
     loss_fn.temperature = 0.05
     restored = SmoothAPLoss(2, temperature=0.2)
-    restored.load_state_dict(loss_fn.state_dict())
+    with pytest.warns(UserWarning, match="checkpoint's temperature=0.05 replaces"):
+        restored.load_state_dict(loss_fn.state_dict())
     assert restored.temperature == 0.05
 
 

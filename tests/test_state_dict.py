@@ -4,12 +4,16 @@ torch.load(weights_only=True), and a state that does not fit is refused with a c
 from __future__ import annotations
 
 import io
+import json
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from _support import TIGHT, assert_same_queue, fill_queue, make_pair, queue_state, random_batch
 
 from imbalanced_losses import RecallAtQuantileLoss
+from imbalanced_losses.testing.reference import reference_recall_at_quantile_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*pool.*:UserWarning")
 
@@ -33,7 +37,8 @@ def test_round_trip_preserves_queue_pointer_and_temperature(queue_size):
     original.temperature = 0.07  # annealed by hand
     ref.temperature = 0.07
     resumed = RecallAtQuantileLoss(3, **kwargs).double()
-    resumed.load_state_dict(round_trip(original.state_dict()))
+    with pytest.warns(UserWarning, match="temperature=0.07 replaces"):  # constructed with 0.3
+        resumed.load_state_dict(round_trip(original.state_dict()))
     assert resumed.temperature == 0.07
     a, b = queue_state(original), queue_state(resumed)
     assert a[3:] == b[3:]
@@ -112,3 +117,73 @@ def test_pointer_or_count_out_of_range_is_refused(field, value):
     fresh = RecallAtQuantileLoss(3, queue_size=8)
     with pytest.raises((ValueError, RuntimeError), match=field):
         fresh.load_state_dict(state)
+
+
+# ------------------------------------------------------------------ versions and old layouts
+OLD_CHECKPOINT = Path(__file__).parent / "data" / "raq_state_v0_333baaa.pt"
+
+
+def _old_probe():
+    gen = torch.Generator().manual_seed(123)
+    logits = torch.randn(6, 3, generator=gen, dtype=torch.float64).float()
+    return logits, torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def test_a_checkpoint_written_before_versioning_loads_and_gives_the_same_loss():
+    # Written by the code at commit 333baaa (no format version, temperature in extra state):
+    # RecallAtQuantileLoss(3, quantile=0.3, queue_size=16, temperature=0.25), 10 rows queued.
+    state = torch.load(OLD_CHECKPOINT, weights_only=True)
+    assert "version" not in state["_extra_state"]
+    loss_fn = RecallAtQuantileLoss(3, quantile=0.3, queue_size=16, temperature=0.25)
+    loss_fn.load_state_dict(state)
+    assert (loss_fn.queue.count, loss_fn.queue.ptr, loss_fn.temperature) == (10, 10, 0.25)
+    logits, targets = _old_probe()
+    loss = loss_fn.eval()(logits, targets)
+    # The loss that code gave on this probe after loading the same checkpoint:
+    recorded = json.loads(OLD_CHECKPOINT.with_suffix(".json").read_text())["loss"]
+    assert loss.item() == recorded
+    # ... and the plain reference fed the checkpoint's queue rows agrees.
+    n = 10
+    expected, _, _ = reference_recall_at_quantile_loss(
+        logits,
+        targets,
+        num_classes=3,
+        quantile=0.3,
+        temperature=0.25,
+        queue_scores=state["queue.scores"][:n],
+        queue_targets=state["queue.targets"][:n],
+        queue_weights=state["queue.weights"][:n],
+    )
+    torch.testing.assert_close(loss, expected.to(loss.dtype), rtol=1e-6, atol=1e-7)
+
+
+def test_the_state_carries_a_format_version_and_a_future_one_is_refused_by_number():
+    loss_fn = RecallAtQuantileLoss(2, queue_size=4)
+    state = loss_fn.state_dict()
+    assert state["_extra_state"]["version"] == 1
+    state["_extra_state"] = {**state["_extra_state"], "version": 99, "subsample_step": 5}
+    with pytest.raises(ValueError, match="version 99"):
+        loss_fn.load_state_dict(state)
+    assert loss_fn.subsample_step == 0  # nothing applied
+
+
+def test_a_saved_temperature_that_differs_is_applied_with_a_warning():
+    saved = RecallAtQuantileLoss(2, temperature=0.05).state_dict()
+    loss_fn = RecallAtQuantileLoss(2, temperature=0.5)
+    with pytest.warns(UserWarning, match=r"temperature=0\.05 replaces .*temperature=0\.5"):
+        loss_fn.load_state_dict(saved)
+    assert loss_fn.temperature == 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same temperature loads silently
+        RecallAtQuantileLoss(2, temperature=0.05).load_state_dict(saved)
+
+
+def test_strict_false_is_honoured_for_missing_keys():
+    loss_fn = RecallAtQuantileLoss(2, queue_size=4, temperature=0.3)
+    result = loss_fn.load_state_dict({}, strict=False)
+    assert "_extra_state" in result.missing_keys and "queue.scores" in result.missing_keys
+    # An extra state from an older layout that lacks keys keeps the current values.
+    state = loss_fn.state_dict()
+    state["_extra_state"] = {"subsample_step": 3}
+    loss_fn.load_state_dict(state)
+    assert (loss_fn.subsample_step, loss_fn.temperature) == (3, 0.3)

@@ -9,7 +9,6 @@ batch: loss on every rank, DDP gradients, the loss's state bit for bit, paramete
 
 from imbalanced_losses.testing._adapter import queue_state, whole_state_dict
 from imbalanced_losses.testing._ddp_check import (
-    StepRecord,
     assert_ddp_exact,
     check_ddp_exactness,
     check_many,
@@ -36,7 +35,6 @@ __all__ = [
     "RankTimeout",
     "RanksInterrupted",
     "Step",
-    "StepRecord",
     "assert_ddp_exact",
     "check_ddp_exactness",
     "check_many",

@@ -114,7 +114,8 @@ def check_ddp_exactness(
     * ``takes_padding=False``: the loss has no padding label, so no step pads;
       ``takes_sample_weight`` (default: whether its forward accepts ``sample_weight``);
     * ``state`` / ``oracle_state``: picklable accessors returning the loss's state (nested
-      dicts, lists, tensors, numbers), by default ``state_dict()``;
+      dicts, lists, tensors, numbers), by default ``state_dict()`` (for a subclass of
+      ``QueuedRankingLoss``: its queue, comparable with the plain reference implementation);
     * ``writes_state_in_eval=True``: the loss writes its state in eval by design;
     * ``loss_scale="world_size"``: the ranks' loss value is world_size times the oracle's
       (a wrapper that multiplies by the world size so that DDP's average gives the sum);

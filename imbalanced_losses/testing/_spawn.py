@@ -131,6 +131,7 @@ def run_ranks(
     *,
     backend: str = "gloo",
     timeout_s: float = 60.0,
+    start_timeout_s: float = 180.0,
     pg_timeout_s: float | None = None,
     args: Sequence[Any] = (),
     kwargs: dict[str, Any] | None = None,
@@ -139,14 +140,15 @@ def run_ranks(
     """Call ``fn(rank, *args, **kwargs)`` on ``world_size`` spawned ranks; return results by rank.
 
     Inside ``fn`` the default process group is initialised (``backend``, this world size, a
-    process-group timeout of ``pg_timeout_s``, default ``timeout_s`` + 15 s) and, for NCCL,
-    the current CUDA device is ``rank``. ``fn``, ``args`` and the results must be picklable
-    (``fn`` a module-level function: the spawned ranks import it by name); every rank gets its
-    own copy of ``args`` (tensors included: nothing is shared between ranks).
+    process-group timeout of ``pg_timeout_s``, by default 15 s more than either deadline)
+    and, for NCCL, the current CUDA device is ``rank``. ``fn``, ``args`` and the results must
+    be picklable (``fn`` a module-level function: the spawned ranks import it by name); every
+    rank gets its own copy of ``args`` (tensors included: nothing is shared between ranks).
 
     Raises ``RankFailure`` as soon as one rank fails (the first one the parent saw fail leads,
     with the stage it had announced with :func:`report_progress`), ``RankTimeout`` when no rank
-    has returned or reported progress for ``timeout_s`` seconds, ``RanksInterrupted`` (a
+    has returned or reported progress for ``timeout_s`` seconds once all have joined the
+    process group (``start_timeout_s`` for that, from the spawn), ``RanksInterrupted`` (a
     ``KeyboardInterrupt``) on Ctrl-C, after printing every rank's stack, and ``NotEnoughGPUs``
     (a skip) for ``backend="nccl"`` with fewer GPUs than ranks. ``threads_per_rank`` caps
     intra-op threads so that several ranks on a small machine do not oversubscribe it.
@@ -176,7 +178,9 @@ def run_ranks(
         "world_size": world_size,
         "backend": backend,
         # Later than the parent's deadline, so that a hang is reported as one, with the stacks.
-        "pg_timeout_s": pg_timeout_s if pg_timeout_s is not None else timeout_s + 15,
+        "pg_timeout_s": (
+            pg_timeout_s if pg_timeout_s is not None else max(timeout_s, start_timeout_s) + 15
+        ),
         "workdir": workdir,
         "threads": threads_per_rank,
         "parent_pid": os.getpid(),
@@ -191,7 +195,7 @@ def run_ranks(
             with open(os.path.join(workdir, "pids"), "a") as f:
                 f.write(f"{proc.pid}\n")
         try:
-            failed = _wait_for_ranks(procs, workdir, timeout_s)
+            failed = _wait_for_ranks(procs, workdir, timeout_s, start_timeout_s)
         except KeyboardInterrupt:
             _dump_stacks(procs, workdir)
             _kill_all(procs)
@@ -202,7 +206,8 @@ def run_ranks(
             return [_load_result(workdir, rank) for rank in range(world_size)]
         _dump_stacks(procs, workdir)
         _kill_all(procs)
-        raise _failure(procs, workdir, failed, backend, timeout_s)
+        deadline = timeout_s if _all_joined(workdir, world_size) else start_timeout_s
+        raise _failure(procs, workdir, failed, backend, deadline)
     finally:
         _kill_all(procs)
         _stop_janitor(janitor, workdir)
@@ -230,17 +235,24 @@ def _stop_janitor(janitor: subprocess.Popen | None, workdir: str) -> None:
         janitor.wait()
 
 
-def _wait_for_ranks(procs: list[Any], workdir: str, timeout_s: float) -> list[int] | None:
+def _wait_for_ranks(
+    procs: list[Any], workdir: str, timeout_s: float, start_timeout_s: float
+) -> list[int] | None:
     """Block until every rank exits (None), one fails (the failed ranks, in the order the
-    parent saw them), or ``timeout_s`` passes without progress ([])."""
+    parent saw them), or the deadline passes ([]): ``start_timeout_s`` after the spawn while
+    some rank has not joined the process group yet (starting an interpreter and importing
+    torch is slow on a loaded machine), then ``timeout_s`` without progress."""
     running = {p.sentinel: rank for rank, p in enumerate(procs)}
-    last_progress = time.monotonic()
+    last_progress = spawned = time.monotonic()
     seen = [_mtime(_path(workdir, rank, "progress")) for rank in range(len(procs))]
     while running:
         now = [_mtime(_path(workdir, rank, "progress")) for rank in range(len(procs))]
         if now != seen:
             seen, last_progress = now, time.monotonic()
-        left = last_progress + timeout_s - time.monotonic()
+        if sys.maxsize in now:  # a rank has not reported yet: still starting
+            left = spawned + start_timeout_s - time.monotonic()
+        else:
+            left = last_progress + timeout_s - time.monotonic()
         if left <= 0:
             return []  # nobody failed on its own: a hang
         ended = [running.pop(s) for s in wait(list(running), timeout=min(left, _POLL_S))]
@@ -270,7 +282,12 @@ def _failure(
     for rank, proc in enumerate(procs):
         reason = _read(_path(workdir, rank, "error"))
         if not reason and (rank in failed or not failed):
-            reason = _describe_exit(proc.exitcode) if rank in failed else "still running"
+            if rank in failed:
+                reason = _describe_exit(proc.exitcode)
+            elif os.path.exists(_path(workdir, rank, "result")):
+                reason = "returned its result"
+            else:
+                reason = "still running"
             reason += f"; it was at: {_read(_path(workdir, rank, 'progress')) or _NOT_STARTED}"
         if reason:
             failures[rank] = reason
@@ -389,6 +406,7 @@ def _rank_main(rank: int, spec: dict) -> None:
             timeout=datetime.timedelta(seconds=spec["pg_timeout_s"]),
         )
         _check_world(rank, world_size, backend)
+        report_progress(f"running {getattr(fn, '__name__', fn)!s} (joined the process group)")
         result = fn(rank, *args, **kwargs)
         tmp = _path(workdir, rank, "result.tmp")
         torch.save(result, tmp)
@@ -457,6 +475,10 @@ def _size(path: str) -> int:
         return os.path.getsize(path)
     except FileNotFoundError:
         return -1
+
+
+def _all_joined(workdir: str, world_size: int) -> bool:
+    return all(os.path.exists(_path(workdir, r, "progress")) for r in range(world_size))
 
 
 def _error_time(workdir: str, rank: int) -> int:

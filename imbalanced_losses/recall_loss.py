@@ -197,8 +197,10 @@ def _largest_positive_fraction(pool: Pool) -> Tensor:
         if pool.num_classes == 1:  # no row-sized temporary for the common binary case
             counts += (rows.targets == 1).sum()
             continue
-        column = positive_columns(rows.targets, pool.num_classes)
-        counts.index_add_(0, column.clamp(min=0), (column >= 0).to(torch.float64))
+        # In row chunks: a 20M-row batch must not get int64/float64 temporaries.
+        for targets in rows.targets.split(1 << 20):
+            column = positive_columns(targets, pool.num_classes)
+            counts.index_add_(0, column.clamp(min=0), (column >= 0).to(torch.float64))
     # max over a dim keeps both on the device; counts[counts.argmax()] would read the index
     # on the host (a sync on CUDA).
     largest, worst = counts.max(dim=0)

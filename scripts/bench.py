@@ -63,6 +63,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -94,7 +95,7 @@ CASES: dict[str, dict[str, Any]] = {
     "c10k_q16k": dict(
         kind="speed", C=10_000, quantile=0.3, full=(1024, 16384), quick=(64, 256),
         speedup=None, max_extra_pool=2.0, reference_limit_s=(60.0, 5.0), repeats=3, warmup=0,
-        memory_calls=1, max_syncs=(2, 0),
+        max_syncs=(2, 0),
     ),
     "c1_1m": dict(kind="speed", C=1, full=(1_000_000, 0), quick=(50_000, 0), speedup=1.0),
     # --quick runs ours on 1M rows; the reference is still shown to refuse > 2**24 rows.
@@ -801,6 +802,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeats = min(args.repeats, 2)
         args.warmup = min(args.warmup, 1)
+    # Uniform multi-class targets put 1/C of the rows in each class, above the default
+    # quantile: the loss rightly warns once per case. The bench measures speed, not that rule.
+    warnings.filterwarnings("ignore", message=".*positives make up")
     info = machine_info(args.device)
     results: dict[str, Any] = {}
     for name in args.cases.split(","):

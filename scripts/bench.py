@@ -345,6 +345,28 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
+def _timed_peak_calls(
+    loss_fn: Any, logits: torch.Tensor, targets: torch.Tensor, repeats: int
+) -> tuple[list[float], list[float], float]:
+    """Seconds and peak extra RSS (MiB) of each forward+backward, and the last loss value."""
+    import gc
+
+    times, extras, value = [], [], float("nan")
+    for _ in range(repeats):
+        logits.grad = None
+        gc.collect()
+        _reset_peak()
+        rss0, _ = _rss_mb()
+        start = time.perf_counter()
+        loss = loss_fn(logits, targets)
+        loss.backward()
+        times.append(time.perf_counter() - start)
+        extras.append(_rss_mb()[1] - rss0)
+        value = float(loss.detach())
+        del loss
+    return times, extras, value
+
+
 def memory_child(rows: int, repeats: int) -> dict[str, Any]:
     """Runs in a fresh process: peak extra memory of ours; the reference's failure."""
     import gc
@@ -356,21 +378,7 @@ def memory_child(rows: int, repeats: int) -> dict[str, Any]:
     logits_mb = logits.numel() * logits.element_size() / 2**20
     ours = RecallAtQuantileLoss(1, quantile=QUANTILE, queue_size=0)
     gc.collect()
-    times, extras = [], []
-    loss_value = float("nan")
-    for _ in range(repeats):
-        logits.grad = None
-        gc.collect()
-        _reset_peak()
-        rss0, _ = _rss_mb()
-        start = time.perf_counter()
-        loss = ours(logits, targets)
-        loss.backward()
-        times.append(time.perf_counter() - start)
-        _, peak = _rss_mb()
-        extras.append(peak - rss0)
-        loss_value = float(loss.detach())
-        del loss
+    times, extras, loss_value = _timed_peak_calls(ours, logits, targets, repeats)
     logits.grad = None
     gc.collect()
     ref_rows = max(rows, TORCH_QUANTILE_LIMIT + 4096)
@@ -588,7 +596,6 @@ def smooth_ap_child(impl: str, rows: int, positives: int, repeats: int) -> dict[
     ``impl`` is ``ours`` (SmoothAPLoss, chunked) or ``plain`` (the tests' full-matrix oracle in
     float32). Binary, no queue, temperature 0.01, float32 logits.
     """
-    import gc
 
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(rows, 1, generator=gen).requires_grad_(True)
@@ -606,19 +613,7 @@ def smooth_ap_child(impl: str, rows: int, positives: int, repeats: int) -> dict[
             return reference_smooth_ap_loss(
                 x, y, num_classes=1, temperature=0.01, dtype=torch.float32
             )[0]
-    times, extras, value = [], [], float("nan")
-    for _ in range(repeats):
-        logits.grad = None
-        gc.collect()
-        _reset_peak()
-        rss0, _ = _rss_mb()
-        start = time.perf_counter()
-        loss = loss_fn(logits, targets)
-        loss.backward()
-        times.append(time.perf_counter() - start)
-        extras.append(_rss_mb()[1] - rss0)
-        value = float(loss.detach())
-        del loss
+    times, extras, value = _timed_peak_calls(loss_fn, logits, targets, repeats)
     return {"impl": impl, "rows": rows, "positives": positives, "ms": [t * 1e3 for t in times],
             "peak_extra_mb": extras, "loss": value}
 

@@ -81,37 +81,76 @@ TORCH_QUANTILE_LIMIT = 2**24
 # name -> full sizes, quick sizes, target
 CASES: dict[str, dict[str, Any]] = {
     "c16_q64k": dict(
-        kind="speed", C=16, full=(4096, 65536), quick=(512, 4096), speedup=10.0,
+        kind="speed",
+        C=16,
+        full=(4096, 65536),
+        quick=(512, 4096),
+        speedup=10.0,
         max_syncs=(2, 0),
     ),
     "c100_q64k": dict(
-        kind="speed", C=100, full=(8192, 65536), quick=(2048, 16384), speedup=4.0,
+        kind="speed",
+        C=100,
+        full=(8192, 65536),
+        quick=(2048, 16384),
+        speedup=4.0,
         max_extra_pool=2.0,
     ),
     "c100_q64k_q03": dict(
-        kind="speed", C=100, quantile=0.3, full=(8192, 65536), quick=(2048, 16384),
-        speedup=None, max_extra_pool=2.0,
+        kind="speed",
+        C=100,
+        quantile=0.3,
+        full=(8192, 65536),
+        quick=(2048, 16384),
+        speedup=None,
+        max_extra_pool=2.0,
     ),
     "c10k_q16k": dict(
-        kind="speed", C=10_000, quantile=0.3, full=(1024, 16384), quick=(64, 256),
-        speedup=None, max_extra_pool=2.0, reference_limit_s=(60.0, 5.0), repeats=3, warmup=0,
+        kind="speed",
+        C=10_000,
+        quantile=0.3,
+        full=(1024, 16384),
+        quick=(64, 256),
+        speedup=None,
+        max_extra_pool=2.0,
+        reference_limit_s=(60.0, 5.0),
+        repeats=3,
+        warmup=0,
         max_syncs=(2, 0),
     ),
     "c1_1m": dict(kind="speed", C=1, full=(1_000_000, 0), quick=(50_000, 0), speedup=1.0),
     # --quick runs ours on 1M rows; the reference is still shown to refuse > 2**24 rows.
     "c1_20m": dict(kind="memory", C=1, full=20_000_000, quick=1_000_000, max_extra=4.0),
-    "ddp_gloo_2": dict(kind="ddp", C=16, full=(4096, 3072, 65536, 8), quick=(512, 384, 4096, 4),
-                       max_forward=2, max_backward=0),
+    "ddp_gloo_2": dict(
+        kind="ddp",
+        C=16,
+        full=(4096, 3072, 65536, 8),
+        quick=(512, 384, 4096, 4),
+        max_forward=2,
+        max_backward=0,
+    ),
     "c100_pool1m": dict(
         kind="speed", C=100, full=(8192, 1_000_000 - 8192), quick=(1024, 16384), speedup=None
     ),
     # (rows, positives): ours alone at full size, ours and the plain full-matrix Smooth-AP
     # side by side at a size the plain one can hold.
-    "sap_1m": dict(kind="smooth_ap", full=(1_000_000, 5000), quick=(20_000, 100),
-                   side_by_side=(100_000, 500), quick_side_by_side=(5_000, 25), max_extra_mb=1024),
+    "sap_1m": dict(
+        kind="smooth_ap",
+        full=(1_000_000, 5000),
+        quick=(20_000, 100),
+        side_by_side=(100_000, 500),
+        quick_side_by_side=(5_000, 25),
+        max_extra_mb=1024,
+    ),
 }
 DEFAULT_CASES = [
-    "c16_q64k", "c100_q64k", "c100_q64k_q03", "c10k_q16k", "c1_1m", "c1_20m", "ddp_gloo_2"
+    "c16_q64k",
+    "c100_q64k",
+    "c100_q64k_q03",
+    "c10k_q16k",
+    "c1_1m",
+    "c1_20m",
+    "ddp_gloo_2",
 ]
 
 
@@ -160,8 +199,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step(fn: Callable[..., torch.Tensor], logits: torch.Tensor, targets: torch.Tensor,
-         device: str) -> tuple[float, float]:
+def step(
+    fn: Callable[..., torch.Tensor], logits: torch.Tensor, targets: torch.Tensor, device: str
+) -> tuple[float, float]:
     """One timed forward + backward from a fresh leaf; returns (seconds, loss)."""
     x = logits.detach().clone().requires_grad_(True)
     sync(device)
@@ -187,7 +227,9 @@ def speed_inputs(
         # told: move its buffers to the device as well).
         q_scores, q_targets = make_batch(gen, queue, num_classes)
         ref.scores, ref.targets, ref.weights = (
-            ref.scores.to(device), ref.targets.to(device), ref.weights.to(device)
+            ref.scores.to(device),
+            ref.targets.to(device),
+            ref.weights.to(device),
         )
         ones = torch.ones(queue, device=device)
         ours.queue.push(q_scores.to(device), q_targets.to(device), ones)
@@ -205,8 +247,14 @@ def reference_child(name: str, batch: int, queue: int) -> dict[str, Any]:
 
 def time_reference_once(name: str, batch: int, queue: int, limit_s: float) -> dict[str, Any]:
     """One reference call in a subprocess, stopped after ``limit_s`` (then a lower bound)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_reference-child",
-           f"{name},{batch},{queue}", "--threads", str(torch.get_num_threads())]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_reference-child",
+        f"{name},{batch},{queue}",
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s)
     except subprocess.TimeoutExpired:
@@ -300,8 +348,9 @@ def run_speed_case(name: str, spec: dict[str, Any], args: argparse.Namespace) ->
         result.update(host_syncs_per_forward=forward, host_syncs_per_backward=backward)
         max_forward, max_backward = spec["max_syncs"]
         targets.append(f"<= {max_forward} host syncs/forward, {max_backward} in backward")
-        met.append(bool(sum(forward.values()) <= max_forward
-                        and sum(backward.values()) <= max_backward))
+        met.append(
+            bool(sum(forward.values()) <= max_forward and sum(backward.values()) <= max_backward)
+        )
     if "max_extra_pool" in spec and device == "cpu":
         memory = run_pool_memory(name, batch, queue, spec.get("memory_calls", 2))
         result.update(memory)
@@ -433,8 +482,14 @@ def pool_memory_child(name: str, batch: int, queue: int, calls: int) -> dict[str
 
 def run_pool_memory(name: str, batch: int, queue: int, calls: int) -> dict[str, Any]:
     """Peak extra memory of a speed case, in a fresh subprocess (max over ``calls`` calls)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_pool-memory-child",
-           f"{name},{batch},{queue},{calls}", "--threads", str(torch.get_num_threads())]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_pool-memory-child",
+        f"{name},{batch},{queue},{calls}",
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if proc.returncode != 0:
@@ -451,13 +506,26 @@ def run_pool_memory(name: str, batch: int, queue: int, calls: int) -> dict[str, 
 def run_memory_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     rows = spec["quick"] if args.quick else spec["full"]
     repeats = 1 if args.quick else min(args.repeats, 3)
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", str(rows),
-           "--repeats", str(repeats), "--threads", str(torch.get_num_threads())]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_memory-child",
+        str(rows),
+        "--repeats",
+        str(repeats),
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if proc.returncode != 0:
-        return {"kind": "memory", "rows": rows, "error": proc.stderr[-4000:], "met": False,
-                "target": "runs with peak extra <= 4x logits"}
+        return {
+            "kind": "memory",
+            "rows": rows,
+            "error": proc.stderr[-4000:],
+            "met": False,
+            "target": "runs with peak extra <= 4x logits",
+        }
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     peak = max(child["peak_extra_mb"])
     ratio = peak / child["logits_mb"]
@@ -480,11 +548,31 @@ def run_memory_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -
 
 # --------------------------------------------------------------------------- DDP case
 _COLLECTIVES = (
-    "all_gather", "all_gather_into_tensor", "all_gather_object", "_all_gather_base",
-    "all_reduce", "all_reduce_coalesced", "broadcast", "broadcast_object_list", "reduce",
-    "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all",
-    "all_to_all_single", "gather", "gather_object", "scatter", "scatter_object_list",
-    "barrier", "monitored_barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "_all_gather_base",
+    "all_reduce",
+    "all_reduce_coalesced",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "gather_object",
+    "scatter",
+    "scatter_object_list",
+    "barrier",
+    "monitored_barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
 )
 
 
@@ -502,8 +590,9 @@ def _install_counters() -> list[str]:
             continue
         originals[name] = original
 
-        def wrapper(*a: Any, __name: str = name, __fn: Callable[..., Any] = original,
-                    **k: Any) -> Any:
+        def wrapper(
+            *a: Any, __name: str = name, __fn: Callable[..., Any] = original, **k: Any
+        ) -> Any:
             if depth[0] == 0:  # count the outermost call only (e.g. *_object -> all_gather)
                 log.append(__name)
             depth[0] += 1
@@ -537,8 +626,15 @@ def ddp_rank(rank: int, sizes: tuple[int, int], queue: int, steps: int) -> dict[
         del log[:]
         loss.backward()
         elapsed = time.perf_counter() - start
-        per_step.append({"batch": n, "forward": forward, "backward": list(log),
-                         "ms": elapsed * 1e3, "loss": float(loss.detach())})
+        per_step.append(
+            {
+                "batch": n,
+                "forward": forward,
+                "backward": list(log),
+                "ms": elapsed * 1e3,
+                "loss": float(loss.detach()),
+            }
+        )
     return {"rank": rank, "steps": per_step}
 
 
@@ -546,18 +642,21 @@ def run_ddp_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
     from imbalanced_losses.testing import run_ranks
 
     size0, size1, queue, steps = spec["quick"] if args.quick else spec["full"]
-    results = run_ranks(ddp_rank, 2, backend="gloo", timeout_s=300.0,
-                        args=((size0, size1), queue, steps),
-                        threads_per_rank=max(1, torch.get_num_threads() // 2))
+    results = run_ranks(
+        ddp_rank,
+        2,
+        backend="gloo",
+        timeout_s=300.0,
+        args=((size0, size1), queue, steps),
+        threads_per_rank=max(1, torch.get_num_threads() // 2),
+    )
     steady = [s for r in results for s in r["steps"][1:]]
     fwd = max(len(s["forward"]) for s in steady)
     bwd = max(len(s["backward"]) for s in steady)
     first = max(len(r["steps"][0]["forward"]) for r in results)
     same_loss = all(
         results[0]["steps"][i]["loss"] == results[1]["steps"][i]["loss"] for i in range(steps)
-    ) or all(
-        results[0]["steps"][i]["loss"] != results[0]["steps"][i]["loss"] for i in range(steps)
-    )
+    ) or all(results[0]["steps"][i]["loss"] != results[0]["steps"][i]["loss"] for i in range(steps))
     ms = [s["ms"] for s in steady]
     return {
         "kind": "ddp",
@@ -613,9 +712,16 @@ def smooth_ap_child(impl: str, rows: int, positives: int, repeats: int) -> dict[
             return reference_smooth_ap_loss(
                 x, y, num_classes=1, temperature=0.01, dtype=torch.float32
             )[0]
+
     times, extras, value = _timed_peak_calls(loss_fn, logits, targets, repeats)
-    return {"impl": impl, "rows": rows, "positives": positives, "ms": [t * 1e3 for t in times],
-            "peak_extra_mb": extras, "loss": value}
+    return {
+        "impl": impl,
+        "rows": rows,
+        "positives": positives,
+        "ms": [t * 1e3 for t in times],
+        "peak_extra_mb": extras,
+        "loss": value,
+    }
 
 
 def run_smooth_ap_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -624,14 +730,20 @@ def run_smooth_ap_case(name: str, spec: dict[str, Any], args: argparse.Namespace
     side = spec["quick_side_by_side"] if args.quick else spec["side_by_side"]
     repeats = 1 if args.quick else min(args.repeats, 3)
     runs: dict[str, Any] = {}
-    for key, impl, (rows, positives) in (("ours_full", "ours", full), ("ours_side", "ours", side),
-                                         ("plain_side", "plain", side)):
-        code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-                f"import torch; torch.set_num_threads({torch.get_num_threads()}); import bench; "
-                f"print(json.dumps(bench.smooth_ap_child({impl!r}, {rows}, {positives}, "
-                f"{repeats})))")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=3600, cwd=REPO)
+    for key, impl, (rows, positives) in (
+        ("ours_full", "ours", full),
+        ("ours_side", "ours", side),
+        ("plain_side", "plain", side),
+    ):
+        code = (
+            f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+            f"import torch; torch.set_num_threads({torch.get_num_threads()}); import bench; "
+            f"print(json.dumps(bench.smooth_ap_child({impl!r}, {rows}, {positives}, "
+            f"{repeats})))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, cwd=REPO
+        )
         if proc.returncode != 0:
             runs[key] = {"error": proc.stderr[-2000:]}
             continue
@@ -640,14 +752,15 @@ def run_smooth_ap_case(name: str, spec: dict[str, Any], args: argparse.Namespace
         runs[key]["max_peak_extra_mb"] = max(runs[key]["peak_extra_mb"])
     ok = all("error" not in r for r in runs.values())
     limit = spec["max_extra_mb"]
-    agree = ok and math.isclose(runs["ours_side"]["loss"], runs["plain_side"]["loss"],
-                                rel_tol=1e-4)
+    agree = ok and math.isclose(runs["ours_side"]["loss"], runs["plain_side"]["loss"], rel_tol=1e-4)
     return {
-        "kind": "smooth_ap", "runs": runs, "losses_agree": agree,
+        "kind": "smooth_ap",
+        "runs": runs,
+        "losses_agree": agree,
         "target": f"{full[0]:,} rows / {full[1]:,} positives with peak extra < {limit:,} MiB",
         "met": bool(agree and runs["ours_full"]["max_peak_extra_mb"] < limit),
         "method": "fresh subprocess per run, default malloc; VmHWM reset after the inputs exist; "
-                  "peak extra = VmHWM after forward+backward - VmRSS before; max over calls",
+        "peak extra = VmHWM after forward+backward - VmRSS before; max over calls",
     }
 
 
@@ -663,8 +776,15 @@ def smooth_ap_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
         ms = fmt_ms(run["median_ms"])
         cells = [ms, "—"] if label == "ours" else ["—", ms]
         met = ("yes" if r["met"] else "NO") if key == "ours_full" else ""
-        out.append([f"{name} {label} ({size})", *cells,
-                    f"peak extra {run['max_peak_extra_mb']:,.0f} MiB", r["target"], met])
+        out.append(
+            [
+                f"{name} {label} ({size})",
+                *cells,
+                f"peak extra {run['max_peak_extra_mb']:,.0f} MiB",
+                r["target"],
+                met,
+            ]
+        )
     return out
 
 
@@ -697,31 +817,66 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             else:
                 ref, measured = fmt_ms(r["reference_median_ms"]), f"{r['speedup']:.1f}x"
             if "host_syncs_per_forward" in r:
-                measured += (f"; host syncs {sum(r['host_syncs_per_forward'].values())} per "
-                             f"forward, {sum(r['host_syncs_per_backward'].values())} in backward")
+                measured += (
+                    f"; host syncs {sum(r['host_syncs_per_forward'].values())} per "
+                    f"forward, {sum(r['host_syncs_per_backward'].values())} in backward"
+                )
             if "peak_extra_over_pool" in r:
-                measured += (f"; peak extra {max(r['peak_extra_mb']):,.0f} MiB = "
-                             f"{r['peak_extra_over_pool']:.2f}x pool ({r['pool_mb']:,.0f} MiB)")
-            rows.append([f"{name} ({what})", fmt_ms(r["ours_median_ms"]), ref, measured,
-                         r["target"], _verdict(r)])
+                measured += (
+                    f"; peak extra {max(r['peak_extra_mb']):,.0f} MiB = "
+                    f"{r['peak_extra_over_pool']:.2f}x pool ({r['pool_mb']:,.0f} MiB)"
+                )
+            rows.append(
+                [
+                    f"{name} ({what})",
+                    fmt_ms(r["ours_median_ms"]),
+                    ref,
+                    measured,
+                    r["target"],
+                    _verdict(r),
+                ]
+            )
         elif r["kind"] == "memory":
             if "error" in r:
                 rows.append([name, "error", "", "", r["target"], "NO"])
                 continue
-            ref = (f"raises at {r['reference_rows']:,} rows" if r["reference_raises"]
-                   else "did not raise")
-            measured = (f"peak extra {max(r['peak_extra_mb']):,.0f} MiB = "
-                        f"{r['peak_extra_over_logits']:.2f}x logits ({r['logits_mb']:,.0f} MiB)")
-            rows.append([f"{name} (C=1, {r['rows']:,} rows, one call)",
-                         fmt_ms(r["ours_median_ms"]), ref, measured, r["target"], _verdict(r)])
+            ref = (
+                f"raises at {r['reference_rows']:,} rows"
+                if r["reference_raises"]
+                else "did not raise"
+            )
+            measured = (
+                f"peak extra {max(r['peak_extra_mb']):,.0f} MiB = "
+                f"{r['peak_extra_over_logits']:.2f}x logits ({r['logits_mb']:,.0f} MiB)"
+            )
+            rows.append(
+                [
+                    f"{name} (C=1, {r['rows']:,} rows, one call)",
+                    fmt_ms(r["ours_median_ms"]),
+                    ref,
+                    measured,
+                    r["target"],
+                    _verdict(r),
+                ]
+            )
         elif r["kind"] == "smooth_ap":
             rows += smooth_ap_rows(name, r)
         elif r["kind"] == "ddp":
-            measured = (f"{r['collectives_per_forward_steady_max']} per forward, "
-                        f"{r['collectives_per_backward_steady_max']} in backward")
-            rows.append([f"{name} (C={r['num_classes']}, batches {r['per_rank_batch']}, "
-                         f"queue {r['queue']:,})", fmt_ms(r["ours_median_ms"]), "—", measured,
-                         r["target"], "yes" if r["met"] else "NO"])
+            measured = (
+                f"{r['collectives_per_forward_steady_max']} per forward, "
+                f"{r['collectives_per_backward_steady_max']} in backward"
+            )
+            rows.append(
+                [
+                    f"{name} (C={r['num_classes']}, batches {r['per_rank_batch']}, "
+                    f"queue {r['queue']:,})",
+                    fmt_ms(r["ours_median_ms"]),
+                    "—",
+                    measured,
+                    r["target"],
+                    "yes" if r["met"] else "NO",
+                ]
+            )
     return rows
 
 
@@ -734,9 +889,14 @@ def print_report(info: dict[str, Any], results: dict[str, Any], quick: bool) -> 
         f"{info.get('load_avg_at_start')} | {info['date']}",
         f"float32, forward+backward, quantile={QUANTILE} unless shown; medians of interleaved "
         "runs after warm-up (see JSON for every sample)",
-        *(["--quick: small sizes. Speed targets and the 20M-row memory ratio are set for the "
-           "full sizes and are not judged here; the pool-memory and collective targets are."]
-          if quick else []),
+        *(
+            [
+                "--quick: small sizes. Speed targets and the 20M-row memory ratio are set for the "
+                "full sizes and are not judged here; the pool-memory and collective targets are."
+            ]
+            if quick
+            else []
+        ),
         "",
         "| case | ours median ms | baseline median ms | speedup / measured | target | met? |",
         "| --- | ---: | ---: | --- | --- | --- |",
@@ -748,8 +908,12 @@ def print_report(info: dict[str, Any], results: dict[str, Any], quick: bool) -> 
 
 
 # --------------------------------------------------------------------------- main
-RUNNERS = {"speed": run_speed_case, "memory": run_memory_case, "ddp": run_ddp_case,
-           "smooth_ap": run_smooth_ap_case}
+RUNNERS = {
+    "speed": run_speed_case,
+    "memory": run_memory_case,
+    "ddp": run_ddp_case,
+    "smooth_ap": run_smooth_ap_case,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -757,15 +921,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per side (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per side (default 2)")
-    p.add_argument("--json", default=os.path.join(REPO, "results", "bench.json"),
-                   help="where to write the results (default results/bench.json)")
-    p.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                   help=f"comma-separated subset of {', '.join(CASES)}")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: torch's default)")
+    p.add_argument(
+        "--json",
+        default=os.path.join(REPO, "results", "bench.json"),
+        help="where to write the results (default results/bench.json)",
+    )
+    p.add_argument(
+        "--cases",
+        default=",".join(DEFAULT_CASES),
+        help=f"comma-separated subset of {', '.join(CASES)}",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] for the speed cases")
-    p.add_argument("--slow-budget-s", type=float, default=60.0,
-                   help="cap on the reference's timed seconds per case (>= 3 calls always)")
+    p.add_argument(
+        "--slow-budget-s",
+        type=float,
+        default=60.0,
+        help="cap on the reference's timed seconds per case (>= 3 calls always)",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--_memory-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_pool-memory-child", default=None, help=argparse.SUPPRESS)
@@ -814,8 +989,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] done in {results[name]['wall_s']:.1f} s", flush=True)
     print()
     table = print_report(info, results, args.quick)
-    out = {"machine": info, "quick": args.quick, "repeats": args.repeats, "warmup": args.warmup,
-           "cases": results, "table_markdown": table}
+    out = {
+        "machine": info,
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "cases": results,
+        "table_markdown": table,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)

@@ -78,9 +78,12 @@ except ImportError:  # tqdm is optional
     tqdm = None
 
 ARMS = ("bce", "raq", "sap", "raq_wrapped")
-ARM_LABELS = {"bce": "BCE alone", "raq": "BCE warm-up -> RecallAtQuantile",
-              "sap": "BCE warm-up -> Smooth-AP",
-              "raq_wrapped": "RecallAtQuantile via LossWarmupWrapper"}
+ARM_LABELS = {
+    "bce": "BCE alone",
+    "raq": "BCE warm-up -> RecallAtQuantile",
+    "sap": "BCE warm-up -> Smooth-AP",
+    "raq_wrapped": "RecallAtQuantile via LossWarmupWrapper",
+}
 RANKING_ARMS = ("raq", "sap")  # the hand-written schedule: ranking loss + bce_weight x BCE
 
 
@@ -155,8 +158,9 @@ class Splits:
     source: str
 
 
-def make_synthetic(n: int, seed: int, positive_rate: float, hard_negative_rate: float,
-                   n_features: int) -> tuple[np.ndarray, np.ndarray]:
+def make_synthetic(
+    n: int, seed: int, positive_rate: float, hard_negative_rate: float, n_features: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded synthetic alert task (numpy only, nothing downloaded).
 
     * easy negatives: the bulk, ``N(0, I)``;
@@ -236,8 +240,9 @@ def load_table(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray, l
     return x, y, [str(c) for c in numeric.columns]
 
 
-def stratified_split(x: np.ndarray, y: np.ndarray, seed: int, val_frac: float,
-                     test_frac: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def stratified_split(
+    x: np.ndarray, y: np.ndarray, seed: int, val_frac: float, test_frac: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed + 7919)
     parts: list[list[np.ndarray]] = [[], [], []]
     for cls in (0, 1):
@@ -245,18 +250,21 @@ def stratified_split(x: np.ndarray, y: np.ndarray, seed: int, val_frac: float,
         n_val = int(round(len(idx) * val_frac))
         n_test = int(round(len(idx) * test_frac))
         parts[1].append(idx[:n_val])
-        parts[2].append(idx[n_val:n_val + n_test])
-        parts[0].append(idx[n_val + n_test:])
+        parts[2].append(idx[n_val : n_val + n_test])
+        parts[0].append(idx[n_val + n_test :])
     return tuple(rng.permutation(np.concatenate(p)) for p in parts)  # type: ignore[return-value]
 
 
 def build_splits(args: argparse.Namespace, seed: int) -> Splits:
     if args.data is None:
-        x, y = make_synthetic(args.n_samples, seed, args.positive_rate,
-                              args.hard_negative_rate, args.n_features)
+        x, y = make_synthetic(
+            args.n_samples, seed, args.positive_rate, args.hard_negative_rate, args.n_features
+        )
         names = [f"f{i}" for i in range(x.shape[1])]
-        source = (f"synthetic(n={args.n_samples}, positive_rate={args.positive_rate}, "
-                  f"hard_negative_rate={args.hard_negative_rate}, seed={seed})")
+        source = (
+            f"synthetic(n={args.n_samples}, positive_rate={args.positive_rate}, "
+            f"hard_negative_rate={args.hard_negative_rate}, seed={seed})"
+        )
     else:
         x, y, names = load_table(Path(args.data), args.label_column)
         source = str(args.data)
@@ -297,15 +305,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def scores_of(model: nn.Module, x: torch.Tensor, device: torch.device,
-              chunk: int = 65536) -> torch.Tensor:
+def scores_of(
+    model: nn.Module, x: torch.Tensor, device: torch.device, chunk: int = 65536
+) -> torch.Tensor:
     model.eval()
-    out = [model(x[i:i + chunk].to(device))[:, 0].float().cpu() for i in range(0, len(x), chunk)]
+    out = [model(x[i : i + chunk].to(device))[:, 0].float().cpu() for i in range(0, len(x), chunk)]
     return torch.cat(out) if out else torch.empty(0)
 
 
-def recall_sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, quantile: float,
-                   info: DistInfo) -> float:
+def recall_sharded(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, quantile: float, info: DistInfo
+) -> float:
     """Each rank scores its own shard; ``recall_at_quantile`` pools all ranks' rows."""
     shard = slice(info.rank, None, info.world_size)
     s = scores_of(model, x[shard], info.device).to(info.device)
@@ -317,8 +327,14 @@ class Progress:
     def __init__(self, info: DistInfo, total: int, enabled: bool, desc: str):
         self.bar = None
         if info.is_main and enabled and tqdm is not None:
-            self.bar = tqdm(total=total, desc=desc, unit="step", mininterval=0.5,
-                            dynamic_ncols=True, leave=False)
+            self.bar = tqdm(
+                total=total,
+                desc=desc,
+                unit="step",
+                mininterval=0.5,
+                dynamic_ncols=True,
+                leave=False,
+            )
 
     def update(self, n: int = 1, **postfix) -> None:
         if self.bar is not None:
@@ -339,10 +355,20 @@ class BCEOnScores(nn.Module):
         return F.binary_cross_entropy_with_logits(logits[:, 0], targets.float())
 
 
-def train_epochs(model: nn.Module, wrapped: nn.Module, opt: torch.optim.Optimizer,
-                 arm: str, epochs: range, data: Splits, args: argparse.Namespace, seed: int,
-                 info: DistInfo, ranking: nn.Module | None, history: dict,
-                 progress: Progress) -> None:
+def train_epochs(
+    model: nn.Module,
+    wrapped: nn.Module,
+    opt: torch.optim.Optimizer,
+    arm: str,
+    epochs: range,
+    data: Splits,
+    args: argparse.Namespace,
+    seed: int,
+    info: DistInfo,
+    ranking: nn.Module | None,
+    history: dict,
+    progress: Progress,
+) -> None:
     """Train ``epochs``: BCE (arm ``bce``, or any arm before the end of the warm-up),
     ``ranking + bce_weight * BCE`` (arms ``raq``/``sap``), or the wrapper (``raq_wrapped``)."""
     gb = args.batch_size
@@ -363,10 +389,11 @@ def train_epochs(model: nn.Module, wrapped: nn.Module, opt: torch.optim.Optimize
             k, last = epoch - args.warmup_epochs, args.epochs - args.warmup_epochs - 1
             frac = k / last if last > 0 else 1.0
             ranking.temperature = (
-                args.temperature * (args.temperature_final / args.temperature) ** frac)
+                args.temperature * (args.temperature_final / args.temperature) ** frac
+            )
         total = 0.0
         for step in range(steps):
-            rows = order[step * gb:(step + 1) * gb][info.rank * lb:(info.rank + 1) * lb]
+            rows = order[step * gb : (step + 1) * gb][info.rank * lb : (info.rank + 1) * lb]
             xb = data.x_train[rows].to(info.device, non_blocking=True)
             yb = data.y_train[rows].to(info.device, non_blocking=True)
             logits = wrapped(xb)
@@ -411,10 +438,15 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
 def ranking_loss(arm: str, args: argparse.Namespace) -> nn.Module:
     """The loss an arm switches to after the warm-up."""
     if arm == "sap":
-        return SmoothAPLoss(num_classes=1, queue_size=args.sap_queue_size,
-                            temperature=args.sap_temperature)
-    raq = RecallAtQuantileLoss(num_classes=1, quantile=args.quantile,
-                               queue_size=args.queue_size, temperature=args.temperature)
+        return SmoothAPLoss(
+            num_classes=1, queue_size=args.sap_queue_size, temperature=args.sap_temperature
+        )
+    raq = RecallAtQuantileLoss(
+        num_classes=1,
+        quantile=args.quantile,
+        queue_size=args.queue_size,
+        temperature=args.temperature,
+    )
     if arm == "raq":
         return raq
     # The same schedule as arm "raq", written with the wrapper: BCE for the warm-up epochs,
@@ -422,9 +454,14 @@ def ranking_loss(arm: str, args: argparse.Namespace) -> nn.Module:
     # --temperature-final over the ranking epochs (arm "raq" decays it per epoch).
     steps = args.steps_per_epoch * (args.epochs - args.warmup_epochs)
     return LossWarmupWrapper(
-        BCEOnScores(), raq, warmup_epochs=args.warmup_epochs,
-        final_main_weight=1 / (1 + args.bce_weight), temp_start=args.temperature,
-        temp_end=args.temperature_final or args.temperature, temp_decay_steps=max(1, steps - 1))
+        BCEOnScores(),
+        raq,
+        warmup_epochs=args.warmup_epochs,
+        final_main_weight=1 / (1 + args.bce_weight),
+        temp_start=args.temperature,
+        temp_end=args.temperature_final or args.temperature,
+        temp_decay_steps=max(1, steps - 1),
+    )
 
 
 def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
@@ -433,11 +470,11 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
     steps_per_epoch = args.steps_per_epoch = len(data.y_train) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
-            f"--batch-size {args.batch_size} exceeds the {len(data.y_train)} training rows")
+            f"--batch-size {args.batch_size} exceeds the {len(data.y_train)} training rows"
+        )
     forks = [arm for arm in args.arms if arm != "bce"]
     total_steps = steps_per_epoch * (args.epochs + len(forks) * (args.epochs - args.warmup_epochs))
-    progress = Progress(info, total_steps,
-                        not args.no_progress, desc=f"seed {seed}")
+    progress = Progress(info, total_steps, not args.no_progress, desc=f"seed {seed}")
     empty = lambda: {"epoch": [], "train_loss": [], "val_recall": [], "test_recall": []}  # noqa: E731
 
     # Arm "bce": BCE for every epoch; its state after the warm-up seeds arm "raq".
@@ -447,11 +484,35 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
     wrapped = wrap(model, info)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     hist_bce = empty()
-    train_epochs(model, wrapped, opt, "bce", range(args.warmup_epochs), data, args, seed, info,
-                 None, hist_bce, progress)
+    train_epochs(
+        model,
+        wrapped,
+        opt,
+        "bce",
+        range(args.warmup_epochs),
+        data,
+        args,
+        seed,
+        info,
+        None,
+        hist_bce,
+        progress,
+    )
     warm_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    train_epochs(model, wrapped, opt, "bce", range(args.warmup_epochs, args.epochs), data, args,
-                 seed, info, None, hist_bce, progress)
+    train_epochs(
+        model,
+        wrapped,
+        opt,
+        "bce",
+        range(args.warmup_epochs, args.epochs),
+        data,
+        args,
+        seed,
+        info,
+        None,
+        hist_bce,
+        progress,
+    )
     models = {"bce": model}
 
     # The other arms fork from the warm-up weights, with a fresh Adam at their own lr.
@@ -462,33 +523,58 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
         wrapped_r = wrap(model_r, info)
         lr = args.sap_lr if arm == "sap" else args.raq_lr
         opt_r = torch.optim.Adam(model_r.parameters(), lr=lr)
-        hists[arm] = {k: list(v[:args.warmup_epochs]) for k, v in hist_bce.items()}
-        train_epochs(model_r, wrapped_r, opt_r, arm, range(args.warmup_epochs, args.epochs), data,
-                     args, seed, info, ranking_loss(arm, args).to(info.device), hists[arm],
-                     progress)
+        hists[arm] = {k: list(v[: args.warmup_epochs]) for k, v in hist_bce.items()}
+        train_epochs(
+            model_r,
+            wrapped_r,
+            opt_r,
+            arm,
+            range(args.warmup_epochs, args.epochs),
+            data,
+            args,
+            seed,
+            info,
+            ranking_loss(arm, args).to(info.device),
+            hists[arm],
+            progress,
+        )
         models[arm] = model_r
     progress.close()
 
-    result: dict = {"seed": int(seed), "source": data.source,
-                    "n_train": len(data.y_train), "n_val": len(data.y_val),
-                    "n_test": len(data.y_test),
-                    "test_positives": int(data.y_test.sum()),
-                    "train_positive_rate": float(data.y_train.float().mean()),
-                    "arms": {}}
+    result: dict = {
+        "seed": int(seed),
+        "source": data.source,
+        "n_train": len(data.y_train),
+        "n_val": len(data.y_val),
+        "n_test": len(data.y_test),
+        "test_positives": int(data.y_test.sum()),
+        "train_positive_rate": float(data.y_train.float().mean()),
+        "arms": {},
+    }
     for arm, hist in hists.items():
-        result["arms"][arm] = {"test_recall": hist["test_recall"][-1],
-                               "val_recall": hist["val_recall"][-1], "history": hist}
+        result["arms"][arm] = {
+            "test_recall": hist["test_recall"][-1],
+            "val_recall": hist["val_recall"][-1],
+            "history": hist,
+        }
     if info.is_main:  # full test scores for the plot, and a cross-check of the DDP metric
-        result["_scores"] = {arm: scores_of(m, data.x_test, info.device)
-                             for arm, m in models.items()}
+        result["_scores"] = {
+            arm: scores_of(m, data.x_test, info.device) for arm, m in models.items()
+        }
         result["_y_test"] = data.y_test
         for arm in args.arms:
-            local = float(recall_at_quantile(result["_scores"][arm], data.y_test, args.quantile,
-                                             gather_distributed=False))
+            local = float(
+                recall_at_quantile(
+                    result["_scores"][arm], data.y_test, args.quantile, gather_distributed=False
+                )
+            )
             reported = result["arms"][arm]["test_recall"]
             if not math.isclose(local, reported, abs_tol=1e-6):
-                print(f"[train_alerts] WARNING: sharded recall {reported} != local {local} "
-                      f"for arm {arm}", file=sys.stderr)
+                print(
+                    f"[train_alerts] WARNING: sharded recall {reported} != local {local} "
+                    f"for arm {arm}",
+                    file=sys.stderr,
+                )
             # recall_at_quantile counts every row tied with the threshold: a model whose
             # scores collapse onto one value (dead ReLUs) can alert far more rows than the
             # budget and look good. Record how many rows the threshold really alerts.
@@ -499,9 +585,12 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
             result["arms"][arm]["alerted_rows"] = alerted
             result["arms"][arm]["budget_rows"] = budget
             if alerted > 1.1 * budget + 2:
-                print(f"[train_alerts] WARNING: seed {seed}, arm {arm}: {alerted} test rows tie "
-                      f"at or above the threshold for a budget of {budget:.0f}; its recall "
-                      "is inflated by ties, not earned by ranking.", file=sys.stderr)
+                print(
+                    f"[train_alerts] WARNING: seed {seed}, arm {arm}: {alerted} test rows tie "
+                    f"at or above the threshold for a budget of {budget:.0f}; its recall "
+                    "is inflated by ties, not earned by ranking.",
+                    file=sys.stderr,
+                )
     return result
 
 
@@ -509,8 +598,13 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
 def summarise(values: list[float]) -> dict:
     arr = np.asarray(values, dtype=np.float64)
     std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-    return {"mean": float(arr.mean()), "std": std, "n": int(len(arr)),
-            "min": float(arr.min()), "max": float(arr.max())}
+    return {
+        "mean": float(arr.mean()),
+        "std": std,
+        "n": int(len(arr)),
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+    }
 
 
 def print_table(results: list[dict], summary: dict, args: argparse.Namespace) -> None:
@@ -520,19 +614,25 @@ def print_table(results: list[dict], summary: dict, args: argparse.Namespace) ->
     for arm in args.arms:
         vals = [r["arms"][arm]["test_recall"] for r in results]
         s = summary[arm]
-        rows.append([ARM_LABELS[arm]] + [f"{v:.4f}" for v in vals]
-                    + [f"{s['mean']:.4f} ± {s['std']:.4f}"])
+        rows.append(
+            [ARM_LABELS[arm]] + [f"{v:.4f}" for v in vals] + [f"{s['mean']:.4f} ± {s['std']:.4f}"]
+        )
     wins = {}
     for arm in args.arms[1:]:
         d = summary[f"{arm}_minus_bce"]
         diffs = [r["arms"][arm]["test_recall"] - r["arms"]["bce"]["test_recall"] for r in results]
         wins[arm] = sum(v > 0 for v in diffs)
-        rows.append([f"difference ({arm} - bce)"] + [f"{v:+.4f}" for v in diffs]
-                    + [f"{d['mean']:+.4f} ± {d['std']:.4f}"])
+        rows.append(
+            [f"difference ({arm} - bce)"]
+            + [f"{v:+.4f}" for v in diffs]
+            + [f"{d['mean']:+.4f} ± {d['std']:.4f}"]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    print(f"\nTest recall at the alert budget (top {100 * args.quantile:g}% of held-out scores; "
-          f"std = sample std over {len(seeds)} seed(s)):")
+    print(
+        f"\nTest recall at the alert budget (top {100 * args.quantile:g}% of held-out scores; "
+        f"std = sample std over {len(seeds)} seed(s)):"
+    )
     print(line(head))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
@@ -556,16 +656,34 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
         s = first["_scores"][arm].numpy()
         theta = float(np.quantile(s, 1 - args.quantile, method="higher"))
         bins = np.linspace(np.percentile(s, 0.5), s.max(), 80)
-        ax.hist(s[~y], bins=bins, density=True, alpha=0.55, color="tab:gray",
-                label=f"negatives (n={int((~y).sum())})")
-        ax.hist(s[y], bins=bins, density=True, alpha=0.65, color="tab:red",
-                label=f"positives (n={int(y.sum())})")
-        ax.axvline(theta, color="black", ls="--", lw=1.5,
-                   label=f"alert threshold (top {100 * args.quantile:g}%)")
+        ax.hist(
+            s[~y],
+            bins=bins,
+            density=True,
+            alpha=0.55,
+            color="tab:gray",
+            label=f"negatives (n={int((~y).sum())})",
+        )
+        ax.hist(
+            s[y],
+            bins=bins,
+            density=True,
+            alpha=0.65,
+            color="tab:red",
+            label=f"positives (n={int(y.sum())})",
+        )
+        ax.axvline(
+            theta,
+            color="black",
+            ls="--",
+            lw=1.5,
+            label=f"alert threshold (top {100 * args.quantile:g}%)",
+        )
         rec = first["arms"][arm]["test_recall"]
         ax.set_yscale("log")
-        ax.set_title(f"{ARM_LABELS[arm]}: test scores, seed {first['seed']}\n"
-                     f"recall at budget = {rec:.3f}")
+        ax.set_title(
+            f"{ARM_LABELS[arm]}: test scores, seed {first['seed']}\nrecall at budget = {rec:.3f}"
+        )
         ax.set_xlabel("logit")
         ax.set_ylabel("density (log scale)")
         ax.legend(loc="upper left", fontsize=8)
@@ -579,13 +697,20 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
             for c in curves:
                 ax.plot(epochs, c, color=colors[arm], alpha=0.25, lw=1)
         mean, std = curves.mean(0)[-1], curves.std(0, ddof=1)[-1] if len(curves) > 1 else 0.0
-        ax.plot(epochs, curves.mean(0), color=colors[arm], **style,
-                label=f"{ARM_LABELS[arm]}: {mean:.3f} ± {std:.3f}")
+        ax.plot(
+            epochs,
+            curves.mean(0),
+            color=colors[arm],
+            **style,
+            label=f"{ARM_LABELS[arm]}: {mean:.3f} ± {std:.3f}",
+        )
     ax.axvline(args.warmup_epochs + 0.5, color="gray", ls=":", lw=1.2, label="end of BCE warm-up")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"test recall at top {100 * args.quantile:g}%")
-    ax.set_title(f"recall at the budget over epochs (legend: final\nmean ± std of "
-                 f"{len(results)} seed(s); thin lines: single seeds)")
+    ax.set_title(
+        f"recall at the budget over epochs (legend: final\nmean ± std of "
+        f"{len(results)} seed(s); thin lines: single seeds)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -595,15 +720,17 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="CSV or Parquet file (default: synthetic task)")
     g.add_argument("--label-column", default="label", help="binary label column of --data")
     g.add_argument("--n-samples", type=int, default=200_000, help="synthetic rows")
     g.add_argument("--positive-rate", type=float, default=0.005, help="synthetic positive share")
-    g.add_argument("--hard-negative-rate", type=float, default=0.02,
-                   help="synthetic share of hard negatives")
+    g.add_argument(
+        "--hard-negative-rate", type=float, default=0.02, help="synthetic share of hard negatives"
+    )
     g.add_argument("--n-features", type=int, default=16, help="synthetic features")
     g.add_argument("--val-frac", type=float, default=0.2)
     g.add_argument("--test-frac", type=float, default=0.3)
@@ -611,43 +738,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="single seed (ignored with --seeds)")
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds")
     g.add_argument("--epochs", type=int, default=12, help="total epochs per arm")
-    g.add_argument("--warmup-epochs", type=int, default=4,
-                   help="BCE epochs before the ranking loss")
+    g.add_argument(
+        "--warmup-epochs", type=int, default=4, help="BCE epochs before the ranking loss"
+    )
     g.add_argument("--batch-size", type=int, default=2048, help="global batch (all ranks)")
-    g.add_argument("--hidden", type=int, default=0,
-                   help="hidden units (0: a linear scorer, the default; try 8 to see BCE catch up)")
-    g.add_argument("--no-prior-bias", action="store_true",
-                   help="keep PyTorch's default output-bias init instead of the prior log-odds")
-    g.add_argument("--lr", type=float, default=3e-3,
-                   help="Adam lr for BCE (both arms' warm-up)")
-    g.add_argument("--raq-lr", type=float, default=1e-2,
-                   help="Adam lr of the ranking arm after the warm-up")
+    g.add_argument(
+        "--hidden",
+        type=int,
+        default=0,
+        help="hidden units (0: a linear scorer, the default; try 8 to see BCE catch up)",
+    )
+    g.add_argument(
+        "--no-prior-bias",
+        action="store_true",
+        help="keep PyTorch's default output-bias init instead of the prior log-odds",
+    )
+    g.add_argument("--lr", type=float, default=3e-3, help="Adam lr for BCE (both arms' warm-up)")
+    g.add_argument(
+        "--raq-lr", type=float, default=1e-2, help="Adam lr of the ranking arm after the warm-up"
+    )
     g = p.add_argument_group("ranking loss")
-    g.add_argument("--quantile", type=float, default=0.01,
-                   help="alert budget: share of rows alerted; must exceed the positive rate")
-    g.add_argument("--temperature", type=float, default=1.0,
-                   help="sigmoid temperature of the ranking loss, in logit units")
-    g.add_argument("--temperature-final", type=float, default=None,
-                   help="anneal the temperature geometrically to this value over the ranking "
-                        "epochs (unset: constant temperature)")
+    g.add_argument(
+        "--quantile",
+        type=float,
+        default=0.01,
+        help="alert budget: share of rows alerted; must exceed the positive rate",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sigmoid temperature of the ranking loss, in logit units",
+    )
+    g.add_argument(
+        "--temperature-final",
+        type=float,
+        default=None,
+        help="anneal the temperature geometrically to this value over the ranking "
+        "epochs (unset: constant temperature)",
+    )
     g.add_argument("--queue-size", type=int, default=8192)
-    g.add_argument("--bce-weight", type=float, default=1.0,
-                   help="blend: loss = RecallAtQuantile + bce_weight * BCE after the warm-up")
+    g.add_argument(
+        "--bce-weight",
+        type=float,
+        default=1.0,
+        help="blend: loss = RecallAtQuantile + bce_weight * BCE after the warm-up",
+    )
     g = p.add_argument_group("Smooth-AP arm")
-    g.add_argument("--sap-temperature", type=float, default=0.3,
-                   help="sigmoid temperature of SmoothAPLoss, in logit units")
+    g.add_argument(
+        "--sap-temperature",
+        type=float,
+        default=0.3,
+        help="sigmoid temperature of SmoothAPLoss, in logit units",
+    )
     g.add_argument("--sap-queue-size", type=int, default=8192)
-    g.add_argument("--sap-bce-weight", type=float, default=1.0,
-                   help="blend: loss = SmoothAP + sap_bce_weight * BCE after the warm-up")
-    g.add_argument("--sap-lr", type=float, default=1e-2,
-                   help="Adam lr of the Smooth-AP arm after the warm-up")
+    g.add_argument(
+        "--sap-bce-weight",
+        type=float,
+        default=1.0,
+        help="blend: loss = SmoothAP + sap_bce_weight * BCE after the warm-up",
+    )
+    g.add_argument(
+        "--sap-lr", type=float, default=1e-2, help="Adam lr of the Smooth-AP arm after the warm-up"
+    )
     g = p.add_argument_group("run")
     g.add_argument("--out", default="results", help="output folder (JSON + PNG)")
     g.add_argument("--cpu", action="store_true", help="force CPU (gloo) even with GPUs")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    g.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
-                   help="arms to run (bce always runs: the others fork from its warm-up)")
+    g.add_argument(
+        "--arms",
+        nargs="+",
+        choices=ARMS,
+        default=list(ARMS),
+        help="arms to run (bce always runs: the others fork from its warm-up)",
+    )
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = [args.seed]
@@ -695,33 +860,46 @@ def main(argv: list[str] | None = None) -> dict | None:
     t0 = time.perf_counter()
     info = setup_distributed(args.cpu)
     try:
-        log(info, f"[train_alerts] world_size={info.world_size} backend={info.backend} "
-                  f"device={info.device.type} threads_per_rank={torch.get_num_threads()} "
-                  f"torch={torch.__version__}")
+        log(
+            info,
+            f"[train_alerts] world_size={info.world_size} backend={info.backend} "
+            f"device={info.device.type} threads_per_rank={torch.get_num_threads()} "
+            f"torch={torch.__version__}",
+        )
         if args.batch_size % info.world_size:
-            raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world "
-                             f"size {info.world_size}")
+            raise ValueError(
+                f"--batch-size {args.batch_size} must be divisible by the world "
+                f"size {info.world_size}"
+            )
         results = []
         for seed in args.seeds:
             ts = time.perf_counter()
             res = run_seed(args, seed, info)
             results.append(res)
-            log(info, f"[train_alerts] seed {seed}: "
-                      + ", ".join(f"{a}={res['arms'][a]['test_recall']:.4f}" for a in args.arms)
-                      + f"  ({time.perf_counter() - ts:.1f}s; {res['test_positives']} test "
-                        f"positives, train positive rate {res['train_positive_rate']:.4%})")
+            log(
+                info,
+                f"[train_alerts] seed {seed}: "
+                + ", ".join(f"{a}={res['arms'][a]['test_recall']:.4f}" for a in args.arms)
+                + f"  ({time.perf_counter() - ts:.1f}s; {res['test_positives']} test "
+                f"positives, train positive rate {res['train_positive_rate']:.4%})",
+            )
             if res["train_positive_rate"] >= args.quantile:
-                log(info, f"[train_alerts] WARNING: --quantile {args.quantile} does not exceed "
-                          f"the positive rate {res['train_positive_rate']:.4f}: even a perfect "
-                          "model leaves positives below the threshold.")
+                log(
+                    info,
+                    f"[train_alerts] WARNING: --quantile {args.quantile} does not exceed "
+                    f"the positive rate {res['train_positive_rate']:.4f}: even a perfect "
+                    "model leaves positives below the threshold.",
+                )
         if not info.is_main:
             _barrier()  # wait for rank 0's report, see below
             return None
-        summary = {arm: summarise([r["arms"][arm]["test_recall"] for r in results])
-                   for arm in args.arms}
+        summary = {
+            arm: summarise([r["arms"][arm]["test_recall"] for r in results]) for arm in args.arms
+        }
         for arm in args.arms[1:]:
             summary[f"{arm}_minus_bce"] = summarise(
-                [r["arms"][arm]["test_recall"] - r["arms"]["bce"]["test_recall"] for r in results])
+                [r["arms"][arm]["test_recall"] - r["arms"]["bce"]["test_recall"] for r in results]
+            )
         print_table(results, summary, args)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -730,18 +908,25 @@ def main(argv: list[str] | None = None) -> dict | None:
             plot(results, args, png)
         elapsed = time.perf_counter() - t0
         report = {
-            "world_size": info.world_size, "backend": info.backend, "device": info.device.type,
-            "torch": torch.__version__, "seconds": elapsed, "command": " ".join(sys.argv),
+            "world_size": info.world_size,
+            "backend": info.backend,
+            "device": info.device.type,
+            "torch": torch.__version__,
+            "seconds": elapsed,
+            "command": " ".join(sys.argv),
             "config": {k: v for k, v in vars(args).items()},
             "metric": f"recall_at_quantile(test scores, quantile={args.quantile}) "
-                      "at the final epoch",
+            "at the final epoch",
             "summary": summary,
             "seeds": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
             "png": None if args.no_plot else str(png),
         }
         (out / "train_alerts.json").write_text(json.dumps(report, indent=2))
-        print(f"[train_alerts] wrote {out / 'train_alerts.json'}"
-              + ("" if args.no_plot else f" and {png}") + f" in {elapsed:.1f}s")
+        print(
+            f"[train_alerts] wrote {out / 'train_alerts.json'}"
+            + ("" if args.no_plot else f" and {png}")
+            + f" in {elapsed:.1f}s"
+        )
         _barrier()
         return report
     finally:

@@ -18,9 +18,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "scripts", "bench.py")
-CASES = (
-    "c16_q64k", "c100_q64k", "c100_q64k_q03", "c10k_q16k", "c1_1m", "c1_20m", "ddp_gloo_2"
-)
+CASES = ("c16_q64k", "c100_q64k", "c100_q64k_q03", "c10k_q16k", "c1_1m", "c1_20m", "ddp_gloo_2")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +26,10 @@ def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run(
         [sys.executable, BENCH, "--quick", "--threads", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert proc.returncode == 0, f"bench.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert "| case |" in proc.stdout  # the table was printed

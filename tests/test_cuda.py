@@ -52,8 +52,9 @@ CONFIGS = [
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"C{c[0]}-q{c[2]}-{c[4]}")
 def test_cuda_matches_cpu(config, dtype):
     num_classes, batch, queue, quantile, interp, weighted, padded = config
-    kwargs = dict(quantile=quantile, queue_size=queue, quantile_interpolation=interp,
-                  temperature=0.05)
+    kwargs = dict(
+        quantile=quantile, queue_size=queue, quantile_interpolation=interp, temperature=0.05
+    )
     cpu = RecallAtQuantileLoss(num_classes, **kwargs).to(dtype)
     gpu = RecallAtQuantileLoss(num_classes, **kwargs).to(dtype).to(DEVICE)
     gen = torch.Generator().manual_seed(num_classes * 1000 + batch)
@@ -65,7 +66,9 @@ def test_cuda_matches_cpu(config, dtype):
         x_gpu = logits.to(DEVICE).requires_grad_(True)
         loss_cpu, per_cpu, valid_cpu = cpu(x_cpu, targets, return_per_class=True, sample_weight=sw)
         loss_gpu, per_gpu, valid_gpu = gpu(
-            x_gpu, targets.to(DEVICE), return_per_class=True,
+            x_gpu,
+            targets.to(DEVICE),
+            return_per_class=True,
             sample_weight=None if sw is None else sw.to(DEVICE),
         )
         loss_cpu.backward()

@@ -20,23 +20,46 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "train_alerts.py"
 
 ARMS = ("bce", "raq", "sap", "raq_wrapped")
-TINY = ["--n-samples", "20000", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "1024",
-        "--queue-size", "2048", "--no-progress"]
+TINY = [
+    "--n-samples",
+    "20000",
+    "--epochs",
+    "3",
+    "--warmup-epochs",
+    "1",
+    "--batch-size",
+    "1024",
+    "--queue-size",
+    "2048",
+    "--no-progress",
+]
 
 
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["MPLBACKEND"] = "Agg"
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT"):
+    for var in (
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
         env.pop(var, None)  # never inherit a launcher's rendezvous
     return env
 
 
 def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -60,8 +83,10 @@ def test_demo_writes_json_png_and_table(tmp_path: Path) -> None:
             assert seed["arms"][arm]["test_recall"] == hist["test_recall"][-1]
         # the ranking arms fork from the BCE arm after the warm-up: shared first epoch
         for arm in ARMS[1:]:
-            assert seed["arms"][arm]["history"]["test_recall"][0] == \
-                seed["arms"]["bce"]["history"]["test_recall"][0]
+            assert (
+                seed["arms"][arm]["history"]["test_recall"][0]
+                == seed["arms"]["bce"]["history"]["test_recall"][0]
+            )
         # LossWarmupWrapper reproduces the hand-written schedule bit for bit: every epoch's
         # training loss and recall.
         assert seed["arms"]["raq_wrapped"]["history"] == seed["arms"]["raq"]["history"]
@@ -84,12 +109,32 @@ def test_demo_reads_user_csv(tmp_path: Path) -> None:
     x = rng.standard_normal((n, 3)) + y[:, None] * np.array([2.0, 0.0, 1.0])
     csv = tmp_path / "alerts.csv"
     lines = ["a,b,c,kind,is_alert"] + [
-        f"{x[i, 0]:.5f},{x[i, 1]:.5f},{x[i, 2]:.5f},t{i % 3},{y[i]}" for i in range(n)]
+        f"{x[i, 0]:.5f},{x[i, 1]:.5f},{x[i, 2]:.5f},t{i % 3},{y[i]}" for i in range(n)
+    ]
     csv.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out_csv"
-    proc = _run(["--data", str(csv), "--label-column", "is_alert", "--epochs", "2",
-                 "--warmup-epochs", "1", "--batch-size", "512", "--quantile", "0.03",
-                 "--queue-size", "1024", "--no-progress", "--no-plot", "--out", str(out)])
+    proc = _run(
+        [
+            "--data",
+            str(csv),
+            "--label-column",
+            "is_alert",
+            "--epochs",
+            "2",
+            "--warmup-epochs",
+            "1",
+            "--batch-size",
+            "512",
+            "--quantile",
+            "0.03",
+            "--queue-size",
+            "1024",
+            "--no-progress",
+            "--no-plot",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads((out / "train_alerts.json").read_text())
     assert report["seeds"][0]["source"] == str(csv)
     assert "ignoring non-numeric columns: ['kind']" in proc.stderr
@@ -98,8 +143,22 @@ def test_demo_reads_user_csv(tmp_path: Path) -> None:
 def test_demo_rejects_missing_label_column(tmp_path: Path) -> None:
     csv = tmp_path / "bad.csv"
     csv.write_text("a,b\n1,0\n2,1\n")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--data", str(csv), "--label-column",
-                           "nope", "--out", str(tmp_path)], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--data",
+            str(csv),
+            "--label-column",
+            "nope",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "--label-column" in proc.stderr and "'nope'" in proc.stderr

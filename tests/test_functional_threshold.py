@@ -189,8 +189,14 @@ def _split_rows(scores, cuts):
 @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
 @pytest.mark.parametrize(
     ("quantile", "path"),
-    [(0.01, "top"), (0.04, "top"), (0.0501, "quickselect"), (0.3, "quickselect"),
-     (0.5, "quickselect"), (0.97, "quickselect")],
+    [
+        (0.01, "top"),
+        (0.04, "top"),
+        (0.0501, "quickselect"),
+        (0.3, "quickselect"),
+        (0.5, "quickselect"),
+        (0.97, "quickselect"),
+    ],
 )
 @pytest.mark.parametrize("columns", [1, 3, 7, 17])
 def test_blocks_and_chunk_boundaries_match_torch_quantile(

@@ -36,7 +36,11 @@ REFERENCE_DEFAULTS = {
 def test_a_script_in_the_reference_style_runs_unchanged(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, str(SCRIPT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr

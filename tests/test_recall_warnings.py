@@ -104,8 +104,10 @@ def test_positive_fraction_counts_the_queue():
 
 @pytest.mark.parametrize(
     ("rate", "quantile", "batch"),
-    [(0.01, 0.05, 1000),  # positives well below the quantile
-     (0.1, 0.05, 200)],  # above it, but 200 * 0.05 = 10 rows: too few to tell
+    [
+        (0.01, 0.05, 1000),  # positives well below the quantile
+        (0.1, 0.05, 200),
+    ],  # above it, but 200 * 0.05 = 10 rows: too few to tell
 )
 def test_no_positive_fraction_warning_when_fine_or_pool_too_small_to_tell(rate, quantile, batch):
     loss_fn = RecallAtQuantileLoss(1, quantile=quantile, queue_size=0)

@@ -35,9 +35,12 @@ def _order_statistic_positions(
 
     ``torch.quantile`` computes the fractional rank ``prob * (n - 1)`` in the
     input's dtype, then floors/ceils/rounds (half to even) it. Doing the same
-    scalar arithmetic here makes the threshold bit-identical to it.
+    scalar arithmetic here makes the threshold bit-identical to it. Half-precision
+    inputs (which ``torch.quantile`` refuses) get the rank of their float32 upcast:
+    in bfloat16 ``0.999`` is ``1.0`` (the top row instead of the budget) and in
+    float16 ``n - 1`` overflows past 65,504 rows.
     """
-    rank = torch.tensor(prob, dtype=dtype) * (num_rows - 1)
+    rank = torch.tensor(prob, dtype=_at_least_float32(dtype)) * (num_rows - 1)
     if interpolation == "lower":
         rank = rank.floor()
     elif interpolation == "higher":
@@ -51,6 +54,11 @@ def _order_statistic_positions(
     else:
         weight = float((rank - below).item())
     return below, min(above, num_rows - 1), weight
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ranks, weights and thresholds for scores of ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _select_ascending(
@@ -120,7 +128,9 @@ def quantile_threshold(
 
     Same value as ``torch.quantile(scores, 1 - quantile, dim=0,
     interpolation=interpolation)`` (NaN for a column holding a NaN), computed
-    by selection, without a sort and without a size limit. ``scores`` may be a
+    by selection, without a sort and without a size limit. float16/bfloat16
+    scores give the float32 value and dtype of ``torch.quantile`` on their
+    float32 upcast (a half-precision rank or interpolation picks the wrong row). ``scores`` may be a
     sequence of row blocks ``[P_i, C]`` (e.g. live rows and the queue), taken as
     if concatenated. The result carries no gradient: it is a stop-gradient target.
     """
@@ -139,12 +149,13 @@ def quantile_threshold(
     )
     positions = (below,) if above == below else (below, above)
     values, has_nan = _select_ascending(blocks, positions)
+    wide = _at_least_float32(blocks[0].dtype)
     if interpolation in ("linear", "midpoint"):
         # Always lerp, as torch.quantile does, even when both ends coincide:
         # lerp(-inf, -inf, w) is NaN there, and we match it bit for bit.
-        theta = torch.lerp(values[0], values[-1], weight)
+        theta = torch.lerp(values[0].to(wide), values[-1].to(wide), weight)
     else:
-        theta = values[0]
+        theta = values[0].to(wide)
     return theta.masked_fill(has_nan, float("nan"))
 
 
@@ -201,8 +212,10 @@ def soft_recall_per_class(
 
     Inputs are the positives from :func:`positive_scores`. Returns
     ``(soft_recall [C], weight_mass [C])``; a class with zero mass gets recall
-    0 (the caller masks it as invalid).
+    0 (the caller masks it as invalid). Computed in at least float32, so the
+    masses (positive counts when weights are 1) stay exact in half precision.
     """
+    threshold = threshold.to(_at_least_float32(threshold.dtype))
     recall_terms = torch.sigmoid((own_scores - threshold[own_class]) / temperature)
     w = weights.to(recall_terms.dtype)
     mass = torch.zeros_like(threshold).index_add(0, own_class, w)
@@ -261,15 +274,19 @@ def recall_at_quantile_loss(
 
     Returns:
         ``(per_class [C], valid [C] bool)``; ``per_class`` is meaningless where
-        ``valid`` is False (no positive weight).
+        ``valid`` is False (no positive weight). ``per_class`` is in at least float32:
+        float16/bfloat16 scores give the float32 answer on the same values.
     """
     num_classes = scores.shape[1]
+    # Weights (and so the per-class masses, which count positives) in at least float32:
+    # a float16 mass stops at 2,048 positives, a bfloat16 one at 256.
+    wide = _at_least_float32(scores.dtype)
     if weights is None:
-        weights = torch.ones(scores.shape[0], dtype=scores.dtype, device=scores.device)
+        weights = torch.ones(scores.shape[0], dtype=wide, device=scores.device)
     keep = targets.reshape(-1) != ignore_index
-    rows = [(scores[keep], targets.reshape(-1)[keep].long(), weights[keep].to(scores.dtype))]
+    rows = [(scores[keep], targets.reshape(-1)[keep].long(), weights[keep].to(wide))]
     if extra is not None:
-        rows.append((extra[0].to(scores.dtype), extra[1].long(), extra[2].to(scores.dtype)))
+        rows.append((extra[0].to(scores.dtype), extra[1].long(), extra[2].to(wide)))
     threshold = quantile_threshold([r[0] for r in rows], quantile, interpolation)
     counted = rows if positives == "pool" else rows[:1]
     parts = [positive_scores(s, t, w, num_classes) for s, t, w in counted]
@@ -289,9 +306,12 @@ def reduce_per_class(
     if reduction == "none":
         return per_class.masked_fill(~valid, float("nan"))
     masked = torch.where(valid, per_class, torch.zeros_like(per_class))
-    total = masked.sum()
+    # Sum and class count in at least float32 (a bfloat16 count is inexact past 256 classes),
+    # rounded to the input dtype once at the end.
+    total = masked.sum(dtype=_at_least_float32(per_class.dtype))
     if reduction == "mean":
         total = total / valid.sum().clamp_min(1).to(total.dtype)
+    total = total.to(per_class.dtype)
     if anchor is not None:
         total = total + anchor.sum() * 0.0
     return total

@@ -34,7 +34,6 @@ NEAR = dict(rtol=1e-5, atol=1e-6)  # float32 sums in another order than the refe
 EXACT = dict(rtol=0, atol=0, equal_nan=True)
 
 
-
 def _exact_values() -> torch.Tensor:
     """Every ``k * 2^e`` with ``128 <= k < 256`` and ``-8 <= e <= 8``, both signs, in float32:
     4,352 values, ``|x|`` in ``[0.5, 65,280]``.
@@ -175,9 +174,7 @@ def _reference_loss(scores, targets, weights, extra, quantile, interpolation, te
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
 @pytest.mark.parametrize("num_classes", [1, 3])
-def test_half_precision_functional_loss_is_the_float32_reference(
-    dtype, interpolation, num_classes
-):
+def test_half_precision_functional_loss_is_the_float32_reference(dtype, interpolation, num_classes):
     """Live rows and extra (queue) rows in the half dtype, weights in float32 (not exact in half
     precision, so they must not be rounded to it), and the gradient reaches the half scores."""
     temperature = 2.0
@@ -248,7 +245,8 @@ def test_soft_recall_counts_positives_in_float32_given_half_precision_inputs():
     own = torch.zeros(n, dtype=torch.bfloat16)
     weights = torch.ones(n, dtype=torch.bfloat16)
     threshold = torch.zeros(1, dtype=torch.bfloat16)
-    recall, mass = soft_recall_per_class(own, torch.zeros(n, dtype=torch.long), weights, threshold, 1.0)
+    classes = torch.zeros(n, dtype=torch.long)
+    recall, mass = soft_recall_per_class(own, classes, weights, threshold, 1.0)
     assert mass.dtype == torch.float32 and mass.item() == n
     torch.testing.assert_close(recall, torch.tensor([0.5]), **NEAR)
 

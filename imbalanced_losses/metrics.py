@@ -32,7 +32,8 @@ def recall_at_quantile(
     (``C == 1`` is binary), NaN for a class without positives; ``reduction="mean"``
     averages the classes that have positives. Under ``torch.distributed`` every
     rank's rows are pooled (the ranks of ``process_group``, default all), so
-    every rank returns the global value.
+    every rank returns the global value. float16/bfloat16 scores give the answer of
+    their float32 upcast: the rank and threshold are computed in float32.
 
     Every row tied with the threshold counts as alerted: with heavily tied scores
     (e.g. saturated or dead units) more than the budget is alerted and recall is

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _validation
+from ._autograd import once_differentiable
 from ._base import Pool, QueuedRankingLoss, Rows
 from .functional import positive_columns
 
@@ -106,7 +106,7 @@ class _SmoothAPRatios(torch.autograd.Function):
         return rank_pos / rank
 
     @staticmethod
-    @once_differentiable  # the backward recomputes tiles in place: not differentiable again
+    @once_differentiable("SmoothAPLoss (its gradient is computed tile by tile, in place)")
     def backward(ctx: Any, grad_ratio: Tensor) -> tuple[Tensor | None, ...]:
         own, live_cols, queued_cols, pos_cols, own_class = ctx.saved_tensors[:5]
         rank, rank_pos = ctx.ranks

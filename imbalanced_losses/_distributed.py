@@ -201,7 +201,8 @@ def all_gather_with_grad(tensor: Tensor, *, process_group: Group = None) -> Tens
     the usual DDP average of a per-rank loss is exact. ``process_group``: the
     ranks to gather from (default: all), e.g. the data-parallel group that DDP
     averages gradients over. Returns ``tensor`` unchanged when not running
-    distributed.
+    distributed. Differentiable once: differentiating the gradient again raises
+    (a second derivative would need the other ranks' terms).
     """
     if world(process_group)[1] == 1:
         return tensor

@@ -165,7 +165,10 @@ class SmoothAPLoss(QueuedRankingLoss):
     (queued rows carry no gradient). Value and gradient are computed in chunks of
     positives by a custom autograd function, so memory grows with ``P + M``, not
     ``P * M``: a pool of 1,000,000 rows with 5,000 positives fits in well under 1 GB.
-    Time is still ``O(P * M)``.
+    Time is still ``O(P * M)``. The loss is differentiable once: differentiating its
+    gradient again (a gradient penalty, ``create_graph=True``) raises. A forward
+    makes one host sync (multi-class) or two (binary with queued rows or
+    ``max_pool_size``: the count of queued/sampled positives), none in backward.
 
     A class counts (``mean``/``sum``) when the pool holds a positive of it with
     weight > 0 and at least one row that is not a positive of it. Multi-class is

@@ -110,7 +110,6 @@ def _count_smooth_ap_on_rank(rank: int, num_classes: int) -> tuple[dict, dict]:
     return dict(forward), dict(backward)
 
 
-@pytest.mark.filterwarnings("ignore:.*pool.*:UserWarning")
 @pytest.mark.parametrize("num_classes", [1, 4])
 def test_smooth_ap_syncs_at_most_twice_per_forward_under_two_gloo_ranks(num_classes):
     results = run_ranks(_count_smooth_ap_on_rank, 2, args=(num_classes,), timeout_s=120)

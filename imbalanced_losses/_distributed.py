@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._autograd import once_differentiable
+
 Group = Any  # a torch.distributed ProcessGroup, or None for the default group
 
 
@@ -109,7 +111,11 @@ def _local_slice(grad: Tensor, sizes: list[int], group: Group) -> Tensor:
 
 
 class _GatherRows(torch.autograd.Function):
-    """Replicated rule: the backward keeps this rank's slice times the group size."""
+    """Replicated rule: the backward keeps this rank's slice times the group size.
+
+    Not twice differentiable: a second derivative would need the other ranks' terms
+    (another collective), so differentiating the gradient raises rather than dropping them.
+    """
 
     @staticmethod
     def forward(ctx: Any, tensor: Tensor, sizes: list[int], group: Group) -> Tensor:
@@ -117,6 +123,7 @@ class _GatherRows(torch.autograd.Function):
         return _gather_padded(tensor, sizes, group)
 
     @staticmethod
+    @once_differentiable("the gather of rows across ranks (replicated gradient rule)")
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         return _local_slice(grad, ctx.sizes, ctx.group) * world(ctx.group)[1], None, None
 
@@ -142,6 +149,7 @@ class _GatherOwnColumn(torch.autograd.Function):
         return gathered, _own_scores(gathered, width)
 
     @staticmethod
+    @once_differentiable("the gather of own-class scores across ranks (replicated rule)")
     def backward(
         ctx: Any, _grad_rows: Tensor | None, grad_own: Tensor | None
     ) -> tuple[Tensor | None, None, None, None, None]:
@@ -193,7 +201,8 @@ def all_gather_with_grad(tensor: Tensor, *, process_group: Group = None) -> Tens
     the usual DDP average of a per-rank loss is exact. ``process_group``: the
     ranks to gather from (default: all), e.g. the data-parallel group that DDP
     averages gradients over. Returns ``tensor`` unchanged when not running
-    distributed.
+    distributed. Differentiable once: differentiating the gradient again raises
+    (a second derivative would need the other ranks' terms).
     """
     if world(process_group)[1] == 1:
         return tensor
@@ -207,6 +216,7 @@ class _GatherRowsWithSum(torch.autograd.Function):
         return _gather_padded(tensor, sizes, group)
 
     @staticmethod
+    @once_differentiable("all_gather_with_grad (its backward is an all-reduce)")
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         summed = _on_backend(grad.contiguous(), ctx.group)
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _validation
+from ._autograd import once_differentiable
 from ._base import Pool, QueuedRankingLoss, Rows
 from .functional import positive_columns
 
@@ -104,6 +106,7 @@ class _SmoothAPRatios(torch.autograd.Function):
         return rank_pos / rank
 
     @staticmethod
+    @once_differentiable("SmoothAPLoss (its gradient is computed tile by tile, in place)")
     def backward(ctx: Any, grad_ratio: Tensor) -> tuple[Tensor | None, ...]:
         own, live_cols, queued_cols, pos_cols, own_class = ctx.saved_tensors[:5]
         rank, rank_pos = ctx.ranks
@@ -162,7 +165,10 @@ class SmoothAPLoss(QueuedRankingLoss):
     (queued rows carry no gradient). Value and gradient are computed in chunks of
     positives by a custom autograd function, so memory grows with ``P + M``, not
     ``P * M``: a pool of 1,000,000 rows with 5,000 positives fits in well under 1 GB.
-    Time is still ``O(P * M)``.
+    Time is still ``O(P * M)``. The loss is differentiable once: differentiating its
+    gradient again (a gradient penalty, ``create_graph=True``) raises. A forward
+    makes one host sync (multi-class) or two (binary with queued rows or
+    ``max_pool_size``: the count of queued/sampled positives), none in backward.
 
     A class counts (``mean``/``sum``) when the pool holds a positive of it with
     weight > 0 and at least one row that is not a positive of it. Multi-class is
@@ -220,8 +226,13 @@ class SmoothAPLoss(QueuedRankingLoss):
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
         num_classes = self.num_classes
         live, queued = pool.live, pool.queued
-        parts = [_positives_of(rows, num_classes) for rows in (live, queued)]
         n_live = live.scores.shape[0]
+        sample = None if pool.threshold_rows is None else pool.threshold_rows.sort().values
+        live_count, queued_count, sampled_count = _positive_counts(pool, sample)
+        parts = [
+            _positives_of(rows, num_classes, count)
+            for rows, count in ((live, live_count), (queued, queued_count))
+        ]
         own = torch.cat([parts[0][0], parts[1][0]])
         own_class = torch.cat([parts[0][1], parts[1][1]])
         weight = torch.cat([parts[0][2], parts[1][2]])
@@ -230,12 +241,15 @@ class SmoothAPLoss(QueuedRankingLoss):
 
         zeros = own.new_zeros(num_classes)
         mass = zeros.index_add(0, own_class, weight)
-        count = torch.bincount(own_class, minlength=num_classes)
+        # index_add, not bincount: bincount reads the largest class on the host (a sync on CUDA).
+        count = own_class.new_zeros(num_classes).index_add_(
+            0, own_class, torch.ones_like(own_class)
+        )
         valid = (mass > 0) & (count < pool.size)
         if own.shape[0] == 0:
             return zeros, valid
 
-        if pool.threshold_rows is None:
+        if sample is None:
             scale = 1.0
             live_cols = live.scores.t().contiguous()
             # A copy: the queue is overwritten after this step's forward, before its backward.
@@ -244,20 +258,21 @@ class SmoothAPLoss(QueuedRankingLoss):
             pos_cols, pos_class = own[None, :], own_class
             self_pos = torch.arange(own.shape[0], device=own.device)
         else:
-            sample = pool.threshold_rows.sort().values  # live rows first, then queued
             scale = pool.size / sample.shape[0]
-            from_live = sample[sample < n_live]
-            from_queue = sample[sample >= n_live] - n_live
-            live_cols = live.scores[from_live].t().contiguous()
-            queued_cols = queued.scores[from_queue].t().contiguous()
-            self_live = _position_in(from_live, live_row, n_live)
-            self_queued = _position_in(from_queue, queued_row, queued.scores.shape[0])
-            # The sampled rows that are positives, as indices into ``own``.
+            # One block of the sampled rows (sorted: live rows first, with their gradient,
+            # then queued ones), gathered from both blocks: splitting the sample by block
+            # would need its per-block sizes on the host.
+            live_cols = _take(live.scores, queued.scores, sample, n_live).t().contiguous()
+            queued_cols = live_cols.new_empty(live_cols.shape[0], 0)
             row_of_pos = torch.where(live_row >= 0, live_row, queued_row + n_live)
+            self_live = _position_in(sample, row_of_pos, pool.size)
+            self_queued = torch.full_like(live_row, -1)
+            # The sampled rows that are positives, as indices into ``own``; their count
+            # came to the host with the other counts.
             pos_index = torch.full((pool.size,), -1, dtype=torch.long, device=own.device)
             pos_index[row_of_pos] = torch.arange(own.shape[0], device=own.device)
             sampled_pos = pos_index[sample]
-            sampled_pos = sampled_pos[sampled_pos >= 0]
+            sampled_pos = sampled_pos[_validation.true_indices(sampled_pos >= 0, sampled_count)]
             pos_cols, pos_class = own[sampled_pos][None, :], own_class[sampled_pos]
             self_pos = _position_in(
                 sampled_pos, torch.arange(own.shape[0], device=own.device), own.shape[0]
@@ -280,10 +295,60 @@ class SmoothAPLoss(QueuedRankingLoss):
         )
 
 
-def _positives_of(rows: Rows, num_classes: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Each positive's own-class score, class, weight and row index within ``rows``."""
+def _positive_counts(pool: Pool, sample: Tensor | None) -> tuple[int, int, int]:
+    """How many live, queued and sampled rows are positives, as host ints.
+
+    Multi-class: every pooled row is a positive of its class. Binary: the live
+    count came with the metadata; the queued and sampled counts are read in one
+    device-to-host copy (the forward's second and last host sync): the host
+    cannot know which queued rows are positives without reading them.
+    """
+    n_live, n_queued = pool.live.scores.shape[0], pool.queued.scores.shape[0]
+    n_sampled = 0 if sample is None else sample.shape[0]
+    if pool.num_classes > 1:
+        return n_live, n_queued, n_sampled
+    counts: list[int | None] = [
+        pool.live.num_positives,
+        0 if n_queued == 0 else None,
+        0 if sample is None else None,
+    ]
+    live_pos, queued_pos = (pool.live.targets == 1), (pool.queued.targets == 1)
+    unknown = {0: live_pos, 1: queued_pos}
+    pending = {k: unknown[k].sum() for k in (0, 1) if counts[k] is None}
+    if sample is not None:
+        pending[2] = _take(live_pos, queued_pos, sample, n_live).sum()
+    if pending:
+        values = _validation.host_copy(torch.stack(list(pending.values()))).tolist()
+        for k, value in zip(pending, values):
+            counts[k] = int(value)
+    live_count, queued_count, sampled_count = counts
+    assert live_count is not None and queued_count is not None and sampled_count is not None
+    return live_count, queued_count, sampled_count
+
+
+def _take(live: Tensor, queued: Tensor, sample: Tensor, n_live: int) -> Tensor:
+    """Rows ``sample`` of the live rows followed by the queued ones, without concatenating them."""
+    if n_live == 0 or queued.shape[0] == 0:
+        return (queued if n_live == 0 else live)[sample]
+    from_live = live[sample.clamp(max=n_live - 1)]
+    from_queue = queued[(sample - n_live).clamp(min=0)]
+    is_live = (sample < n_live).view(-1, *([1] * (live.dim() - 1)))
+    return torch.where(is_live, from_live, from_queue)
+
+
+def _positives_of(
+    rows: Rows, num_classes: int, count: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each positive's own-class score, class, weight and row index within ``rows``.
+
+    ``count`` is how many rows are positives (known on the host): selecting them
+    then needs no device sync.
+    """
     column = positive_columns(rows.targets, num_classes)
-    index = (column >= 0).nonzero().squeeze(1)
+    if count == column.shape[0]:
+        index = torch.arange(count, device=column.device)
+    else:
+        index = _validation.true_indices(column >= 0, count)
     cls = column[index]
     return rows.scores[index, cls], cls, rows.weights[index], index
 

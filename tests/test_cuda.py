@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from imbalanced_losses import RecallAtQuantileLoss
+from imbalanced_losses import RecallAtQuantileLoss, SmoothAPLoss
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -128,3 +128,49 @@ def test_backward_does_not_sync():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("max_pool_size", [None, 1000])
+@pytest.mark.parametrize("num_classes", [1, 5])
+def test_smooth_ap_matches_cpu_syncs_at_most_twice_per_forward_and_never_in_backward(
+    num_classes, max_pool_size
+):
+    """Positives are selected with host-known counts (``nonzero_static``): one sync for the
+    metadata, one more for a binary pool's queued/sampled positive count, none in backward."""
+
+    def make(device: str) -> SmoothAPLoss:
+        loss_fn = SmoothAPLoss(num_classes, queue_size=2048, max_pool_size=max_pool_size)
+        return loss_fn.to(device)
+
+    on_cpu, on_cuda = make("cpu"), make(DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    batches = [_batch(gen, 1024, num_classes, torch.float64, pad=True) for _ in range(4)]
+    for logits, targets, _ in batches[:3]:  # warm-up: the queue fills
+        for device, loss_fn in (("cpu", on_cpu), (DEVICE, on_cuda)):
+            loss_fn(logits.to(device).requires_grad_(True), targets.to(device)).backward()
+    logits, targets, _ = batches[3]
+    x_cpu = logits.clone().requires_grad_(True)
+    want = on_cpu(x_cpu, targets)
+    want.backward()
+    x = logits.to(DEVICE).requires_grad_(True)
+    targets = targets.to(DEVICE)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            loss = on_cuda(x, targets)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    forward_syncs = sum("synchroniz" in str(w.message) for w in caught)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert forward_syncs <= 2, f"{forward_syncs} host syncs in one forward"
+    torch.testing.assert_close(loss.cpu(), want, rtol=1e-9, atol=1e-12)
+    assert x.grad is not None and x_cpu.grad is not None
+    torch.testing.assert_close(x.grad.cpu(), x_cpu.grad, rtol=1e-9, atol=1e-12)

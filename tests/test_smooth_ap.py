@@ -112,11 +112,15 @@ def test_chunked_sums_match_at_every_chunk_size(buffer, num_classes):
     max_pool_size=st.integers(1, 30),
     buffer=st.sampled_from(BUFFERS),
     seed=st.integers(0, 2**31 - 1),
+    pad_fracs=st.lists(st.sampled_from([0.2, 1.0]), min_size=3, max_size=3),
 )
 def test_subsampled_sums_are_the_sample_scaled_to_the_pool(
-    num_classes, max_pool_size, buffer, seed
+    num_classes, max_pool_size, buffer, seed, pad_fracs
 ):
-    """With ``max_pool_size`` the j-sums run over the library's own sample, times pool/sample."""
+    """With ``max_pool_size`` the j-sums run over the library's own sample, times pool/sample.
+
+    Steps whose batch is all padding sample from the queue alone.
+    """
     lib = SmoothAPLoss(num_classes, queue_size=12, temperature=0.5, max_pool_size=max_pool_size)
     lib = lib.double()
     ref = ReferenceSmoothAPLoss(num_classes, queue_size=12, temperature=0.5)
@@ -129,8 +133,10 @@ def test_subsampled_sums_are_the_sample_scaled_to_the_pool(
         drawn.append(rows)
         return rows
 
-    for _ in range(3):
-        logits, targets, weights = random_batch(gen, 15, num_classes, weighted=True, pad_frac=0.2)
+    for pad_frac in pad_fracs:
+        logits, targets, weights = random_batch(
+            gen, 15, num_classes, weighted=True, pad_frac=pad_frac
+        )
         x_lib, x_ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
         drawn.clear()
         with (
@@ -225,3 +231,18 @@ def test_float32_logits_match_the_float64_reference_loosely():
     want, _, _ = reference_smooth_ap_loss(logits, targets, num_classes=3, temperature=0.3)
     assert got.dtype == torch.float32
     assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("max_pool_size", [None, 5])
+def test_double_backward_says_the_loss_is_once_differentiable(max_pool_size):
+    """A gradient penalty through the loss stops with PyTorch's clear message, not a crash."""
+    loss_fn = SmoothAPLoss(3, queue_size=8, temperature=0.5, max_pool_size=max_pool_size)
+    gen = torch.Generator().manual_seed(0)
+    loss_fn(*random_batch(gen, 6, 3)[:2])  # fill part of the queue
+    logits, targets, _ = random_batch(gen, 6, 3)
+    logits.requires_grad_()
+    (grad,) = torch.autograd.grad(loss_fn(logits, targets), logits, create_graph=True)
+    # Also alongside a term that needs no second derivative: never a silently dropped Hessian.
+    penalty = grad.square().sum() + logits.sum()
+    with pytest.raises(RuntimeError, match="once_differentiable: SmoothAPLoss .* not twice"):
+        penalty.backward()

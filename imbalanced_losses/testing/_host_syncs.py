@@ -30,6 +30,7 @@ SYNC_OPS = {
     "aten._unique2.default": "output size depends on the values",
     "aten.unique_consecutive.default": "output size depends on the values",
     "aten.repeat_interleave.Tensor": "output size depends on the repeats (without output_size)",
+    "aten.bincount.default": "output size depends on the largest value, read on the host",
 }
 DEVICE_TO_HOST = "device-to-host copy (Tensor.to('cpu') / .cpu() / .tolist())"
 BOOL_INDEX = "indexing with a bool mask (an implicit nonzero)"

@@ -89,7 +89,7 @@ def _fill_sigmoids(
 
 
 class _PairSigmoidRowSums(torch.autograd.Function):
-    """Custom autograd: the sums and their gradient, tile by tile, nothing of size ``n * m`` kept."""
+    """Custom autograd: sums and gradient tile by tile; nothing of size ``n * m`` is kept."""
 
     @staticmethod
     def forward(
@@ -167,9 +167,13 @@ def pair_sigmoid_row_sums(
             f"x, query_class and tau must be [n], got {tuple(x.shape)}, "
             f"{tuple(query_class.shape)}, {tuple(tau.shape)}"
         )
-    if keys.dim() != 2 or (valid is not None and (valid.dim() != 2 or valid.shape[1] != keys.shape[1])):
+    if keys.dim() != 2 or (
+        valid is not None and (valid.dim() != 2 or valid.shape[1] != keys.shape[1])
+    ):
         shape = None if valid is None else tuple(valid.shape)
-        raise ValueError(f"keys must be [K, m] and valid [K or 1, m], got {tuple(keys.shape)}, {shape}")
+        raise ValueError(
+            f"keys must be [K, m] and valid [K or 1, m], got {tuple(keys.shape)}, {shape}"
+        )
     void = None if valid is None else ~valid.to(torch.bool)
     tiles = _tile_elements(x, tile_elements)
     if tiles < 1:

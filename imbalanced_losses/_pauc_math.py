@@ -65,7 +65,7 @@ class PAUCOptions:
 
 
 class BandEdges(NamedTuple):
-    """Detached per-class thresholds: knots ``[n_knots, C]`` (trapezoid only), edges and scale ``[C]``."""
+    """Detached per-class thresholds: knots ``[n_knots, C]`` (trapezoid), edges, scale ``[C]``."""
 
     knots: Tensor | None
     t_alpha: Tensor
@@ -88,7 +88,9 @@ class PAUCResult(NamedTuple):
     diagnostics: dict[str, Tensor] | None
 
 
-def quantile_levels(options: PAUCOptions, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, int]:
+def quantile_levels(
+    options: PAUCOptions, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, int]:
     """Every quantile level a class needs, laid out as the reference lays them out.
 
     ``[knot levels (trapezoid), 1 - alpha, 1 - beta, (0.75, 0.25 for "iqr")]`` and the number
@@ -101,7 +103,9 @@ def quantile_levels(options: PAUCOptions, dtype: torch.dtype, device: torch.devi
     parts = []
     n_knots = 0
     if options.surrogate == "trapezoid":
-        fpr = torch.linspace(options.alpha, options.beta, options.n_knots, dtype=dtype, device=device)
+        fpr = torch.linspace(
+            options.alpha, options.beta, options.n_knots, dtype=dtype, device=device
+        )
         knots = 1.0 - fpr
         knots[0], knots[-1] = edges[0], edges[1]
         parts.append(knots)
@@ -112,8 +116,10 @@ def quantile_levels(options: PAUCOptions, dtype: torch.dtype, device: torch.devi
     return torch.cat(parts), n_knots
 
 
-def masked_column_quantiles(scores: Tensor, member: Tensor, levels: Tensor, interpolation: str) -> Tensor:
-    """``torch.quantile(scores[member[:, c], c], levels, interpolation)`` for every column: ``[L, C]``.
+def masked_column_quantiles(
+    scores: Tensor, member: Tensor, levels: Tensor, interpolation: str
+) -> Tensor:
+    """``[L, C]``: ``torch.quantile(scores[member[:, c], c], levels, interpolation)`` per column.
 
     Each column has its own member count ``n_c``, so its order statistics sit at their own
     positions. Non-members are replaced by ``-inf`` (as many as shift the column's wanted

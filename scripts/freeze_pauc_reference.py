@@ -4,7 +4,7 @@ Run in a side environment that has the reference installed, never in the project
 
     python -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install torch==2.13.0 \
         && /tmp/refvenv/bin/pip install imbalanced-losses==0.6.0 numpy
-    /tmp/refvenv/bin/python scripts/freeze_pauc_reference.py [--out tests/data/pauc_reference_0_6_0.json]
+    /tmp/refvenv/bin/python scripts/freeze_pauc_reference.py [--out FILE]
 
 It runs a few seeded steps (the queue filling and wrapping) of the reference loss in float64
 over a grid of options (surrogate x budget_basis x tau_scale x pos_numerator, three
@@ -31,7 +31,13 @@ import torch
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     # C=3, iid mask and weights (some zero), queue wraps at step 2.
-    "multiclass_iid_weights": {"num_classes": 3, "rows": 24, "steps": 4, "queue_size": 40, "seed": 1},
+    "multiclass_iid_weights": {
+        "num_classes": 3,
+        "rows": 24,
+        "steps": 4,
+        "queue_size": 40,
+        "seed": 1,
+    },
     # Binary, no iid mask, no weights; step 2 has no positive (pos_numerator="live" -> invalid).
     "binary": {"num_classes": 1, "rows": 30, "steps": 4, "queue_size": 45, "seed": 2},
     # C=2, scores on a 0.5 grid (ties at the band edges), 3 padding rows a step, queue never wraps.
@@ -83,10 +89,12 @@ def make_steps(name: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def case_grid() -> list[dict[str, Any]]:
-    """Every surrogate x basis x tau_scale x pos_numerator, three times ("higher" and two rotating modes)."""
+    """Each surrogate x basis x tau_scale x pos_numerator, with "higher" and two rotating modes."""
     cases = []
     names = list(SCENARIOS)
-    combos = itertools.product(["trapezoid", "pairwise"], ["fpr", "population"], ["iqr", "band"], ["pool", "live"])
+    combos = itertools.product(
+        ["trapezoid", "pairwise"], ["fpr", "population"], ["iqr", "band"], ["pool", "live"]
+    )
     for k, (surrogate, basis, tau_scale, pos_numerator) in enumerate(combos):
         modes = ["higher", INTERPOLATIONS[k % 4], INTERPOLATIONS[(k + 1) % 4]]
         for j, interpolation in enumerate(modes):
@@ -110,18 +118,26 @@ def plain(t: torch.Tensor) -> list[Any]:
     return [None if isinstance(v, float) and math.isnan(v) else v for v in t.reshape(-1).tolist()]
 
 
-def run_case(case: dict[str, Any], scenario: dict[str, Any], steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_case(
+    case: dict[str, Any], scenario: dict[str, Any], steps: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     from imbalanced_losses import PAUCAtBudgetLoss
 
     opts = dict(case["options"])
-    loss_fn = PAUCAtBudgetLoss(scenario["num_classes"], queue_size=scenario["queue_size"], **opts).double()
+    loss_fn = PAUCAtBudgetLoss(
+        scenario["num_classes"], queue_size=scenario["queue_size"], **opts
+    ).double()
     loss_fn.train()
     out = []
     for step in steps:
         logits = torch.tensor(step["logits"], dtype=torch.float64, requires_grad=True)
         targets = torch.tensor(step["targets"])
         iid = None if "iid_mask" not in step else torch.tensor(step["iid_mask"])
-        weight = None if "sample_weight" not in step else torch.tensor(step["sample_weight"], dtype=torch.float64)
+        weight = (
+            None
+            if "sample_weight" not in step
+            else torch.tensor(step["sample_weight"], dtype=torch.float64)
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             loss, per_class, valid, diag = loss_fn(
@@ -149,7 +165,10 @@ def run_case(case: dict[str, Any], scenario: dict[str, Any], steps: list[dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests/data/pauc_reference_0_6_0.json"))
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parents[1] / "tests/data/pauc_reference_0_6_0.json"),
+    )
     args = parser.parse_args()
     import imbalanced_losses
 
@@ -157,16 +176,19 @@ def main() -> None:
     from importlib.metadata import version as dist_version
 
     torch.set_num_threads(1)
-    scenarios = {name: {**spec, "steps": make_steps(name, spec)} for name, spec in SCENARIOS.items()}
+    scenarios = {
+        name: {**spec, "steps": make_steps(name, spec)} for name, spec in SCENARIOS.items()
+    }
     cases = case_grid()
     for case in cases:
         scenario = scenarios[case["scenario"]]
         case["steps"] = run_case(case, scenario, scenario["steps"])
     data = {
-        "reference": f"imbalanced-losses=={dist_version('imbalanced-losses')} (module __version__={version})",
+        "reference": f"imbalanced-losses=={dist_version('imbalanced-losses')}",
+        "reference_module_version": version,
         "torch": torch.__version__,
         "dtype": "float64",
-        "note": "null stands for NaN; grads are d(loss)/d(logits), with loss[valid].sum() for reduction none",
+        "note": "null is NaN; grad is d(loss)/d(logits), of loss[valid].sum() for reduction none",
         "scenarios": scenarios,
         "cases": cases,
     }

@@ -65,7 +65,9 @@ def plain_pauc_per_class(
     if weights is None:
         weights = torch.ones(scores.shape[0], dtype=scores.dtype)
     losses, valid = [], []
-    diag: dict[str, list[float]] = {k: [] for k in ("t_alpha", "t_beta", "tau_eff", "band_neg_count", "pauc_var")}
+    diag: dict[str, list[float]] = {
+        k: [] for k in ("t_alpha", "t_beta", "tau_eff", "band_neg_count", "pauc_var")
+    }
     for c in range(num_classes):
         s = scores[:, c]
         pos = (targets == 1) if num_classes == 1 else (targets == c)
@@ -121,7 +123,9 @@ def plain_pauc_per_class(
         diag["t_alpha"].append(float(t_alpha))
         diag["t_beta"].append(float(t_beta))
         diag["tau_eff"].append(float(tau))
-        diag["band_neg_count"].append(float(((iid_neg_scores >= t_beta) & (iid_neg_scores <= t_alpha)).sum()))
+        diag["band_neg_count"].append(
+            float(((iid_neg_scores >= t_beta) & (iid_neg_scores <= t_alpha)).sum())
+        )
         diag["pauc_var"].append(float(per_positive.var(unbiased=False)))
     out = {k: torch.tensor(v, dtype=scores.dtype) for k, v in diag.items()}
     out["band_neg_count"] = out["band_neg_count"].long()
@@ -177,22 +181,36 @@ class PlainPAUCLoss:
         targets = targets.reshape(-1)
         n = logits.shape[0]
         iid = torch.ones(n, dtype=torch.bool) if iid_mask is None else iid_mask.bool()
-        weights = torch.ones(n, dtype=logits.dtype) if sample_weight is None else sample_weight.to(logits.dtype)
+        weights = (
+            torch.ones(n, dtype=logits.dtype)
+            if sample_weight is None
+            else sample_weight.to(logits.dtype)
+        )
         scores, pooled_t, pooled_w, pooled_iid, live = self.pool(logits, targets, iid, weights)
         if scores.shape[0] == 0:
             per_class = logits.new_full((self.num_classes,), math.nan)
             valid = torch.zeros(self.num_classes, dtype=torch.bool)
-            diag = {k: logits.new_full((self.num_classes,), math.nan) for k in ("t_alpha", "t_beta", "tau_eff", "pauc_var")}
+            diag = {
+                k: logits.new_full((self.num_classes,), math.nan)
+                for k in ("t_alpha", "t_beta", "tau_eff", "pauc_var")
+            }
             diag["band_neg_count"] = torch.zeros(self.num_classes, dtype=torch.long)
         else:
             per_class, valid, diag = plain_pauc_per_class(
-                scores, pooled_t, pooled_w, pooled_iid, live, **self.options  # type: ignore[arg-type]
+                scores,
+                pooled_t,
+                pooled_w,
+                pooled_iid,
+                live,
+                **self.options,  # type: ignore[arg-type]
             )
         kept = targets[targets != self.ignore_index]
         if self.num_classes == 1:
             diag["grad_pos_count"] = (kept != 0).sum().reshape(1)
         else:
-            diag["grad_pos_count"] = torch.stack([(kept == c).sum() for c in range(self.num_classes)])
+            diag["grad_pos_count"] = torch.stack(
+                [(kept == c).sum() for c in range(self.num_classes)]
+            )
         self.enqueue(logits, targets, iid, weights)
         if self.reduction == "none":
             loss = per_class

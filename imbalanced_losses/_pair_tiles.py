@@ -65,8 +65,12 @@ def _fill_sigmoids(
     tile: tuple[slice, slice],
     buffer: Tensor,
     void_buffer: Tensor | None,
-) -> Tensor:
-    """``sigmoid((x_i - keys[c_i, j]) / tau_i)`` of one tile, zero where ``void``, in ``buffer``."""
+) -> tuple[Tensor, Tensor | None]:
+    """``sigmoid((x_i - keys[c_i, j]) / tau_i)`` of one tile in ``buffer``, and its void mask.
+
+    The caller zeroes the void pairs with ``masked_fill`` last, after any product: a void key
+    may hold inf/NaN, and ``0 * NaN`` is NaN.
+    """
     rows, cols = tile
     x_t, cls_t = x[rows], query_class[rows]
     n_rows, n_cols = x_t.shape[0], cols.stop - cols.start
@@ -77,15 +81,14 @@ def _fill_sigmoids(
         torch.index_select(keys[:, cols], 0, cls_t, out=pairs)
         pairs.neg_().add_(x_t[:, None])
     pairs.div_(tau[rows, None]).sigmoid_()
-    if void is not None and void_buffer is not None:
-        mask = void_buffer[: n_rows * n_cols].view(n_rows, n_cols)
-        if void.shape[0] == 1:
-            mask.copy_(void[:, cols].expand(n_rows, n_cols))
-        else:
-            torch.index_select(void[:, cols], 0, cls_t, out=mask)
-        # masked_fill, not a product: a void key may hold inf/NaN (0 * NaN = NaN).
-        pairs.masked_fill_(mask, 0.0)
-    return pairs
+    if void is None or void_buffer is None:
+        return pairs, None
+    mask = void_buffer[: n_rows * n_cols].view(n_rows, n_cols)
+    if void.shape[0] == 1:
+        mask.copy_(void[:, cols].expand(n_rows, n_cols))
+    else:
+        torch.index_select(void[:, cols], 0, cls_t, out=mask)
+    return pairs, mask
 
 
 class _PairSigmoidRowSums(torch.autograd.Function):
@@ -107,7 +110,9 @@ class _PairSigmoidRowSums(torch.autograd.Function):
         buffer = x.new_empty(min(tile_elements, max(1, x.shape[0] * keys.shape[1])))
         void_buffer = None if void is None else torch.empty_like(buffer, dtype=torch.bool)
         for tile in _tiles(x.shape[0], keys.shape[1], tile_elements):
-            pairs = _fill_sigmoids(x, query_class, tau, keys, void, tile, buffer, void_buffer)
+            pairs, mask = _fill_sigmoids(x, query_class, tau, keys, void, tile, buffer, void_buffer)
+            if mask is not None:
+                pairs.masked_fill_(mask, 0.0)
             out[tile[0]] += pairs.sum(1)
         return out
 
@@ -124,9 +129,11 @@ class _PairSigmoidRowSums(torch.autograd.Function):
         void_buffer = None if void is None else torch.empty_like(buffer, dtype=torch.bool)
         for tile in _tiles(x.shape[0], keys.shape[1], tile_elements):
             rows, cols = tile
-            pairs = _fill_sigmoids(x, query_class, tau, keys, void, tile, buffer, void_buffer)
-            pairs.addcmul_(pairs, pairs, value=-1.0)  # sigmoid' = s (1 - s); void pairs stay 0
+            pairs, mask = _fill_sigmoids(x, query_class, tau, keys, void, tile, buffer, void_buffer)
+            pairs.addcmul_(pairs, pairs, value=-1.0)  # sigmoid' = s (1 - s)
             pairs.mul_(coef[rows, None])
+            if mask is not None:
+                pairs.masked_fill_(mask, 0.0)
             if grad_x is not None:
                 grad_x[rows] += pairs.sum(1)
             if grad_keys is not None:

@@ -134,6 +134,8 @@ def masked_column_quantiles(
     scores = scores.detach()
     num_rows, num_columns = scores.shape
     dtype, device = scores.dtype, scores.device
+    if num_rows == 0:
+        return scores.new_full((len(levels), num_columns), float("nan"))
     count = member.sum(0)  # [C]
     # The fractional rank exactly as torch.quantile computes it: level * (n - 1) in the dtype.
     ranks = levels.to(dtype)[:, None] * (count - 1).clamp_min(0).to(dtype)[None, :]
@@ -297,10 +299,14 @@ def pauc_per_class(
         rule = torch.ones(n_knots, dtype=dtype, device=device)
         rule[0] = rule[-1] = 0.5
         rule = rule / (n_knots - 1)
-        # contrib[i, k] = sigmoid((s_i - t_k) / tau) for every row at its own class's knots.
-        contrib = torch.sigmoid((own[:, None] - edges.knots.t()[cls]) / safe_tau[cls][:, None])
+        # contrib[i, k] = sigmoid((s_i - t_k) / tau) for every row at its own class's knots. Rows
+        # off the numerator or of an invalid class get a 0 score: their term is dropped, and a
+        # NaN or inf of theirs must not reach the gradient either (0 * sigmoid'(NaN) is NaN).
+        counted = numerator & valid[cls]
+        safe_own = torch.where(counted, own, torch.zeros_like(own))
+        contrib = torch.sigmoid((safe_own[:, None] - edges.knots.t()[cls]) / safe_tau[cls][:, None])
         # where, not a product: a non-numerator row must add 0 even if its term is NaN.
-        terms = torch.where(numerator[:, None], num_weight[:, None] * contrib, 0.0)
+        terms = torch.where(counted[:, None], num_weight[:, None] * contrib, 0.0)
         tpr = _per_class_sum(terms, cls, num_classes) / torch.where(valid, mass, 1.0)[:, None]
         pauc = tpr @ rule
         per_positive = contrib.detach() @ rule if diagnostics else None
@@ -311,7 +317,7 @@ def pauc_per_class(
         band_count = band.sum(0)
         valid = valid & (band_count > 0)
         keys, key_valid = _band_keys(scores, band)
-        rows = numerator.nonzero().squeeze(1)
+        rows = (numerator & valid[cls]).nonzero().squeeze(1)  # invalid classes cost no pairs
         row_cls = cls[rows]
         sums = pair_sigmoid_row_sums(
             own[rows], row_cls, safe_tau[row_cls], keys, key_valid, tile_elements=tile_elements

@@ -136,6 +136,46 @@ def test_pairwise_tiles_smaller_than_the_pool_still_equal_the_frozen_reference(
     _replay(case, tile_elements=5)
 
 
+@pytest.mark.parametrize("case", FROZEN["cases"], ids=_case_id)
+def test_the_plain_reference_loss_equals_the_frozen_reference_library(case: dict[str, Any]) -> None:
+    """The plain reference is an oracle for later tests: it must match the library too."""
+    scenario = FROZEN["scenarios"][case["scenario"]]
+    options = {k: v for k, v in case["options"].items() if k != "quantile_interpolation"}
+    options["interpolation"] = case["options"]["quantile_interpolation"]
+    reduction = options.pop("reduction")
+    plain = PlainPAUCLoss(
+        scenario["num_classes"], queue_size=scenario["queue_size"], reduction=reduction, **options
+    )
+    for index, (step, expected) in enumerate(zip(scenario["steps"], case["steps"])):
+        where = f"{_case_id(case)} step {index}"
+        logits = torch.tensor(step["logits"], dtype=torch.float64, requires_grad=True)
+        iid = torch.tensor(step["iid_mask"]) if "iid_mask" in step else None
+        weight = step.get("sample_weight")
+        weight = None if weight is None else torch.tensor(weight, dtype=torch.float64)
+        loss, per_class, valid, diag = plain(
+            logits, torch.tensor(step["targets"]), iid, sample_weight=weight
+        )
+        assert valid.tolist() == expected["valid"], where
+        torch.testing.assert_close(
+            loss.detach().reshape(-1), _tensor(expected["loss"]), **TOL, equal_nan=True, msg=where
+        )
+        torch.testing.assert_close(
+            per_class.detach(), _tensor(expected["per_class"]), **TOL, equal_nan=True, msg=where
+        )
+        for key, value in diag.items():
+            want = expected["diagnostics"][key]
+            if key.endswith("count"):
+                assert value.tolist() == want, f"{where}: {key}"
+            else:
+                torch.testing.assert_close(value, _tensor(want), **TOL, equal_nan=True, msg=key)
+        total = loss if reduction != "none" else loss[valid].sum() + logits.sum() * 0.0
+        total.backward()
+        assert logits.grad is not None
+        torch.testing.assert_close(
+            logits.grad.reshape(-1), _tensor(expected["grad"]), **TOL, msg=where
+        )
+
+
 def test_the_frozen_grid_covers_every_option_value() -> None:
     seen: dict[str, set[Any]] = {}
     for case in FROZEN["cases"]:
@@ -169,15 +209,18 @@ OPTION_STRATEGY = st.fixed_dictionaries(
 
 @st.composite
 def pools(draw: st.DrawFn) -> dict[str, Any]:
-    """A pool of float64 scores on a coarse grid (ties at band edges), targets, weights, flags."""
+    """A float64 pool (scores on a grid for ties at band edges, some inf/NaN), targets, weights."""
     num_classes = draw(st.sampled_from([1, 2, 3]))
-    rows = draw(st.integers(1, 40))
+    rows = draw(st.integers(0, 40))
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     grid = draw(st.sampled_from([0.0, 0.25, 1.0]))  # 0: continuous scores
     scores = torch.randn(rows, num_classes, generator=gen, dtype=torch.float64)
     if grid:
         scores = (scores / grid).round() * grid
+    special = draw(st.sampled_from([None, float("inf"), float("-inf"), float("nan")]))
+    if special is not None and rows:
+        scores[torch.rand(rows, num_classes, generator=gen) < 0.1] = special
     top = 2 if num_classes == 1 else num_classes
     targets = torch.randint(0, top, (rows,), generator=gen)
     weights = torch.rand(rows, generator=gen, dtype=torch.float64)
@@ -211,7 +254,7 @@ def test_our_math_equals_the_plain_reference_in_value_gradient_and_diagnostics(
         plain_loss[plain_valid].sum().backward()
         ours_grad = torch.zeros_like(ours_in) if ours_in.grad is None else ours_in.grad
         plain_grad = torch.zeros_like(plain_in) if plain_in.grad is None else plain_in.grad
-        torch.testing.assert_close(ours_grad, plain_grad, **TOL)
+        torch.testing.assert_close(ours_grad, plain_grad, **TOL, equal_nan=True)
 
 
 def test_trapezoid_gradient_reaches_positives_only() -> None:
@@ -328,6 +371,20 @@ def test_void_keys_add_nothing_even_when_they_hold_inf_or_nan() -> None:
     out.sum().backward()
     assert keys.grad is not None and bool(torch.isfinite(keys.grad).all())
     assert keys.grad[0, 1:].eq(0).all()
+
+
+def test_a_query_whose_keys_are_all_void_gets_zero_gradient_even_with_a_nan_temperature() -> None:
+    """E.g. a class with no band: its rows may carry any tau, and must stay out of the gradient."""
+    x = torch.tensor([0.5, 0.25], dtype=torch.float64, requires_grad=True)
+    keys = torch.tensor([[1.0, 2.0], [math.nan, math.inf]], dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([[True, True], [False, False]])
+    tau = torch.tensor([1.0, math.nan], dtype=torch.float64)
+    out = pair_sigmoid_row_sums(x, torch.tensor([0, 1]), tau, keys, valid, tile_elements=1)
+    assert out[1].item() == 0.0
+    out.sum().backward()
+    assert x.grad is not None and keys.grad is not None
+    assert x.grad[1].item() == 0.0 and bool(keys.grad[1].eq(0).all())
+    assert bool(torch.isfinite(x.grad).all()) and bool(torch.isfinite(keys.grad).all())
 
 
 def test_pair_kernel_peak_memory_stays_linear_in_the_pool() -> None:

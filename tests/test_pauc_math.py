@@ -270,6 +270,25 @@ def test_trapezoid_gradient_reaches_positives_only() -> None:
     assert bool((scores.grad[targets == 1] != 0).all())
 
 
+@pytest.mark.parametrize("surrogate", ["trapezoid", "pairwise"])
+def test_rows_of_an_invalid_class_get_zero_gradient_even_when_their_score_is_inf(
+    surrogate: str,
+) -> None:
+    """Class 0 has no iid negative (invalid); its positive at +inf must not make a NaN gradient."""
+    scores = torch.tensor(
+        [[math.inf, -0.29], [-2.18, 0.57], [-1.08, -1.40], [0.3, -0.8]], dtype=torch.float64
+    ).requires_grad_(True)
+    targets = torch.tensor([0, 1, 0, 0])
+    iid = torch.tensor([True, False, True, True])
+    live = torch.ones(4, dtype=torch.bool)
+    options = PAUCOptions(alpha=0.0, beta=0.5, surrogate=surrogate, interpolation="linear")
+    result = pauc_per_class(scores, targets, None, iid, live, options)
+    assert result.valid.tolist() == [False, True]
+    result.loss[result.valid].sum().backward()
+    assert scores.grad is not None and bool(torch.isfinite(scores.grad).all())
+    assert scores.grad[targets == 0, 0].eq(0).all()
+
+
 # --- the masked quantile --------------------------------------------------------------------
 
 

@@ -162,8 +162,10 @@ def pair_sigmoid_row_sums(
         tau: ``[n]`` per-query temperature, non-zero (negative flips the comparison);
             no gradient flows into it.
         keys: ``[K, m]`` key scores, one row per class or one shared row (may carry gradient).
-        valid: ``[K, m]`` or ``[1, m]`` bool, which keys count (``None``: all). Void keys
-            add nothing to the value nor to any gradient, whatever they hold.
+        valid: ``[C, m]`` (row ``c_i`` for query ``i``) or ``[1, m]`` bool, which keys count
+            (``None``: all); ``C`` rows also with a shared key row, e.g. "key ``j`` counts for
+            queries of its own class". Void keys add nothing to the value nor to any gradient,
+            whatever they hold.
         tile_elements: pairs per tile (default :data:`TILE_ELEMENTS`, x64 on CUDA).
 
     Returns:
@@ -179,7 +181,7 @@ def pair_sigmoid_row_sums(
     ):
         shape = None if valid is None else tuple(valid.shape)
         raise ValueError(
-            f"keys must be [K, m] and valid [K or 1, m], got {tuple(keys.shape)}, {shape}"
+            f"keys must be [K, m] and valid [C or 1, m], got {tuple(keys.shape)}, {shape}"
         )
     void = None if valid is None else ~valid.to(torch.bool)
     tiles = _tile_elements(x, tile_elements)

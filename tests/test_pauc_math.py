@@ -406,6 +406,35 @@ def test_a_query_whose_keys_are_all_void_gets_zero_gradient_even_with_a_nan_temp
     assert bool(torch.isfinite(x.grad).all()) and bool(torch.isfinite(keys.grad).all())
 
 
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_the_pair_kernel_also_computes_smooth_ap(num_classes: int) -> None:
+    """The kernel is meant to be shared: Smooth-AP's soft ranks, composed by autograd, match
+    ``SmoothAPLoss`` in value and gradient (no queue, float64)."""
+    from imbalanced_losses import SmoothAPLoss
+
+    gen = torch.Generator().manual_seed(num_classes)
+    scores = torch.randn(37, num_classes, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, max(num_classes, 2), (37,), generator=gen)
+    loss_fn = SmoothAPLoss(num_classes, queue_size=0, temperature=0.3, reduction="none")
+    want = loss_fn.double()(scores, targets)
+    (want_grad,) = torch.autograd.grad(want.nansum(), scores)
+
+    column = targets if num_classes > 1 else torch.where(targets == 1, 0, -1)
+    rows = (column >= 0).nonzero().squeeze(1)
+    cls = column[rows]
+    own = scores[rows, cls]
+    tau = torch.full_like(own, -0.3)  # sigmoid((s_j - s_i) / 0.3): row j ranked above i
+    same_class = cls[None, :] == torch.arange(num_classes)[:, None]
+    # Each sum includes the pair j == i, sigmoid(0) = 1/2: R = 1 + sum - 1/2.
+    rank = 0.5 + pair_sigmoid_row_sums(own, cls, tau, scores.t(), tile_elements=4)
+    rank_pos = 0.5 + pair_sigmoid_row_sums(own, cls, tau, own[None, :], same_class, tile_elements=4)
+    ap = torch.zeros(num_classes, dtype=torch.float64).index_add(0, cls, rank_pos / rank)
+    got = 1.0 - ap / torch.bincount(cls, minlength=num_classes)
+    (got_grad,) = torch.autograd.grad(got.sum(), scores)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got_grad, want_grad, **TOL)
+
+
 def test_pair_kernel_peak_memory_stays_linear_in_the_pool() -> None:
     """1,000 queries x 100,000 keys: dense pairs would take 400 MB; the kernel adds < 32 MB."""
     script = textwrap.dedent(

@@ -327,6 +327,40 @@ def test_masked_column_quantiles_equal_torch_quantile_bit_for_bit(
             assert torch.equal(got[:, c].nan_to_num(), want.nan_to_num()), (c, got[:, c], want)
 
 
+@pytest.mark.parametrize(
+    "interpolation,members,alpha,beta",
+    [  # float32 knife edges: level * (n - 1) rounds onto an integer in float32, not in float64
+        ("higher", 11, 0.0, 0.9),
+        ("higher", 22, 0.0, 3 / 7),
+        ("higher", 101, 0.0, 0.85),
+        ("nearest", 6, 0.0, 0.9),
+        ("midpoint", 11, 0.0, 0.9),
+        ("lower", 7, 1 / 3, 0.9),
+        ("linear", 5, 0.0, 0.85),
+    ],
+)
+def test_float32_levels_resolve_the_order_statistic_torch_quantile_does(
+    interpolation: str, members: int, alpha: float, beta: float
+) -> None:
+    """Ranks are computed in the scores' dtype, as ``torch.quantile`` does, not in float64."""
+    values = torch.arange(members, dtype=torch.float32)
+    # Column 0: the members, then non-members; column 1: the members among three non-members.
+    half = members // 2
+    outside = torch.tensor([-50.0, 60.0, 1.5])
+    column_1 = torch.cat([outside[:1], values[:half], outside[1:2], values[half:], outside[2:]])
+    column_0 = torch.cat([values, torch.full((3,), 7.5)])
+    scores = torch.stack([column_0, column_1], dim=1)
+    member = torch.ones(members + 3, 2, dtype=torch.bool)
+    member[members:, 0] = False
+    member[[0, half + 1, members + 2], 1] = False
+    for surrogate in ("trapezoid", "pairwise"):
+        opts = PAUCOptions(alpha=alpha, beta=beta, surrogate=surrogate, n_knots=3)
+        levels, _ = quantile_levels(opts, torch.float32, scores.device)
+        got = masked_column_quantiles(scores, member, levels, interpolation)
+        want = torch.quantile(values, levels, interpolation=interpolation)
+        assert torch.equal(got[:, 0], want) and torch.equal(got[:, 1], want), (got, want)
+
+
 def test_masked_column_quantiles_take_nan_from_members_only() -> None:
     scores = torch.tensor([[1.0, 1.0], [math.nan, 2.0], [3.0, math.nan]], dtype=torch.float64)
     member = torch.tensor([[True, True], [False, True], [True, False]])

@@ -355,7 +355,12 @@ def test_float32_levels_resolve_the_order_statistic_torch_quantile_does(
     member[[0, half + 1, members + 2], 1] = False
     for surrogate in ("trapezoid", "pairwise"):
         opts = PAUCOptions(alpha=alpha, beta=beta, surrogate=surrogate, n_knots=3)
-        levels, _ = quantile_levels(opts, torch.float32, scores.device)
+        levels, n_knots = quantile_levels(opts, torch.float32, scores.device)
+        # The band edges take the Python-float route, and the end knots are the edges' bits.
+        edges = torch.tensor([1.0 - alpha, 1.0 - beta], dtype=torch.float32)
+        assert torch.equal(levels[n_knots : n_knots + 2], edges)
+        if n_knots:
+            assert torch.equal(levels[[0, n_knots - 1]], edges)
         got = masked_column_quantiles(scores, member, levels, interpolation)
         want = torch.quantile(values, levels, interpolation=interpolation)
         assert torch.equal(got[:, 0], want) and torch.equal(got[:, 1], want), (got, want)

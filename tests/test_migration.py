@@ -252,3 +252,20 @@ def test_out_of_range_targets_say_outside_as_the_references_tests_match():
             RecallAtQuantileLoss(num_classes, queue_size=0)(torch.randn(4, num_classes), targets)
     with pytest.raises(ValueError, match="outside"):
         SoftmaxFocalLoss()(torch.randn(4, 3), torch.tensor([0, 1, 3, -100]))
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "LossWarmupWrapper` during the warm-up",
+        "LossWarmupWrapper` without `on_train_batch_start",
+        "LossWarmupWrapper` checkpoint",
+        "LossWarmupWrapper` arguments",
+        "focal losses under DDP",
+        "focal losses, an empty batch",
+        "focal losses, bad input",
+    ],
+)
+def test_every_deliberate_difference_has_a_readme_row_with_its_reason(topic):
+    row = migration_row(re.escape(topic))
+    assert len(row) == 4 and all(row), row

@@ -113,6 +113,12 @@ class _FocalBase(nn.Module):
     def forward(
         self, inputs: Tensor, targets: Tensor, *, sample_weight: Tensor | None = None
     ) -> Tensor:
+        """The loss of ``inputs`` against ``targets`` (of every rank's, when pooling).
+
+        Every rank checks its inputs and agrees with the others on them and on the
+        options (one small collective) before any value is computed from another rank,
+        so bad input or disagreeing ranks raise the same error everywhere.
+        """
         group = self.process_group
         distributed = _distributed.should_gather(self.gather_distributed, group)
         problem = self._static_problem(inputs, targets, sample_weight)

@@ -58,6 +58,12 @@ def test_a_script_in_the_reference_style_runs_unchanged(tmp_path):
     assert "reduction none (3,) class 2 is nan: True" in out
     assert "queued rows 8 after eval 8" in out
     assert "gathered (5, 3) grad ones: True" in out
+    # Blend epoch 1: w = 1/2; the reference's properties after a forward are what it used.
+    assert "epoch 0 main_weight 0.0 in_warmup True" in out
+    assert "epoch 1 main_weight 0.5 in_warmup False" in out
+    assert "epoch 2 main_weight 1.0 in_warmup False" in out
+    # 0.25 * (1/2)^2 * log 2 = 0.043322 per element; 1 * log 2 + 2 * log 2 = 2.079442.
+    assert "focal sigmoid 0.043322 softmax 2.079442" in out
     assert out.rstrip().endswith("done")
 
 

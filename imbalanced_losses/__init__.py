@@ -5,6 +5,7 @@ import importlib
 from ._base import Pool, QueuedRankingLoss, Rows
 from ._distributed import all_gather_no_grad, all_gather_with_grad
 from ._queue import MemoryQueue
+from .focal_loss import SigmoidFocalLoss, SoftmaxFocalLoss
 from .functional import recall_at_quantile_loss
 from .metrics import recall_at_quantile
 from .recall_loss import RecallAtQuantileLoss
@@ -20,7 +21,9 @@ __all__ = [
     "QueuedRankingLoss",
     "RecallAtQuantileLoss",
     "Rows",
+    "SigmoidFocalLoss",
     "SmoothAPLoss",
+    "SoftmaxFocalLoss",
     "all_gather_no_grad",
     "all_gather_with_grad",
     "recall_at_quantile",

@@ -154,11 +154,11 @@ def describe_bad_targets(targets: Tensor, num_classes: int, ignore_index: int) -
         bad = t[out_of_range_targets(t, 1)].unique()[:8].tolist()
         return (
             f"targets for binary mode (num_classes=1) must be 0, 1 or "
-            f"ignore_index={ignore_index}; got values {bad}"
+            f"ignore_index={ignore_index}; got values outside {{0, 1}}: {bad}"
         )
     return (
         f"targets must be in [0, {num_classes}) or ignore_index={ignore_index}; "
-        f"got min {int(t.min())}, max {int(t.max())}"
+        f"got values outside that range (min {int(t.min())}, max {int(t.max())})"
     )
 
 

@@ -73,6 +73,34 @@ except ValueError as error:
 else:
     raise SystemExit("out-of-range targets were accepted")
 
+# The warm-up wrapper, its first four options positional, from the reference's module path.
+from imbalanced_losses.ap_loss import SmoothAPLoss  # noqa: E402
+from imbalanced_losses.warmup_wrapper import LossWarmupWrapper  # noqa: E402
+
+wrapper = LossWarmupWrapper(
+    torch.nn.CrossEntropyLoss(),
+    SmoothAPLoss(num_classes=4, queue_size=64),
+    1,
+    0.1,
+    0.01,
+    10,
+    blend_epochs=1,
+    reset_queue_each_epoch=True,
+)
+for epoch in range(3):
+    wrapper.on_train_epoch_start(epoch)
+    for step in range(2):
+        wrapper.on_train_batch_start(epoch * 2 + step)
+        wrapper(torch.randn(8, 4, requires_grad=True), torch.randint(0, 4, (8,))).backward()
+    print(f"epoch {epoch} main_weight {wrapper.main_weight} in_warmup {wrapper.in_warmup}")
+
+# The focal losses, from the reference's module path.
+from imbalanced_losses.focal_loss import SigmoidFocalLoss, SoftmaxFocalLoss  # noqa: E402
+
+sigmoid = SigmoidFocalLoss(0.25, 2.0, "mean")(torch.zeros(2, 3), torch.ones(2, 3))
+softmax = SoftmaxFocalLoss([1.0, 2.0], 0.0, "sum")(torch.zeros(2, 2), torch.tensor([0, 1]))
+print(f"focal sigmoid {sigmoid.item():.6f} softmax {softmax.item():.6f}")
+
 # The gather helpers inside a process group (here a world of one, on a file store).
 with tempfile.TemporaryDirectory() as tmp:
     store = dist.FileStore(os.path.join(tmp, "store"), 1)

@@ -3,7 +3,10 @@ README's migration table lists."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import json
+import math
 import os
 import re
 import subprocess
@@ -12,9 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import imbalanced_losses
-from imbalanced_losses import RecallAtQuantileLoss
+from imbalanced_losses import (
+    LossWarmupWrapper,
+    RecallAtQuantileLoss,
+    SigmoidFocalLoss,
+    SoftmaxFocalLoss,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "reference_style_script.py"
@@ -49,6 +58,12 @@ def test_a_script_in_the_reference_style_runs_unchanged(tmp_path):
     assert "reduction none (3,) class 2 is nan: True" in out
     assert "queued rows 8 after eval 8" in out
     assert "gathered (5, 3) grad ones: True" in out
+    # Blend epoch 1: w = 1/2; the reference's properties after a forward are what it used.
+    assert "epoch 0 main_weight 0.0 in_warmup True" in out
+    assert "epoch 1 main_weight 0.5 in_warmup False" in out
+    assert "epoch 2 main_weight 1.0 in_warmup False" in out
+    # 0.25 * (1/2)^2 * log 2 = 0.043322 per element; 1 * log 2 + 2 * log 2 = 2.079442.
+    assert "focal sigmoid 0.043322 softmax 2.079442" in out
     assert out.rstrip().endswith("done")
 
 
@@ -99,3 +114,164 @@ def migration_row(topic: str) -> list[str]:
         if line.startswith("|") and re.search(topic, cells[0]):
             return cells
     raise AssertionError(f"no migration-table row about {topic!r}")
+
+
+# --- values frozen from the reference 0.6.0 by scripts/freeze_reference_values.py -------------
+
+FROZEN = json.loads((ROOT / "tests" / "data" / "reference_0_6_0.json").read_text())
+
+
+class WarmupProbe(nn.Module):
+    """Warm-up stub worth 10 (the freezing script's)."""
+
+    def forward(self, logits, targets):
+        return logits.sum() * 0.0 + 10.0
+
+
+class MainProbe(nn.Module):
+    """Main stub worth ``20 + temperature`` (the freezing script's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = 0.5
+
+    def forward(self, logits, targets):
+        return logits.sum() * 0.0 + 20.0 + self.temperature
+
+
+@pytest.mark.parametrize("schedule", FROZEN["warmup"], ids=lambda s: s["name"])
+def test_the_warmup_schedule_reports_and_uses_the_references_values_step_by_step(schedule):
+    wrapper = LossWarmupWrapper(WarmupProbe(), MainProbe(), *schedule["args"], **schedule["kwargs"])
+    logits, targets = torch.zeros(2, 1, dtype=torch.float64), torch.tensor([0, 1])
+    for i, (event, want) in enumerate(zip(schedule["events"], schedule["records"])):
+        value = None
+        if event[0] == "epoch":
+            wrapper.on_train_epoch_start(event[1])
+        elif event[0] == "batch":
+            wrapper.on_train_batch_start(event[1])
+        else:
+            value = float(wrapper(logits, targets))
+        got = {
+            "in_warmup": wrapper.in_warmup,
+            "in_blend": wrapper.in_blend,
+            "main_weight": wrapper.main_weight,
+            "current_temperature": wrapper.current_temperature,
+            "value": value,
+        }
+        for key, expected in want.items():
+            if isinstance(expected, float):
+                assert math.isclose(got[key], expected, rel_tol=1e-12), (i, event, key, got)
+            else:
+                assert got[key] == expected, (i, event, key, got)
+
+
+def _frozen_inputs(name: str) -> list[torch.Tensor] | torch.Tensor:
+    stored = FROZEN["focal"]["inputs"][name]
+    if name.endswith(("_row", "_full")) or "_w" in name:
+        return torch.tensor(stored, dtype=torch.float64)
+    x, t = stored
+    integer = name.startswith("soft")
+    return [
+        torch.tensor(x, dtype=torch.float64),
+        torch.tensor(t, dtype=None if integer else torch.float64),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_the_focal_losses_give_the_references_values_and_gradients(kind):
+    cls = SigmoidFocalLoss if kind == "sigmoid" else SoftmaxFocalLoss
+    for case in FROZEN["focal"][kind]:
+        x, t = _frozen_inputs(case["data"])
+        weight = None if case["weight"] is None else _frozen_inputs(case["weight"])
+        x = x.clone().requires_grad_(True)
+        kwargs = {} if weight is None else {"sample_weight": weight}
+        value = cls(**case["options"])(x, t, **kwargs)
+        label = (case["options"], case["data"], case["weight"])
+        want = torch.tensor(case["value"], dtype=torch.float64)
+        torch.testing.assert_close(value.detach(), want, rtol=1e-12, atol=1e-14, msg=str(label))
+        if case["grad"] is not None:
+            (grad,) = torch.autograd.grad(value, x)
+            want_grad = torch.tensor(case["grad"], dtype=torch.float64)
+            torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14, msg=str(label))
+
+
+def _described(parameter: inspect.Parameter) -> list:
+    default = parameter.default
+    return [
+        parameter.name,
+        parameter.kind.name,
+        None if default is inspect.Parameter.empty else repr(default),
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(FROZEN["signatures"]))
+def test_constructor_and_forward_signatures_are_the_references(name):
+    cls = getattr(imbalanced_losses, name)
+    ours = [_described(p) for p in inspect.signature(cls).parameters.values()]
+    want = FROZEN["signatures"][name]["init"]
+    assert ours[: len(want)] == want
+    # Anything we add comes after, keyword-only, with a default.
+    assert all(
+        kind == "KEYWORD_ONLY" and default is not None for _, kind, default in ours[len(want) :]
+    )
+    forward = [_described(p) for p in inspect.signature(cls.forward).parameters.values()][1:]
+    for parameter in FROZEN["signatures"][name]["forward"]:
+        if parameter[1] == "VAR_KEYWORD":
+            assert any(p[1] == "VAR_KEYWORD" for p in forward)
+        else:
+            assert parameter in forward
+
+
+@pytest.mark.parametrize("case", FROZEN["errors"], ids=lambda c: f"{c['class']}-{c['kwargs']}")
+def test_bad_arguments_raise_the_references_error_text(case):
+    with pytest.raises(ValueError) as error:
+        if case["class"] == "LossWarmupWrapper":
+            LossWarmupWrapper(WarmupProbe(), MainProbe(), **case["kwargs"])
+        else:
+            getattr(imbalanced_losses, case["class"])(**case["kwargs"])
+    # Ours may say more (the values seen), after the reference's words.
+    assert str(error.value).startswith(case["message"].rstrip(".")), str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("module", "names"),
+    [
+        ("ap_loss", ["SmoothAPLoss"]),
+        ("recall_loss", ["RecallAtQuantileLoss"]),
+        ("warmup_wrapper", ["LossWarmupWrapper"]),
+        ("focal_loss", ["SigmoidFocalLoss", "SoftmaxFocalLoss"]),
+        ("distributed", ["all_gather_with_grad", "all_gather_no_grad"]),
+    ],
+)
+def test_the_references_module_paths_import_the_same_objects(module, names):
+    loaded = importlib.import_module(f"imbalanced_losses.{module}")
+    for name in names:
+        assert getattr(loaded, name) is getattr(imbalanced_losses, name)
+        assert name in imbalanced_losses.__all__
+
+
+def test_out_of_range_targets_say_outside_as_the_references_tests_match():
+    for num_classes, bad in [(3, 5), (1, 2)]:
+        targets = torch.zeros(4, dtype=torch.long)
+        targets[0] = bad
+        with pytest.raises(ValueError, match="outside"):
+            RecallAtQuantileLoss(num_classes, queue_size=0)(torch.randn(4, num_classes), targets)
+    with pytest.raises(ValueError, match="outside"):
+        SoftmaxFocalLoss()(torch.randn(4, 3), torch.tensor([0, 1, 3, -100]))
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "LossWarmupWrapper` during the warm-up",
+        "LossWarmupWrapper` without `on_train_batch_start",
+        "LossWarmupWrapper` checkpoint",
+        "LossWarmupWrapper` arguments",
+        "focal losses under DDP",
+        "focal losses, an empty batch",
+        "focal losses, bad input",
+    ],
+)
+def test_every_deliberate_difference_has_a_readme_row_with_its_reason(topic):
+    row = migration_row(re.escape(topic))
+    assert len(row) == 4 and all(row), row

@@ -1,0 +1,452 @@
+"""Focal losses (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017).
+
+Per-element losses, so unlike the queued ranking losses they need nothing from other rows,
+except for the normaliser of ``"mean"`` and ``"mean_positive"``. What
+``gather_distributed`` means for them: each rank computes its own elements' losses, the
+ranks exchange them (one small metadata collective, then one gather of ``[rows, 2 x
+elements per row]``: the weighted loss and the denominator's share), and every rank reduces
+the *global* batch. The value is then the single-process value of the rank-ordered global
+batch on every rank, and the gather's backward (``group size x`` the local slice, see
+``_distributed``) makes DDP's gradient average equal the single-process gradient exactly,
+also with uneven or empty ranks, ignored positions and weights, where a per-rank mean is
+off. ``reduction="none"`` returns the global batch's per-element losses, as the reference does.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _distributed, _validation
+from ._validation import Meta
+
+__all__ = ["SigmoidFocalLoss", "SoftmaxFocalLoss"]
+
+_HASH_BASE = 1_000_003.0
+_HASH_MOD = 2.0**52  # exact in float64
+
+
+def _shape_code(shape: Sequence[int]) -> float:
+    """A number that differs for different trailing shapes (agreed across ranks)."""
+    code = float(len(shape))
+    for d in shape:
+        code = (code * _HASH_BASE + d) % _HASH_MOD
+    return code
+
+
+def _invalid_reduction(reduction: Any, supported: tuple[str, ...]) -> ValueError:
+    modes = ", ".join(repr(m) for m in supported)
+    return ValueError(f"Invalid reduction: {reduction!r}. Supported modes: {modes}.")
+
+
+def _check_gather(gather_distributed: Any) -> bool | None:
+    if gather_distributed is not None and not isinstance(gather_distributed, bool):
+        raise ValueError(
+            f"gather_distributed must be None (auto), True or False, got {gather_distributed!r}"
+        )
+    return gather_distributed
+
+
+def _check_gamma(gamma: Any) -> float:
+    if (
+        isinstance(gamma, bool)
+        or not isinstance(gamma, (int, float))
+        or not (math.isfinite(gamma) and gamma >= 0)
+    ):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    return float(gamma)
+
+
+def _weight_problem(sample_weight: Any, inputs: Tensor, reference: str, like: Tensor) -> str | None:
+    """Shape/dtype/device problem of ``sample_weight`` (``reference``: what dim 0 must match)."""
+    if sample_weight is None:
+        return None
+    if not isinstance(sample_weight, Tensor) or not sample_weight.is_floating_point():
+        seen = _validation.describe(sample_weight)
+        return f"sample_weight must be a floating-point tensor, got {seen}"
+    if sample_weight.device != inputs.device:
+        return f"sample_weight is on {sample_weight.device} but inputs are on {inputs.device}"
+    n = like.shape[0] if like.dim() else 0
+    if sample_weight.dim() == 0 or sample_weight.shape[0] != n:
+        return (
+            f"sample_weight must match {reference} dim-0, got {tuple(sample_weight.shape)} vs N={n}"
+        )
+    return None
+
+
+class _FocalBase(nn.Module):
+    """The shared flow: validate and agree, per-element terms, gather, reduce."""
+
+    SUPPORTED_REDUCTIONS: tuple[str, ...] = ()
+    _zero_weight_warned = False
+
+    def __init__(self, reduction: str, gather_distributed: bool | None, process_group: Any) -> None:
+        super().__init__()
+        if reduction not in self.SUPPORTED_REDUCTIONS:
+            raise _invalid_reduction(reduction, self.SUPPORTED_REDUCTIONS)
+        self.reduction = reduction
+        self.gather_distributed = _check_gather(gather_distributed)
+        self.process_group = process_group
+
+    # Subclasses: host-only input checks, the agreed options, the per-element terms.
+    def _static_problem(self, inputs: Any, targets: Any, sample_weight: Any) -> str | None:
+        raise NotImplementedError
+
+    def _config(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _elements(
+        self, inputs: Tensor, targets: Tensor, sample_weight: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, torch.Size]:
+        """``(numerator [n, L], denominator [n, L], bad_targets flag, trailing shape)``."""
+        raise NotImplementedError
+
+    def _describe_bad_targets(self, inputs: Tensor, targets: Tensor) -> str:
+        return "targets are invalid"
+
+    def forward(
+        self, inputs: Tensor, targets: Tensor, *, sample_weight: Tensor | None = None
+    ) -> Tensor:
+        """The loss of ``inputs`` against ``targets`` (of every rank's, when pooling).
+
+        Every rank checks its inputs and agrees with the others on them and on the
+        options (one small collective) before any value is computed from another rank,
+        so bad input or disagreeing ranks raise the same error everywhere.
+        """
+        group = self.process_group
+        distributed = _distributed.should_gather(self.gather_distributed, group)
+        problem = self._static_problem(inputs, targets, sample_weight)
+        if problem is not None and not distributed:
+            raise ValueError(problem)
+        config = {**self._config(), "sample_weight passed": float(sample_weight is not None)}
+        if problem is None:
+            num, den, bad_targets, trailing = self._elements(inputs, targets, sample_weight)
+            weight = sample_weight if sample_weight is not None else num.new_zeros(0)
+            bad_weights = _validation.bad_weights(weight.detach())
+            zero_flag = (weight == 0).all() if weight.numel() else bad_weights & False
+            config["dtype"] = float(str(num.dtype) == "torch.float64")
+            config["elements per row"] = float(num.shape[1])
+            config["trailing shape"] = _shape_code(trailing)
+            device, rows = num.device, num.shape[0]
+        else:
+            device, rows = _device_of(inputs), 0
+            bad_targets = bad_weights = zero_flag = torch.zeros((), dtype=torch.bool)
+            config.update({"dtype": -1.0, "elements per row": -1.0, "trailing shape": -1.0})
+        values = torch.tensor(list(config.values()), dtype=torch.float64, device=device)
+        # The zero-weight flag rides after the agreed columns: informative, not agreed on.
+        row = _validation.metadata_row(
+            static_error=problem is not None,
+            rows=rows,
+            finite_rows=rows,
+            bad_targets=bad_targets,
+            bad_weights=bad_weights,
+            config=torch.cat([values, zero_flag.to(device, torch.float64).reshape(1)]),
+        )
+        metas = _validation.exchange(row, distributed=distributed, group=group)
+        rank = _distributed.world(group)[0] if distributed else 0
+        _validation.raise_on_any_problem(
+            metas,
+            rank,
+            {
+                Meta.STATIC_ERROR: lambda: problem or "",
+                Meta.BAD_TARGETS: lambda: self._describe_bad_targets(inputs, targets),
+                Meta.BAD_WEIGHTS: lambda: _validation.describe_bad_weights(sample_weight),
+            },
+            list(config),
+        )
+        if metas[rank][-1] and not self._zero_weight_warned:
+            self._zero_weight_warned = True
+            warnings.warn(
+                f"{type(self).__name__}: sample_weight is entirely zero for this call, a likely "
+                "misconfiguration: these rows contribute no loss and no gradient. "
+                "(This warning is shown once per instance.)",
+                UserWarning,
+                stacklevel=2,
+            )
+        if distributed:
+            sizes = [int(m[Meta.ROWS]) for m in metas]
+            width = num.shape[1]
+            if self.reduction == "none":
+                num = _distributed.gather_rows(num, sizes, group=group)
+            else:
+                packed = _distributed.gather_rows(torch.cat([num, den], 1), sizes, group=group)
+                num, den = packed[:, :width], packed[:, width:]
+        if self.reduction == "none":
+            return num.reshape(num.shape[0], *trailing)
+        total = num.sum()
+        if self.reduction == "sum":
+            return total
+        mass = den.sum()
+        return total / torch.where(mass > 0, mass, torch.ones_like(mass))
+
+
+def _device_of(inputs: Any) -> torch.device:
+    return inputs.device if isinstance(inputs, Tensor) else torch.device("cpu")
+
+
+class SigmoidFocalLoss(_FocalBase):
+    r"""Sigmoid focal loss (RetinaNet): every element is an independent binary prediction.
+
+    ``FL = -alpha_t (1 - p_t)^gamma log(p_t)`` with ``p = sigmoid(x)``,
+    ``p_t = p t + (1 - p)(1 - t)``, ``alpha_t = alpha t + (1 - alpha)(1 - t)`` (Lin et al.
+    2017). For multi-label or binary targets; mutually exclusive classes want
+    :class:`SoftmaxFocalLoss`. Values and signature are the reference library's.
+
+    Args:
+        alpha: weight of the positives in ``[0, 1]``, or ``-1`` for none.
+        gamma: focusing exponent ``>= 0`` (0 gives BCE).
+        reduction: ``"mean"`` (over every element; weighted: over the weight mass),
+            ``"sum"`` or ``"none"``.
+        gather_distributed: ``None`` (default) pools every rank's elements when
+            ``torch.distributed`` runs with more than one rank, ``False`` keeps each
+            rank on its own, ``True`` insists. Pooled, every rank returns the loss of
+            the rank-ordered global batch (``"none"``: its ``[N_global, ...]`` losses)
+            and DDP's gradient equals the single-process gradient exactly, also with
+            uneven per-rank batches (a per-rank mean is only right for equal ones).
+        process_group: the ranks to pool (default: all), e.g. the data-parallel group.
+
+    Forward: ``inputs`` logits of any shape ``[N, ...]``; ``targets`` the same shape, 0/1
+    (or soft labels in ``[0, 1]``); ``sample_weight`` ``[N, ...]`` broadcastable to
+    ``inputs`` (dim 0 exactly ``N``), finite and non-negative.
+    """
+
+    SUPPORTED_REDUCTIONS = ("none", "mean", "sum")
+
+    def __init__(
+        self,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        reduction: str = "mean",
+        gather_distributed: bool | None = None,
+        *,
+        process_group: Any = None,
+    ) -> None:
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not (0.0 <= alpha <= 1.0 or alpha == -1)
+        ):
+            raise ValueError(
+                f"Invalid alpha value: {alpha!r}. alpha must be in [0, 1] or -1 for ignore."
+            )
+        super().__init__(reduction, gather_distributed, process_group)
+        self.alpha = float(alpha)
+        self.gamma = _check_gamma(gamma)
+
+    def _config(self) -> dict[str, float]:
+        return {
+            "reduction": float(self.SUPPORTED_REDUCTIONS.index(self.reduction)),
+            "alpha": self.alpha,
+            "gamma": self.gamma,
+        }
+
+    def _static_problem(self, inputs: Any, targets: Any, sample_weight: Any) -> str | None:
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() == 0:
+            seen = _validation.describe(inputs)
+            return f"inputs must be a floating-point tensor [N, ...], got {seen}"
+        if not isinstance(targets, Tensor) or targets.shape != inputs.shape:
+            shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            return f"targets must have the shape of inputs {tuple(inputs.shape)}, got {shape}"
+        if targets.device != inputs.device:
+            return f"targets are on {targets.device} but inputs are on {inputs.device}"
+        problem = _weight_problem(sample_weight, inputs, "inputs", inputs)
+        if problem is None and sample_weight is not None:
+            try:
+                torch.broadcast_shapes(sample_weight.shape, inputs.shape)
+                broadcast_ok = sample_weight.dim() <= inputs.dim()
+            except RuntimeError:
+                broadcast_ok = False
+            if not broadcast_ok:
+                return (
+                    f"sample_weight must be broadcastable to inputs, got "
+                    f"{tuple(sample_weight.shape)} vs inputs {tuple(inputs.shape)}"
+                )
+        return problem
+
+    def _elements(
+        self, inputs: Tensor, targets: Tensor, sample_weight: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, torch.Size]:
+        t = targets.to(inputs.dtype)
+        p = torch.sigmoid(inputs)
+        ce = F.binary_cross_entropy_with_logits(inputs, t, reduction="none")
+        p_t = p * t + (1 - p) * (1 - t)
+        loss = ce * (1 - p_t) ** self.gamma
+        if self.alpha >= 0:
+            loss = (self.alpha * t + (1 - self.alpha) * (1 - t)) * loss
+        if sample_weight is None:
+            den = torch.ones_like(loss, requires_grad=False)
+        else:
+            w = sample_weight.detach().to(inputs.dtype)
+            loss, den = loss * w, w.expand_as(loss)
+        shape = (inputs.shape[0], math.prod(inputs.shape[1:]))
+        no_bad = torch.zeros((), dtype=torch.bool, device=inputs.device)
+        return loss.reshape(shape), den.reshape(shape).detach(), no_bad, inputs.shape[1:]
+
+
+class SoftmaxFocalLoss(_FocalBase):
+    r"""Softmax focal loss for mutually exclusive classes.
+
+    ``FL = -alpha_y (1 - p_y)^gamma CE`` per position, with ``p_y`` the softmax
+    probability of the true class and ``CE`` the cross-entropy (with
+    ``label_smoothing``); positions whose target is ``ignore_index`` count nowhere (Lin
+    et al. 2017, generalised to C classes). Values and signature are the reference
+    library's.
+
+    Args:
+        alpha: per-class weights ``[C]`` (non-negative), or ``None`` for none.
+        gamma: focusing exponent ``>= 0`` (0 gives cross-entropy).
+        reduction: ``"mean"`` (over the valid positions; weighted: their weight mass),
+            ``"mean_positive"`` (the sum over valid positions divided by the count, or
+            weight mass, of the non-background ones: RetinaNet's normalisation),
+            ``"sum"`` or ``"none"``.
+        label_smoothing: passed to the cross-entropy.
+        ignore_index: target value of positions to skip.
+        background_class: the class that ``"mean_positive"`` does not count.
+        gather_distributed: ``None`` (default) pools every rank's positions when
+            ``torch.distributed`` runs with more than one rank, ``False`` keeps each
+            rank on its own, ``True`` insists. Pooled, every rank returns the loss of
+            the rank-ordered global batch (``"none"``: its ``[N_global, ...]`` losses),
+            normalised by the global count, and DDP's gradient equals the
+            single-process gradient exactly, with uneven batches, ignored positions and
+            positives spread unevenly over the ranks.
+        process_group: the ranks to pool (default: all), e.g. the data-parallel group.
+
+    Forward: ``inputs`` ``[N, C]`` or ``[N, C, ...]`` logits; ``targets`` ``[N]`` or
+    ``[N, ...]`` class ids in ``[0, C)`` or ``ignore_index``; ``sample_weight`` of the
+    targets' shape, finite and non-negative.
+    """
+
+    SUPPORTED_REDUCTIONS = ("none", "mean", "mean_positive", "sum")
+    alpha: Tensor | None
+
+    def __init__(
+        self,
+        alpha: Tensor | Sequence[float] | None = None,
+        gamma: float = 2.0,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        background_class: int = 0,
+        gather_distributed: bool | None = None,
+        *,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(reduction, gather_distributed, process_group)
+        self.gamma = _check_gamma(gamma)
+        if (
+            isinstance(label_smoothing, bool)
+            or not isinstance(label_smoothing, (int, float))
+            or not 0.0 <= label_smoothing <= 1.0
+        ):
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        for name, value in (("ignore_index", ignore_index), ("background_class", background_class)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        self.label_smoothing = float(label_smoothing)
+        self.ignore_index = ignore_index
+        self.background_class = background_class
+        if alpha is None:
+            self.alpha = None
+            self._alpha_code = 0.0
+        else:
+            weights = torch.as_tensor(alpha, dtype=torch.float32)
+            if weights.ndim != 1:
+                raise ValueError(
+                    f"alpha must be a 1-D tensor of shape (C,), got shape {tuple(weights.shape)}"
+                )
+            if not (torch.isfinite(weights).all() and (weights >= 0).all()):
+                raise ValueError(f"alpha must be finite and non-negative, got {weights.tolist()}")
+            self.register_buffer("alpha", weights)
+            self._alpha_code = _alpha_code(weights)
+
+    def _config(self) -> dict[str, float]:
+        alpha = self.alpha
+        return {
+            "reduction": float(self.SUPPORTED_REDUCTIONS.index(self.reduction)),
+            "gamma": self.gamma,
+            "label_smoothing": self.label_smoothing,
+            "ignore_index": float(self.ignore_index),
+            "background_class": float(self.background_class),
+            "alpha": -1.0 if alpha is None else _shape_code([len(alpha)]),
+            "alpha values": self._alpha_code,
+        }
+
+    def _static_problem(self, inputs: Any, targets: Any, sample_weight: Any) -> str | None:
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 2:
+            return (
+                "inputs must be a floating-point tensor [N, C] or [N, C, ...], "
+                f"got {_validation.describe(inputs)}"
+            )
+        expected = (inputs.shape[0], *inputs.shape[2:])
+        if not isinstance(targets, Tensor) or tuple(targets.shape) != expected:
+            shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            return (
+                f"targets must have shape {expected} to match inputs {tuple(inputs.shape)}, "
+                f"got {shape}"
+            )
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            return f"targets must hold integer class ids, got dtype {targets.dtype}"
+        if targets.device != inputs.device:
+            return f"targets are on {targets.device} but inputs are on {inputs.device}"
+        if self.alpha is not None and len(self.alpha) != inputs.shape[1]:
+            return f"alpha has {len(self.alpha)} entries but inputs have {inputs.shape[1]} classes"
+        problem = _weight_problem(sample_weight, inputs, "targets", targets)
+        if problem is None and sample_weight is not None and sample_weight.shape != targets.shape:
+            return (
+                f"sample_weight must be {tuple(targets.shape)} matching targets, "
+                f"got {tuple(sample_weight.shape)} vs N={targets.shape[0]}"
+            )
+        return problem
+
+    def _describe_bad_targets(self, inputs: Tensor, targets: Tensor) -> str:
+        c = inputs.shape[1]
+        t = targets[targets != self.ignore_index]
+        bad = t[(t < 0) | (t >= c)].unique()[:8].tolist()
+        return (
+            f"targets must be class ids in [0, {c}) or ignore_index={self.ignore_index}; "
+            f"got values outside that range: {bad}"
+        )
+
+    def _elements(
+        self, inputs: Tensor, targets: Tensor, sample_weight: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, torch.Size]:
+        c = inputs.shape[1]
+        valid = targets != self.ignore_index
+        bad = (valid & ((targets < 0) | (targets >= c))).any()
+        safe = torch.where(valid & (targets >= 0) & (targets < c), targets, 0)
+        # cross_entropy refuses out-of-range ids; such a batch raises after the agreement.
+        ce = F.cross_entropy(
+            inputs,
+            torch.where(valid, safe, self.ignore_index),
+            reduction="none",
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+        )
+        log_p_t = F.log_softmax(inputs, dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+        loss = (1.0 - log_p_t.exp()) ** self.gamma * ce
+        if self.alpha is not None:
+            loss = self.alpha.to(inputs.dtype)[safe] * loss
+        loss = loss * valid
+        counted = (
+            valid & (targets != self.background_class)
+            if self.reduction == "mean_positive"
+            else valid
+        )
+        den = counted.to(inputs.dtype)
+        if sample_weight is not None:
+            w = sample_weight.detach().to(inputs.dtype)
+            loss, den = loss * w, den * w
+        shape = (targets.shape[0], math.prod(targets.shape[1:]))
+        return loss.reshape(shape), den.reshape(shape), bad, targets.shape[1:]
+
+
+def _alpha_code(alpha: Tensor) -> float:
+    """A number that differs for different per-class weights (agreed across ranks)."""
+    index = torch.arange(1, len(alpha) + 1, dtype=torch.float64, device=alpha.device)
+    return float((alpha.double() * index.sqrt()).sum())

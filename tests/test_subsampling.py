@@ -189,14 +189,16 @@ def test_threshold_sample_covers_queue_rows_too():
         1, quantile=quantile, queue_size=n, temperature=TAU, max_pool_size=m
     ).double()
     loss_fn.queue.push(queued, queued_targets)
-    loss_fn.eval()  # keep the queue fixed across the draws
+    loss_fn.eval()  # keep the queue fixed across the draws (eval leaves the sample step too)
     pool = torch.cat([live, queued])[:, 0]
     positives = pool[torch.cat([live_targets, queued_targets]) == 1]
     simulated = uniform_sample_thresholds(pool, m, quantile, gen)
     sim_mean, sim_sd = simulated.mean(), simulated.std()
-    thetas = torch.stack(
-        [recover_theta(loss_fn(live, live_targets), positives, pool) for _ in range(15)]
-    )
+    thetas = []
+    for step in range(15):
+        loss_fn.subsample_step = step  # the draw of training step `step`
+        thetas.append(recover_theta(loss_fn(live, live_targets), positives, pool))
+    thetas = torch.stack(thetas)
     assert len(set(thetas.tolist())) > 1
     assert (thetas - sim_mean).abs().max() < 6 * sim_sd, (thetas, sim_mean, sim_sd)
     assert abs(thetas.mean() - sim_mean) < 5 * sim_sd / len(thetas) ** 0.5

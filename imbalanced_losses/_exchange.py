@@ -83,7 +83,7 @@ def columns(agreed: Sequence[Agreed], device: torch.device) -> Tensor:
     row = to_device(torch.tensor(host, dtype=torch.float64), device)
     for i, a in enumerate(agreed):
         if isinstance(a.value, Tensor):
-            row[i] = a.value.detach().to(device=device, dtype=torch.float64).reshape(())
+            row[i] = a.value.detach().reshape(())  # copied and converted on the device
     return row
 
 

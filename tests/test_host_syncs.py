@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from imbalanced_losses import RecallAtQuantileLoss
+from imbalanced_losses._exchange import Agreed, columns
 from imbalanced_losses.testing import SyncCounter, run_ranks
 from imbalanced_losses.testing._host_syncs import DEVICE_TO_HOST
 
@@ -68,3 +69,18 @@ def test_one_host_sync_per_forward_under_two_gloo_ranks():
     for rank, (forward, backward) in enumerate(run_ranks(_count_on_rank, 2, timeout_s=120)):
         assert forward == {DEVICE_TO_HOST: 1}, f"rank {rank}: {forward}"
         assert backward == {}, f"rank {rank}: {backward}"
+
+
+def test_agreed_state_held_in_device_tensors_is_not_read_on_the_host():
+    """The state agreed across ranks may live on the device (counters as tensors): it joins the
+    metadata row there, and host numbers join it without a blocking copy."""
+    count, ptr = torch.tensor(7), torch.tensor(3)
+    agreed = [
+        Agreed("queue fill count", count),
+        Agreed("queue write position", ptr),
+        Agreed("temperature", 0.5),
+    ]
+    with SyncCounter(count, ptr) as counter:
+        row = columns(agreed, torch.device("cpu"))
+    assert counter.counts == Counter(), counter.counts
+    assert row.dtype == torch.float64 and row.tolist() == [7.0, 3.0, 0.5]

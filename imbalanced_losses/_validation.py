@@ -4,10 +4,11 @@ Validation must cost neither a host sync per check nor a hang across ranks. So
 shape, dtype and device checks run on the host without touching values; value
 checks (targets in range, weights finite and non-negative) are reduced on the
 device into one *metadata row*, together with the row counts and the options
-every rank must agree on. Ranks exchange that row with one small collective
-and read it on the host once; then every rank takes the same decision: raise
-(naming the rank(s) at fault), or go on with the row counts it needs to gather
-and filter rows without another sync. The loss and the metric both use it.
+and state every rank must agree on (``_exchange``). Ranks exchange that row
+with one small collective and read it on the host once; then every rank takes
+the same decision: raise (naming the rank(s) at fault), or go on with the row
+counts it needs to gather and filter rows without another sync. The loss and
+the metric both use it.
 """
 
 from __future__ import annotations

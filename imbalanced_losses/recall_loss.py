@@ -49,7 +49,8 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
             threshold is a pooled score and at most ``quantile * (n - 1)`` of
             the ``n`` pooled rows score strictly above it.
         max_pool_size: estimate the threshold from a uniform sample of this
-            many pooled rows (recall still uses every positive).
+            many pooled rows, without replacement, drawn in O(max_pool_size) and
+            redrawn at each training step (recall still uses every positive).
         seed: seed of that sample's private generator (the global RNG is untouched).
         process_group: the ranks to pool rows from (default: all). Pass the
             group DDP averages gradients over, e.g. the data-parallel group of

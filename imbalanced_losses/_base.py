@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import _distributed, _exchange, _validation
 from ._exchange import Agreed
 from ._queue import MemoryQueue
+from ._sampling import uniform_sample
 from ._validation import Meta
 from .functional import positive_columns, positive_scores, reduce_per_class
 
@@ -588,34 +589,6 @@ class QueuedRankingLoss(nn.Module):
         generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
         assert self.max_pool_size is not None
         return uniform_sample(size, self.max_pool_size, generator)
-
-
-def uniform_sample(n: int, k: int, generator: torch.Generator) -> Tensor:
-    """``k`` distinct indices of ``range(n)``, uniform without replacement, in O(k log k).
-
-    Every ``k``-subset is equally likely, in a uniformly random order. Draws
-    with replacement are exact for this: the distinct values of an i.i.d.
-    uniform stream, in order of first appearance, are a uniformly random
-    permutation, so its first ``k`` are the sample. For ``k <= n / 4`` that
-    takes under ``1.16 k`` draws on average; above, ``randperm(n)`` costs
-    O(n) = O(k). Host work on ``generator`` (deterministic: same on every rank).
-    """
-    if not 0 <= k <= n:
-        raise ValueError(f"cannot draw {k} distinct rows from {n}")
-    if 4 * k > n:
-        return torch.randperm(n, generator=generator)[:k]
-    # Expected draws for k distinct: n * (H(n) - H(n - k)) <= n * log(n / (n - k)) + 1.
-    draws = torch.empty(0, dtype=torch.long)
-    wanted = math.ceil(1.05 * n * math.log(n / (n - k))) + 16
-    while True:
-        draws = torch.cat([draws, torch.randint(n, (wanted,), generator=generator)])
-        distinct, inverse = torch.unique(draws, return_inverse=True)
-        if distinct.shape[0] >= k:
-            break
-        wanted = 2 * (k - distinct.shape[0]) + 16  # rare: top up the same stream
-    positions = torch.arange(draws.shape[0])
-    first = torch.full_like(distinct, draws.shape[0]).scatter_reduce_(0, inverse, positions, "amin")
-    return draws[first.sort().values[:k]]
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -11,7 +11,7 @@ import torch
 from _support import TIGHT, make_pair, random_batch
 
 from imbalanced_losses import Pool, RecallAtQuantileLoss, Rows
-from imbalanced_losses._base import uniform_sample
+from imbalanced_losses._sampling import uniform_sample
 
 F64 = torch.float64
 TAU = 1.0

@@ -11,6 +11,7 @@ rank waiting in a collective.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -22,8 +23,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, _validation
+from . import _distributed, _exchange, _validation
+from ._exchange import Agreed
 from ._queue import MemoryQueue
+from ._sampling import uniform_sample
 from ._validation import Meta
 from .functional import positive_columns, positive_scores, reduce_per_class
 
@@ -147,7 +150,8 @@ class QueuedRankingLoss(nn.Module):
     Subclasses implement :meth:`per_class_loss` and may extend
     :meth:`config_fingerprint` with the options every rank must agree on.
     Under DDP the forward gathers all ranks' rows (of ``process_group``) in
-    rank order with two collectives (metadata, then rows) and the gradient
+    rank order with two collectives (metadata, then rows; the metadata also
+    agrees the options and the state, see ``_exchange``) and the gradient
     equals the single-process gradient of the global batch after DDP's
     averaging. A loss whose gradient flows only through each row's own-class
     score sets ``own_class_gradient_only = True``: the gathered rows then
@@ -211,7 +215,6 @@ class QueuedRankingLoss(nn.Module):
         self.subsample_step = 0
         self.queue = MemoryQueue(queue_size, num_classes)
         self._warned: set[str] = set()
-        self._config_cache: tuple[tuple[Any, ...], Tensor] | None = None
 
     # ------------------------------------------------------------------ hooks
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
@@ -229,8 +232,6 @@ class QueuedRankingLoss(nn.Module):
             "seed": float(self.seed),
             "positives": float(POSITIVES.index(self.positives)),
         }
-        if self._has_temperature():
-            fingerprint["temperature"] = self._temperature
         return fingerprint
 
     # ----------------------------------------------------------------- public
@@ -282,6 +283,48 @@ class QueuedRankingLoss(nn.Module):
             self._temperature = saved
         self.subsample_step = step
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without ``process_group``: a handle to live ranks cannot travel.
+
+        The unpickled loss uses the default group (``process_group`` is
+        ``None``; its repr names the group it was pickled with) until one is
+        assigned: ``loss_fn.process_group = group``.
+        """
+        state = super().__getstate__()
+        if self.process_group is not None:
+            state["process_group"] = None
+            state["_pickled_with_group"] = _distributed.describe_group(self.process_group)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("_pickled_with_group"):
+            warnings.warn(
+                f"this {type(self).__name__} was pickled with process_group="
+                f"{self._pickled_with_group}; a process group cannot be pickled, so it uses "
+                "the default group now: assign loss_fn.process_group to pool another group",
+                UserWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> QueuedRankingLoss:
+        """Copy all but ``process_group``, which the copy shares (same process, same ranks)."""
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        nn.Module.__setstate__(twin, copy.deepcopy(nn.Module.__getstate__(self), memo))
+        return twin
+
+    def _group_repr(self) -> str:
+        """``, process_group=...`` for ``extra_repr`` unless the loss pools the default group."""
+        if self.process_group is not None:
+            return f", process_group={_distributed.describe_group(self.process_group)!r}"
+        pickled = self.__dict__.get("_pickled_with_group")
+        if pickled:
+            return f", process_group=None (the default group; pickled with {pickled})"
+        return ""
+
     @torch.compiler.disable
     def forward(
         self,
@@ -303,11 +346,12 @@ class QueuedRankingLoss(nn.Module):
         loss left in train mode. Always eager, also inside ``torch.compile``.
         """
         self._warn_if_running_alone()
-        writes_queue = self._writes_queue(update_queue)
+        updates_state = self._updates_state(update_queue)
+        writes_queue = updates_state and self.queue.capacity > 0
         live, num_finite = self._validated_live_rows(
-            logits, targets, sample_weight, update_queue, writes_queue
+            logits, targets, sample_weight, update_queue, updates_state
         )
-        pool = self._pool(live)
+        pool = self._pool(live, advance_sample=updates_state)
         anchor = live.scores if live.own is None else live.own
         if pool.size == 0:
             # Nothing to rank; still connected to the (empty) graph, so backward() works
@@ -348,27 +392,41 @@ class QueuedRankingLoss(nn.Module):
             "--multi_gpu` and a script that calls Accelerator() first.",
         )
 
-    def _writes_queue(self, update_queue: bool | None) -> bool:
+    def _updates_state(self, update_queue: bool | None) -> bool:
+        """Whether this forward writes the queue and advances the subsampling step."""
         if update_queue is None:
             update_queue = self.training or self.update_queue_in_eval
-        return self.queue.capacity > 0 and update_queue is True
+        return update_queue is True
 
-    def _agreement(self, sample_weight: Any, writes_queue: bool) -> dict[str, float]:
-        """What every rank must agree on this step: the configuration and this call's options."""
-        return {
-            **self.config_fingerprint(),
-            "sample_weight given (1) or not (0)": float(sample_weight is not None),
-            "whether this step writes the queue (train/eval mode, update_queue)": float(
-                writes_queue
+    def _agreement(self, logits: Any, sample_weight: Any, updates_state: bool) -> list[Agreed]:
+        """What every rank must agree on this step: options, call options and state."""
+        queue = self.queue
+        agreed = [Agreed(name, value) for name, value in self.config_fingerprint().items()]
+        agreed += [
+            Agreed("sample_weight given (1) or not (0)", float(sample_weight is not None)),
+            Agreed(
+                "whether this step updates the loss state (train/eval mode, update_queue)",
+                float(updates_state),
             ),
-        }
-
-    def _config_tensor(self, values: list[float], device: torch.device) -> Tensor:
-        """The agreed-on values as a float64 tensor on ``device``, cached: no copy per step."""
-        key = (device, *values)
-        if self._config_cache is None or self._config_cache[0] != key:
-            self._config_cache = (key, torch.tensor(values, dtype=torch.float64, device=device))
-        return self._config_cache[1]
+            Agreed("queue fill count", queue.count, _exchange.QUEUE_FIX),
+            Agreed("queue write position", queue.ptr, _exchange.QUEUE_FIX),
+            Agreed("subsampling step", self.subsample_step, _exchange.CHECKPOINT_FIX),
+            Agreed(
+                "logits dtype",
+                _exchange.dtype_code(logits.dtype if isinstance(logits, Tensor) else None),
+                _exchange.LOGITS_DTYPE_FIX,
+                _exchange.dtype_name,
+            ),
+            Agreed(
+                "loss dtype (its queue)",
+                _exchange.dtype_code(queue.scores.dtype),
+                _exchange.LOSS_DTYPE_FIX,
+                _exchange.dtype_name,
+            ),
+        ]
+        if self._has_temperature():
+            agreed.append(Agreed("temperature", self._temperature, _exchange.TEMPERATURE_FIX))
+        return agreed
 
     def _validated_live_rows(
         self,
@@ -376,12 +434,12 @@ class QueuedRankingLoss(nn.Module):
         targets: Tensor,
         sample_weight: Tensor | None,
         update_queue: Any,
-        writes_queue: bool,
+        updates_state: bool,
     ) -> tuple[Rows, int]:
         """This step's non-padding rows of every rank in rank order, and how many are finite.
 
         Raises on every rank, before any state changes, when any rank's input is
-        invalid or the ranks disagree on their configuration or call options.
+        invalid or the ranks disagree on their configuration, call options or state.
         """
         group = self.process_group
         distributed = _distributed.should_gather(self.gather_distributed, group)
@@ -393,9 +451,9 @@ class QueuedRankingLoss(nn.Module):
         if problem is not None and not distributed:
             raise ValueError(problem)
 
-        agreement = self._agreement(sample_weight, writes_queue)
+        agreement = self._agreement(logits, sample_weight, updates_state)
         meta, (scores, tgt, weights, keep) = self._local_rows(
-            logits, targets, sample_weight, problem, list(agreement.values())
+            logits, targets, sample_weight, problem, agreement
         )
         metas = _validation.exchange(meta, distributed=distributed, group=group)
         rank = _distributed.world(group)[0] if distributed else 0
@@ -409,7 +467,7 @@ class QueuedRankingLoss(nn.Module):
                 ),
                 Meta.BAD_WEIGHTS: lambda: _validation.describe_bad_weights(sample_weight),
             },
-            list(agreement),
+            agreement,
         )
 
         num_kept = int(metas[rank][Meta.ROWS])
@@ -431,7 +489,7 @@ class QueuedRankingLoss(nn.Module):
         targets: Tensor,
         sample_weight: Tensor | None,
         problem: str | None,
-        config: list[float],
+        config: list[Agreed],
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Metadata row and the local ``(scores, targets, weights, keep)`` before filtering.
 
@@ -440,7 +498,7 @@ class QueuedRankingLoss(nn.Module):
         the row counts it carries let filtering avoid a sync of its own.
         """
         device = self.queue.scores.device
-        config_t = self._config_tensor(config, device)
+        config_t = _exchange.columns(config, device)
         if problem is not None:
             meta = _validation.metadata_row(
                 static_error=True,
@@ -499,7 +557,13 @@ class QueuedRankingLoss(nn.Module):
             torch.promote_types(logits.dtype, self.queue.scores.dtype), torch.float32
         )
 
-    def _pool(self, live: Rows) -> Pool:
+    def _pool(self, live: Rows, *, advance_sample: bool) -> Pool:
+        """Live rows plus the queue; a capped pool gets its threshold sample.
+
+        Only a forward that updates the state (``advance_sample``) moves the
+        sample stream on: evaluation draws the sample of the next training step
+        and leaves the step, so validating does not change training.
+        """
         q_scores, q_targets, q_weights = self.queue.rows()
         dtype = live.scores.dtype
         pool = Pool(
@@ -509,24 +573,22 @@ class QueuedRankingLoss(nn.Module):
             positives_from=self.positives,
         )
         if self.max_pool_size is not None and pool.size > self.max_pool_size:
-            pool.threshold_rows = _to_device(self._subsample(pool.size), live.scores.device)
+            rows = self._subsample(pool.size)
+            pool.threshold_rows = _exchange.to_device(rows, live.scores.device)
+            self.subsample_step += int(advance_sample)
         return pool
 
     def _subsample(self, size: int) -> Tensor:
-        """Uniform rows without replacement from a private generator: same on every rank."""
+        """``max_pool_size`` rows of ``size``, uniform without replacement, seeded by (seed, step).
+
+        From a private generator (the global RNG is untouched), so every rank
+        draws the same rows, and a resumed run the rows it would have drawn.
+        """
         # torch's CPU generator keeps only 32 bits of its seed: hash both parts into them.
         digest = hashlib.blake2b(f"{self.seed},{self.subsample_step}".encode(), digest_size=4)
         generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
-        self.subsample_step += 1
         assert self.max_pool_size is not None
-        return torch.randperm(size, generator=generator)[: self.max_pool_size]
-
-
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """Host-to-device copy that does not block the host (pinned, non-blocking) on CUDA."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+        return uniform_sample(size, self.max_pool_size, generator)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

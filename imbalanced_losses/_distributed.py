@@ -44,6 +44,16 @@ def world(group: Group = None) -> tuple[int, int]:
     return 0, 1
 
 
+def describe_group(group: Group) -> str:
+    """``group`` for messages and reprs: its global ranks, or "the default group"."""
+    if group is None:
+        return "the default group"
+    try:
+        return f"the group of ranks {dist.get_process_group_ranks(group)}"
+    except (RuntimeError, ValueError):  # destroyed, or not a member: no ranks to show
+        return "a process group"
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -4,22 +4,23 @@ Validation must cost neither a host sync per check nor a hang across ranks. So
 shape, dtype and device checks run on the host without touching values; value
 checks (targets in range, weights finite and non-negative) are reduced on the
 device into one *metadata row*, together with the row counts and the options
-every rank must agree on. Ranks exchange that row with one small collective
-and read it on the host once; then every rank takes the same decision: raise
-(naming the rank(s) at fault), or go on with the row counts it needs to gather
-and filter rows without another sync. The loss and the metric both use it.
+and state every rank must agree on (``_exchange``). Ranks exchange that row
+with one small collective and read it on the host once; then every rank takes
+the same decision: raise (naming the rank(s) at fault), or go on with the row
+counts it needs to gather and filter rows without another sync. The loss and
+the metric both use it.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _distributed
+from ._exchange import Agreed, raise_on_disagreement
 from .functional import out_of_range_targets
 
 
@@ -77,12 +78,13 @@ def raise_on_any_problem(
     metas: list[list[float]],
     rank: int,
     problems: Mapping[int, Callable[[], str]],
-    config_names: list[str],
+    config: Sequence[str | Agreed],
 ) -> None:
     """Raise the same decision on every rank: bad input anywhere, or ranks that disagree.
 
     ``problems`` maps a flag column of the metadata row to a function that
     describes the problem from this rank's inputs (called only where flagged).
+    ``config`` names the agreed columns (``Agreed`` entries say how to show and fix them).
     """
     for column, describe in problems.items():
         flagged = [r for r, m in enumerate(metas) if m[column]]
@@ -95,11 +97,8 @@ def raise_on_any_problem(
             f"invalid input on rank(s) {flagged} (see their error); "
             "no rank changed its state this step"
         )
-    for i, name in enumerate(config_names):
-        seen = [m[Meta.CONFIG + i] for m in metas]
-        if any(v != seen[0] for v in seen):
-            by_rank = ", ".join(f"rank {r}: {_fmt(v)}" for r, v in enumerate(seen))
-            raise ValueError(f"ranks disagree on {name} ({by_rank}); every rank must match")
+    agreed = [Agreed(c, 0.0) if isinstance(c, str) else c for c in config]
+    raise_on_disagreement(metas, Meta.CONFIG, agreed)
 
 
 def static_problem(
@@ -192,7 +191,3 @@ def describe(value: Any) -> str:
     if isinstance(value, Tensor):
         return f"tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
     return type(value).__name__
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if math.isfinite(value) and value == int(value) else repr(value)

@@ -49,11 +49,14 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
             threshold is a pooled score and at most ``quantile * (n - 1)`` of
             the ``n`` pooled rows score strictly above it.
         max_pool_size: estimate the threshold from a uniform sample of this
-            many pooled rows (recall still uses every positive).
+            many pooled rows, without replacement, drawn in O(max_pool_size) and
+            redrawn at each training step (recall still uses every positive).
         seed: seed of that sample's private generator (the global RNG is untouched).
         process_group: the ranks to pool rows from (default: all). Pass the
             group DDP averages gradients over, e.g. the data-parallel group of
-            a 2-D mesh: rank order and the gradient factor come from it.
+            a 2-D mesh: rank order and the gradient factor come from it. A deep
+            copy shares the group; pickling leaves it behind (the unpickled loss
+            uses the default group until one is assigned to ``process_group``).
         positives: ``"pool"`` (mean over every pooled positive, queued ones
             included) or ``"live"`` (this step's positives of all ranks; the
             queue only sets the threshold, and a class needs a live positive).
@@ -186,7 +189,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
             f"queue_size={self.queue.capacity}, temperature={self.temperature}, "
             f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
             f"quantile_interpolation={self.quantile_interpolation!r}, "
-            f"max_pool_size={self.max_pool_size}"
+            f"max_pool_size={self.max_pool_size}{self._group_repr()}"
         )
 
 

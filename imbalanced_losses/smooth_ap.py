@@ -189,7 +189,9 @@ class SmoothAPLoss(QueuedRankingLoss):
             rows, scaled up by ``pool / sample`` (each positive ``i`` still counts).
         seed: seed of that sample's private generator (the global RNG is untouched).
         process_group: the group whose ranks' rows are pooled (default: the whole world);
-            pass the group that DDP averages gradients over.
+            pass the group that DDP averages gradients over. A deep copy shares the
+            group; pickling leaves it behind (the unpickled loss uses the default
+            group until one is assigned to ``process_group``).
 
     Shape:
         ``logits`` ``[N, C]`` float, ``targets`` ``[N]`` or ``[N, 1]`` integer or bool,
@@ -292,6 +294,7 @@ class SmoothAPLoss(QueuedRankingLoss):
             f"num_classes={self.num_classes}, queue_size={self.queue.capacity}, "
             f"temperature={self.temperature}, reduction={self.reduction!r}, "
             f"ignore_index={self.ignore_index}, max_pool_size={self.max_pool_size}"
+            f"{self._group_repr()}"
         )
 
 

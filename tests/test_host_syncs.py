@@ -21,7 +21,8 @@ from unittest import mock
 import pytest
 import torch
 
-from imbalanced_losses import RecallAtQuantileLoss, SmoothAPLoss, _base
+from imbalanced_losses import RecallAtQuantileLoss, SmoothAPLoss, _exchange
+from imbalanced_losses._exchange import Agreed, columns
 from imbalanced_losses.testing import SyncCounter, run_ranks
 from imbalanced_losses.testing._host_syncs import DEVICE_TO_HOST
 
@@ -46,7 +47,7 @@ def _count_steady_state_step(loss_fn, gen, num_classes: int, rows: int) -> tuple
     weights = torch.rand(rows, generator=gen)
     buffers = list(loss_fn.buffers())
     with (
-        mock.patch.object(_base, "_to_device", _sample_on_device),
+        mock.patch.object(_exchange, "to_device", _sample_on_device),
         SyncCounter(logits, targets, weights, *buffers) as forward,
     ):
         loss = loss_fn(logits, targets, sample_weight=weights)
@@ -117,3 +118,18 @@ def test_smooth_ap_syncs_at_most_twice_per_forward_under_two_gloo_ranks(num_clas
     for rank, (forward, backward) in enumerate(results):
         assert forward == {DEVICE_TO_HOST: expected}, f"rank {rank}: {forward}"
         assert backward == {}, f"rank {rank}: {backward}"
+
+
+def test_agreed_state_held_in_device_tensors_is_not_read_on_the_host():
+    """The state agreed across ranks may live on the device (counters as tensors): it joins the
+    metadata row there, and host numbers join it without a blocking copy."""
+    count, ptr = torch.tensor(7), torch.tensor(3)
+    agreed = [
+        Agreed("queue fill count", count),
+        Agreed("queue write position", ptr),
+        Agreed("temperature", 0.5),
+    ]
+    with SyncCounter(count, ptr) as counter:
+        row = columns(agreed, torch.device("cpu"))
+    assert counter.counts == Counter(), counter.counts
+    assert row.dtype == torch.float64 and row.tolist() == [7.0, 3.0, 0.5]

@@ -4,12 +4,14 @@ counts in recall, the caller's RNG is untouched, and the sample is reproducible 
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
 from _support import TIGHT, make_pair, random_batch
 
 from imbalanced_losses import Pool, RecallAtQuantileLoss, Rows
+from imbalanced_losses._sampling import uniform_sample
 
 F64 = torch.float64
 TAU = 1.0
@@ -189,14 +191,16 @@ def test_threshold_sample_covers_queue_rows_too():
         1, quantile=quantile, queue_size=n, temperature=TAU, max_pool_size=m
     ).double()
     loss_fn.queue.push(queued, queued_targets)
-    loss_fn.eval()  # keep the queue fixed across the draws
+    loss_fn.eval()  # keep the queue fixed across the draws (eval leaves the sample step too)
     pool = torch.cat([live, queued])[:, 0]
     positives = pool[torch.cat([live_targets, queued_targets]) == 1]
     simulated = uniform_sample_thresholds(pool, m, quantile, gen)
     sim_mean, sim_sd = simulated.mean(), simulated.std()
-    thetas = torch.stack(
-        [recover_theta(loss_fn(live, live_targets), positives, pool) for _ in range(15)]
-    )
+    thetas = []
+    for step in range(15):
+        loss_fn.subsample_step = step  # the draw of training step `step`
+        thetas.append(recover_theta(loss_fn(live, live_targets), positives, pool))
+    thetas = torch.stack(thetas)
     assert len(set(thetas.tolist())) > 1
     assert (thetas - sim_mean).abs().max() < 6 * sim_sd, (thetas, sim_mean, sim_sd)
     assert abs(thetas.mean() - sim_mean) < 5 * sim_sd / len(thetas) ** 0.5
@@ -221,3 +225,50 @@ def test_threshold_sample_rows_are_exactly_the_indexed_pool_rows(n_live, n_queue
     (block,) = pool.threshold_blocks()
     assert torch.equal(block, torch.cat([live.detach(), queued])[sample])
     assert not block.requires_grad
+
+
+# ---------------------------------------------------------------- the sampler itself
+
+
+@pytest.mark.parametrize("n, k", [(7, 1), (8, 2), (9, 2), (8, 3), (5, 5)])
+def test_uniform_sample_draws_every_ordered_sample_equally_often(n, k):
+    """Every ordered k-sample without replacement is equally likely, on both of the sampler's
+    paths (draws with replacement, k <= n/4, and a permutation above): a chi-square test over
+    all n!/(n-k)! outcomes, from fixed seeds (deterministic, so never flaky)."""
+    outcomes = math.perm(n, k)
+    draws = 400 * outcomes
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(draws):
+        sample = tuple(uniform_sample(n, k, torch.Generator().manual_seed(seed)).tolist())
+        assert len(set(sample)) == k and all(0 <= i < n for i in sample), sample
+        counts[sample] = counts.get(sample, 0) + 1
+    assert len(counts) == outcomes, f"{outcomes - len(counts)} ordered samples never drawn"
+    expected = draws / outcomes
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    dof = outcomes - 1
+    # Far beyond the 1e-6 tail of the chi-square law (mean dof, sd sqrt(2 dof)).
+    assert chi2 < dof + 10 * math.sqrt(2 * dof) + 25, (chi2, dof)
+
+
+def test_uniform_sample_costs_the_sample_size_not_the_pool_size():
+    """A 1e12-row pool could not even be permuted (8 TB of indices): only an O(k) sampler works."""
+    sample = uniform_sample(10**12, 4096, torch.Generator().manual_seed(0))
+    assert sample.shape == (4096,) and sample.unique().numel() == 4096
+    assert 0 <= int(sample.min()) and int(sample.max()) < 10**12
+
+
+def test_uniform_sample_tops_up_when_the_first_draws_hold_too_few_distinct_rows(monkeypatch):
+    """Force the rare second round (every first draw is the same row): still k distinct rows."""
+    calls = []
+    real_randint = torch.randint
+
+    def stuck_first(high, size, generator):
+        calls.append(size)
+        if len(calls) == 1:
+            return torch.zeros(size, dtype=torch.long)
+        return real_randint(high, size, generator=generator)
+
+    monkeypatch.setattr(torch, "randint", stuck_first)
+    sample = uniform_sample(1000, 50, torch.Generator().manual_seed(0))
+    assert len(calls) >= 2
+    assert sample.unique().numel() == 50 and int(sample[0]) == 0  # first appearance kept first

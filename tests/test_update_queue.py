@@ -60,3 +60,44 @@ def test_update_queue_must_be_none_or_a_bool(value):
     with pytest.raises(ValueError, match="update_queue"):
         loss_fn(logits, targets, update_queue=value)
     assert loss_fn.queue.count == 0
+
+
+def _whole_state(loss_fn) -> dict:
+    """Every saved value, tensors cloned: the queue, its counters, the sample step, temperature."""
+    return {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in loss_fn.state_dict().items()
+    }
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k] for k, v in a.items()
+    )
+
+
+@pytest.mark.parametrize("how", ["eval()", "update_queue=False", "eval() with queue_size=0"])
+def test_evaluation_forwards_change_no_state_the_subsampling_step_included(how):
+    """How often a run validates must not change its training sample stream (contract §17)."""
+    queue_size = 0 if "queue_size=0" in how else 32
+    loss_fn = RecallAtQuantileLoss(3, quantile=0.3, queue_size=queue_size, max_pool_size=10)
+    gen = torch.Generator().manual_seed(2)
+    train = [random_batch(gen, 16, 3, dtype=torch.float32)[:2] for _ in range(3)]
+    loss_fn(*train[0])
+    assert loss_fn.subsample_step == 1  # a training step draws a sample and moves on
+    before = _whole_state(loss_fn)
+    evaluated = []
+    for _ in range(3):
+        batch = random_batch(gen, 16, 3, dtype=torch.float32)[:2]
+        if how.startswith("eval()"):
+            loss_fn.eval()
+            evaluated.append(loss_fn(*batch))
+            loss_fn.train()
+        else:
+            evaluated.append(loss_fn(*batch, update_queue=False))
+    assert _same(_whole_state(loss_fn), before), (loss_fn.state_dict(), before)
+    # And the training run goes on exactly as one that never validated.
+    unvalidated = RecallAtQuantileLoss(3, quantile=0.3, queue_size=queue_size, max_pool_size=10)
+    unvalidated(*train[0])
+    for batch in train[1:]:
+        assert torch.equal(loss_fn(*batch), unvalidated(*batch))
+    assert loss_fn.subsample_step == unvalidated.subsample_step == 3

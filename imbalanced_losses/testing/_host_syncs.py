@@ -81,7 +81,10 @@ class SyncCounter(TorchDispatchMode):
             if any(i is not None and i.dtype == torch.bool for i in indices):
                 self.counts[BOOL_INDEX] += 1
         out = func(*args, **kwargs)
-        created_on_device = kwargs.get("device") is not None and name != "aten.randperm.generator"
+        # A draw from a CPU generator is host work by design (a loss's private sampler).
+        generator = kwargs.get("generator")
+        from_host_generator = generator is not None and generator.device.type == "cpu"
+        created_on_device = kwargs.get("device") is not None and not from_host_generator
         if from_device or created_on_device:
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):

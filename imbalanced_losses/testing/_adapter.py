@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from imbalanced_losses._base import QueuedRankingLoss
+from imbalanced_losses import QueuedRankingLoss
 from imbalanced_losses.testing._records import StateAccessor, cpu_copy
 
 __all__ = ["LossAdapter", "queue_state", "whole_state_dict"]

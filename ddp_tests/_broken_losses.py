@@ -59,3 +59,15 @@ class PerRankSubsampleSeed(RecallAtQuantileLoss):
             rows = torch.randperm(pool.size, generator=generator)[: self.max_pool_size]
             pool.threshold_rows = rows.to(pool.threshold_rows.device)
         return super().per_class_loss(pool)
+
+
+class SubsampleStepOnRankOne(RecallAtQuantileLoss):
+    """Rank 1 advances its saved subsampling step after each forward: the queue, the loss and
+    the gradients stay right (no ``max_pool_size``: the step draws nothing), only the
+    ``state_dict()``'s extra state differs across ranks."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().forward(*args, **kwargs)
+        if _world()[0] == 1:
+            self.subsample_step += 1
+        return out

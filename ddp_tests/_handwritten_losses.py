@@ -10,6 +10,10 @@ DDP mistake, so the tests can require the harness to flag each with the right ch
 * ``"position_not_saved"``: the write position is a plain attribute, missing from the
   ``state_dict``, so a resumed run writes at slot 0 again.
 
+Two more mistakes that leave nothing for a check to compare, which the harness must report as
+not checked rather than pass: ``PlainAttributeMemoryLoss`` keeps its memory in a plain tensor
+attribute (an empty ``state_dict()``), and ``HardRecallLoss`` has a gradient of 0 everywhere.
+
 Module level, so the spawned ranks can import it by name.
 """
 
@@ -109,3 +113,50 @@ class BankedMarginLoss(nn.Module):
                 self.write_at.fill_((at + 1) % size)
             else:
                 self.write_at = (at + 1) % size
+
+
+class PlainAttributeMemoryLoss(nn.Module):
+    """Exact on the gathered rows, with a memory of recent scores (for a later threshold) kept
+    in a plain tensor attribute: it is in no ``state_dict()``, and each rank writes only its own
+    rows there. The memory does not enter the loss, so only a state check could see it."""
+
+    def __init__(self, width: int, slots: int = 8, margin: float = 0.5):
+        super().__init__()
+        self.margin = margin
+        self.memory = torch.zeros(slots, width)  # not a buffer: state_dict() is empty
+        self.write_at = 0
+
+    def forward(self, scores: Tensor, labels: Tensor) -> Tensor:
+        keep = labels >= 0
+        local = scores[keep].detach()
+        scores, labels = _gather(scores[keep], labels[keep], None)
+        own = scores.gather(1, labels[:, None])[:, 0]
+        loss = F.softplus(self.margin - own).sum() / max(labels.shape[0], 1)
+        if self.training:
+            for row in local[-self.memory.shape[0] :]:
+                self.memory[self.write_at] = row.to(self.memory.dtype)
+                self.write_at = (self.write_at + 1) % self.memory.shape[0]
+        return loss
+
+
+def plain_attribute_memory(loss: PlainAttributeMemoryLoss) -> dict[str, Any]:
+    """The state accessor the report asks for (``state=``): the memory and its write position."""
+    return {"memory": loss.memory.detach().cpu().clone(), "write_at": loss.write_at}
+
+
+class HardRecallLoss(nn.Module):
+    """1 - the share of positives whose own-class score clears ``margin``, counted with
+    ``torch.sign``: a hard indicator where a sigmoid belongs. The value is right and exact under
+    DDP, but its gradient is 0 everywhere, so the model never learns and a gradient check
+    compares zeros with zeros."""
+
+    def __init__(self, margin: float = 0.0):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, scores: Tensor, labels: Tensor) -> Tensor:
+        keep = labels >= 0
+        scores, labels = _gather(scores[keep], labels[keep], None)
+        own = scores.gather(1, labels[:, None])[:, 0]
+        cleared = (torch.sign(own - self.margin) + 1) / 2
+        return 1 - cleared.sum() / max(labels.shape[0], 1)

@@ -11,7 +11,12 @@ from functools import partial
 
 import pytest
 import torch
-from _broken_losses import LocalFirstGather, LocalSliceGradient, PerRankSubsampleSeed
+from _broken_losses import (
+    LocalFirstGather,
+    LocalSliceGradient,
+    PerRankSubsampleSeed,
+    SubsampleStepOnRankOne,
+)
 
 from imbalanced_losses import RecallAtQuantileLoss
 from imbalanced_losses.testing import (
@@ -20,6 +25,7 @@ from imbalanced_losses.testing import (
     Step,
     check_ddp_exactness,
     check_many,
+    queue_state,
     run_ranks,
 )
 from imbalanced_losses.testing.reference import ReferenceRecallAtQuantileLoss
@@ -63,9 +69,10 @@ def assert_all_pass(cases: dict[str, Case], **kw) -> None:
     for name, report in zip(cases, reports):
         names = {c.name for c in report.checks}
         probe = cases[name].loss_factory()
-        if probe.queue.capacity and not probe.update_queue_in_eval:
-            if any(not step.train for step in cases[name].plan):
-                assert "queue frozen in eval" in names, f"[{name}] eval step not checked"
+        if not probe.update_queue_in_eval and any(not step.train for step in cases[name].plan):
+            # Run, or said why not (a queue of size 0 read alone is zeros: not informative).
+            said = {n.name for n in report.not_checked}
+            assert "state frozen in eval" in names | said, f"[{name}] eval step not checked"
         grads = [c for c in report.checks if c.name == "DDP grads vs oracle"]
         assert grads, f"[{name}] no training step was checked"
         assert max(c.scale for c in grads) > 1e-3, f"[{name}] gradients too small to prove much"
@@ -149,6 +156,7 @@ def test_ddp_matches_the_plain_reference_implementation():
             oracle_factory=partial(
                 ReferenceRecallAtQuantileLoss, classes, dtype=torch.float64, **options
             ),
+            state=queue_state,  # the reference's state is its queue alone
         )
     assert_all_pass(cases)
 
@@ -162,7 +170,7 @@ def test_checkpoint_saved_at_world_size_2_resumes_at_4_and_at_1_on_the_oracle_tr
     loss = partial(RAQ, 3, queue_size=9, max_pool_size=8)
     report = check_ddp_exactness(loss, plan)
     report.raise_if_failed()
-    checked = {(c.step, c.world_size) for c in report.checks if c.name == "queue vs oracle"}
+    checked = {(c.step, c.world_size) for c in report.checks if c.name == "state vs oracle"}
     assert checked == {(i, len(s.sizes)) for i, s in enumerate(plan)}
     assert "loss" in report.final_state  # the serialised loss state_dict that was resumed from
 
@@ -219,6 +227,8 @@ def test_harness_reports_deliberately_broken_losses():
         "per-rank subsample seed": Case(
             partial(PerRankSubsampleSeed, 3, max_pool_size=4, **options), plan * 2
         ),
+        # One step: ranks that agree on the state at every forward would refuse a second one.
+        "subsample step on rank 1": Case(partial(SubsampleStepOnRankOne, 3, **options), plan[:1]),
     }
     reports = dict(zip(broken, check_many(list(broken.values()))))
 
@@ -235,7 +245,12 @@ def test_harness_reports_deliberately_broken_losses():
     )
     assert grads.error == pytest.approx(0.5, rel=1e-6)
     # Rank 1 pools (and queues) its own rows first.
-    assert "queue identical on every rank" in failing_at_step_0("local-first gather")
+    assert "state identical on every rank" in failing_at_step_0("local-first gather")
+    # The default accessor is the whole state_dict(): extra state besides the queue is compared.
+    assert failing_at_step_0("subsample step on rank 1") == {
+        "state identical on every rank",
+        "checkpoint identical on every rank",
+    }
     # Different threshold samples give different losses on different ranks (two samples can
     # share their quantile by chance, so not necessarily at the first step).
     failing = {c.name for c in reports["per-rank subsample seed"].failures()}

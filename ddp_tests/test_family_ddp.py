@@ -15,7 +15,7 @@ import pytest
 from test_ddp_exactness import SIZES, assert_all_pass, mixed_plan
 
 from imbalanced_losses import LossWarmupWrapper, RecallAtQuantileLoss, SmoothAPLoss
-from imbalanced_losses.testing import Case, Step, check_many
+from imbalanced_losses.testing import Case, Step, check_many, queue_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _smooth_ap_reference import ReferenceSmoothAPLoss  # noqa: E402
@@ -67,8 +67,11 @@ class WarmupToSmoothAP(LossWarmupWrapper):
 
 
 def plain(num_classes: int, **options) -> Case:
-    """Keyword options for a Case whose oracle is the plain full-matrix Smooth-AP."""
-    return dict(oracle_factory=partial(ReferenceSmoothAPLoss, num_classes, **options))
+    """Keyword options for a Case whose oracle is the plain full-matrix Smooth-AP (whose state
+    is its queue alone)."""
+    return dict(
+        oracle_factory=partial(ReferenceSmoothAPLoss, num_classes, **options), state=queue_state
+    )
 
 
 # World sizes 1 and 4 run in the checkpoint test below (2 -> 4 -> 1 ranks, same scenarios).
@@ -119,7 +122,7 @@ def test_checkpoints_resume_across_world_sizes_on_the_oracle_trajectory():
     ]
     for report in check_many(cases, timeout_s=START_UP_S):
         report.raise_if_failed()
-        checked = {(c.step, c.world_size) for c in report.checks if c.name == "queue vs oracle"}
+        checked = {(c.step, c.world_size) for c in report.checks if c.name == "state vs oracle"}
         assert checked == {(i, len(s.sizes)) for i, s in enumerate(plan)}
 
 

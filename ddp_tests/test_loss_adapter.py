@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from imbalanced_losses import RecallAtQuantileLoss
-from imbalanced_losses.testing import Case, Step, check_ddp_exactness, queue_state, whole_state_dict
+from imbalanced_losses.testing import Case, Step, check_ddp_exactness, whole_state_dict
 from imbalanced_losses.testing._adapter import LossAdapter
 from imbalanced_losses.testing._plan import make_batch
 from imbalanced_losses.testing._report import diff
@@ -65,14 +65,32 @@ def test_the_default_state_is_the_whole_state_dict_with_extra_state():
     other = whole_state_dict(WithExtraState())
     other["_extra_state"]["position"] = 0
     assert diff(state, other) == 2  # an int inside extra state is compared too
-    assert adapter(WithExtraState(), num_classes=2).state_label == "state"
+    assert adapter(WithExtraState(), num_classes=2).state is whole_state_dict
 
 
-def test_our_losses_are_read_through_their_queue():
-    loss = RecallAtQuantileLoss(3, queue_size=4)
+def test_our_losses_are_read_through_their_whole_state_dict_with_extra_state():
+    """Not only the queue: the subsampling step and the temperature must agree too."""
+    loss = RecallAtQuantileLoss(3, queue_size=4, temperature=0.5, max_pool_size=2).double()
     read = adapter(loss)
-    assert read.state is queue_state and read.state_label == "queue"
-    assert set(read.state(loss)) == {"scores", "targets", "weights", "ptr", "count"}
+    assert read.state is whole_state_dict and read.state_is_default
+    loss(torch.randn(3, 3, dtype=torch.float64), torch.tensor([0, 1, 2]))  # 3 rows > 2: a sample
+    state = read.state(loss)
+    assert {"queue.scores", "queue.targets", "queue.weights"} <= set(state)
+    assert state["queue._extra_state"] == {"ptr": 3, "count": 3}
+    assert state["_extra_state"]["subsample_step"] == 1
+    assert state["_extra_state"]["temperature"] == 0.5
+
+
+class DeclaresNothing(PlainLoss):
+    update_queue_in_eval = True  # a name that means nothing to the harness on another loss
+
+
+def test_only_a_loss_of_ours_says_it_writes_its_state_in_eval_the_rest_take_the_option():
+    writes = RecallAtQuantileLoss(3, queue_size=4, update_queue_in_eval=True)
+    assert adapter(writes).writes_state_in_eval
+    assert not adapter(RecallAtQuantileLoss(3, queue_size=4)).writes_state_in_eval
+    assert not adapter(DeclaresNothing(), num_classes=2).writes_state_in_eval
+    assert adapter(DeclaresNothing(), num_classes=2, writes_state_in_eval=True).writes_state_in_eval
 
 
 def test_states_with_other_entries_differ_infinitely():

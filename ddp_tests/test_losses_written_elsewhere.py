@@ -6,7 +6,12 @@ from __future__ import annotations
 from functools import cache, partial
 
 import pytest
-from _handwritten_losses import BankedMarginLoss
+from _handwritten_losses import (
+    BankedMarginLoss,
+    HardRecallLoss,
+    PlainAttributeMemoryLoss,
+    plain_attribute_memory,
+)
 
 from imbalanced_losses.testing import Case, DdpReport, Step, check_many
 
@@ -47,6 +52,11 @@ def reports() -> dict[str, DdpReport]:
         ),
         "local_order": Case(partial(BANK, bug="local_order"), BANK_PLAN, **bank),
         "position_not_saved": Case(partial(BANK, bug="position_not_saved"), BANK_PLAN, **bank),
+        "plain attribute memory": Case(partial(PlainAttributeMemoryLoss, 3), BANK_PLAN, **bank),
+        "plain attribute memory, state=": Case(
+            partial(PlainAttributeMemoryLoss, 3), BANK_PLAN, state=plain_attribute_memory, **bank
+        ),
+        "zero gradient": Case(HardRecallLoss, BANK_PLAN, **bank),
         "CrossBatchMemory": Case(
             distributed_cross_batch_memory,
             MEMORY_PLAN,
@@ -129,3 +139,28 @@ def test_cross_batch_memory_under_its_distributed_wrapper_is_flagged_where_it_br
     text = str(report)
     assert "note: the ranks' loss was divided by the world size" in text
     assert "not checked: state frozen in eval, because the loss writes its state in eval" in text
+
+
+def test_memory_in_a_plain_attribute_is_not_checked_and_the_report_says_to_pass_state():
+    report = reports()["plain attribute memory"]
+    text = str(report)
+    assert report.ok, text  # nothing the harness can see is wrong ...
+    assert "not checked: state, because the loss's state_dict() is empty; pass state=" in text
+    assert not [c for c in report.checks if c.name.startswith("state")], text  # ... no state ok
+    # ... and with the accessor the report asks for, the per-rank memories are caught at once.
+    given = reports()["plain attribute memory, state="]
+    assert first_failing_step(given) == 0
+    assert "state identical on every rank" in failing(given, 0)
+
+
+def test_a_gradient_that_is_zero_at_every_step_is_reported_as_not_informative():
+    report = reports()["zero gradient"]
+    text = str(report)
+    assert report.ok, text
+    assert "DDP grads vs oracle" not in {c.name for c in report.checks}, text
+    trained = ", ".join(str(i) for i, step in enumerate(BANK_PLAN) if step.train)
+    assert (
+        "not checked: DDP grads vs oracle, because it is not informative: the oracle's gradient "
+        f"is 0 at every step it ran (plan steps {trained})" in text
+    ), text
+    assert "ok   loss vs oracle" in text  # its value is right: only the gradient proves nothing

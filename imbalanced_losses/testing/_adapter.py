@@ -5,20 +5,23 @@ Any ``nn.Module`` or callable can be checked: it is called as ``loss(logits, tar
 takes one. The label range and the padding label come from the loss's ``num_classes`` /
 ``ignore_index`` attributes when it has them, else from the case. Its state, the thing that must
 be identical on every rank, equal to the single process's and (usually) frozen in eval, is read
-by an accessor: by default the loss's whole ``state_dict()`` (buffers and extra state); for a
-subclass of this package's ``QueuedRankingLoss`` the queue itself, which is comparable with the
-plain reference implementation used as an oracle.
+by an accessor: by default the loss's whole ``state_dict()`` (buffers and extra state), for every
+loss, this package's included. Nothing is guessed from attribute names: a loss says what it is
+through the documented attributes above, through its type (a ``QueuedRankingLoss`` says whether
+it writes its queue in eval), or the case's options say it.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from imbalanced_losses import QueuedRankingLoss
+from imbalanced_losses.testing._records import StateAccessor, cpu_copy
 
 __all__ = ["LossAdapter", "queue_state", "whole_state_dict"]
 
@@ -26,21 +29,20 @@ __all__ = ["LossAdapter", "queue_state", "whole_state_dict"]
 def whole_state_dict(loss_fn: Any) -> dict[str, Any] | None:
     """The default state accessor: ``loss_fn.state_dict()`` copied to CPU (None: it has none)."""
     state_dict = getattr(loss_fn, "state_dict", None)
-    return None if state_dict is None else _cpu_copy(state_dict())
+    return None if state_dict is None else cpu_copy(state_dict())
 
 
 def queue_state(loss_fn: Any) -> dict[str, Any] | None:
-    """The memory queue of a ``QueuedRankingLoss`` (or of the plain reference loss)."""
+    """The memory queue alone, of a ``QueuedRankingLoss`` or of the plain reference loss.
+
+    Pass ``state=queue_state`` to compare a loss with a plain reference implementation as the
+    oracle (``oracle_factory``), whose state is only its queue; the default, the whole
+    ``state_dict()``, also holds the subsampling step and the temperature."""
     queue = getattr(loss_fn, "queue", loss_fn)
     if not hasattr(queue, "scores"):
         return None
-    return {
-        "scores": queue.scores.detach().cpu().clone(),
-        "targets": queue.targets.detach().cpu().clone(),
-        "weights": queue.weights.detach().cpu().clone(),
-        "ptr": int(queue.ptr),
-        "count": int(queue.count),
-    }
+    rows = {"scores": queue.scores, "targets": queue.targets, "weights": queue.weights}
+    return {**cpu_copy(rows), "ptr": int(queue.ptr), "count": int(queue.count)}
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,9 @@ class LossAdapter:
     ignore_index: int
     takes_padding: bool
     takes_sample_weight: bool
-    state: Callable[[Any], Any]
-    oracle_state: Callable[[Any], Any]
-    state_label: str  # "queue" or "state": the prefix of the state checks' names
+    state: StateAccessor
+    oracle_state: StateAccessor
+    state_is_default: bool  # read by whole_state_dict (the report's advice depends on it)
     writes_state_in_eval: bool
     loss_scale: float | str  # the ranks' loss is this times the oracle's (1 or "world_size")
 
@@ -72,11 +74,10 @@ class LossAdapter:
         ignore_index = case.ignore_index
         if ignore_index is None:
             ignore_index = int(getattr(probe, "ignore_index", -100))
-        ours = queue_state(probe) is not None and hasattr(probe, "update_queue_in_eval")
-        accessor = case.state or (queue_state if ours else whole_state_dict)
+        accessor = case.state or whole_state_dict
         writes_in_eval = case.writes_state_in_eval
-        if writes_in_eval is None:
-            writes_in_eval = bool(getattr(probe, "update_queue_in_eval", False))
+        if writes_in_eval is None:  # a loss of ours says so; any other: the default, False
+            writes_in_eval = isinstance(probe, QueuedRankingLoss) and probe.update_queue_in_eval
         takes_weight = case.takes_sample_weight
         if takes_weight is None:
             takes_weight = _accepts_keyword(probe, "sample_weight")
@@ -89,7 +90,7 @@ class LossAdapter:
             takes_sample_weight=takes_weight,
             state=accessor,
             oracle_state=case.oracle_state or accessor,
-            state_label="queue" if ours and case.state is None else "state",
+            state_is_default=case.state is None,
             writes_state_in_eval=writes_in_eval,
             loss_scale=case.loss_scale,
         )
@@ -114,16 +115,6 @@ def _accepts_keyword(loss_fn: Any, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
-
-
-def _cpu_copy(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
 
 
 def as_float64(loss_fn: Any) -> Any:

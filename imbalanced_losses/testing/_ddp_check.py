@@ -7,9 +7,9 @@ DDP and compares every step with single-process runs on the global batch in rank
 
 * the loss: bit-identical on every rank, and equal to the oracle's;
 * the gradients DDP leaves on the parameters: equal to the oracle's within ``rtol``;
-* the loss's state (by default its whole ``state_dict()``; the queue for this package's
-  losses): bit-identical on every rank after every step, equal to the oracle's, and untouched
-  by eval steps unless the loss writes it in eval by design;
+* the loss's state (by default its whole ``state_dict()`` with extra state, for every loss):
+  bit-identical on every rank after every step, equal to the oracle's, and untouched by eval
+  steps unless the loss writes it in eval by design;
 * the parameters: identical on every rank, and equal to a free-running oracle's after each
   optimiser step.
 
@@ -22,6 +22,9 @@ A plan whose world size changes between steps is a checkpoint test: the ranks sa
 ``loss.state_dict()`` (and the model's and optimiser's), a new world of the next size loads it
 (``torch.load(weights_only=True)``) and carries on, and the oracles never stop. With NCCL the
 (CPU) oracle is compared within ``rtol`` instead of bit for bit.
+
+This module runs things (ranks, oracles) and records what each step left (``_records``); the
+comparison of those records (``_compare``) runs nothing.
 
 Example (``MyLoss`` must be importable by name: every rank is a fresh process)::
 
@@ -48,8 +51,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from imbalanced_losses.testing._adapter import LossAdapter, as_float64, to_device
-from imbalanced_losses.testing._compare import compare_segment, unchecked
+from imbalanced_losses.testing._compare import CaseRecords, compare
 from imbalanced_losses.testing._plan import Case, Step, default_plan, make_batch, segments
+from imbalanced_losses.testing._records import SegmentRun, StateAccessor, StepRecord, cpu_copy
 from imbalanced_losses.testing._report import DdpMismatch, DdpReport
 from imbalanced_losses.testing._spawn import report_progress, run_ranks
 
@@ -64,26 +68,6 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 60.0  # without progress from any rank; a healthy step takes well under 1 s
-
-
-@dataclass
-class StepRecord:
-    """What one step left behind, on a rank or on the oracle (all on CPU)."""
-
-    out: Any  # the loss's output, detached
-    logits: Tensor
-    grads: list[Tensor] | None  # None on eval steps
-    params: list[Tensor]  # after the optimiser step
-    state: Any  # the loss's state after the step, as read by the case's accessor
-
-
-@dataclass
-class SegmentRun:
-    """One rank's run of a segment: its steps and what the next world resumes from."""
-
-    records: list[StepRecord]
-    start_state: Any  # the loss's state before the segment's first step
-    checkpoint: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -114,9 +98,11 @@ def check_ddp_exactness(
     * ``takes_padding=False``: the loss has no padding label, so no step pads;
       ``takes_sample_weight`` (default: whether its forward accepts ``sample_weight``);
     * ``state`` / ``oracle_state``: picklable accessors returning the loss's state (nested
-      dicts, lists, tensors, numbers), by default ``state_dict()`` (for a subclass of
-      ``QueuedRankingLoss``: its queue, comparable with the plain reference implementation);
-    * ``writes_state_in_eval=True``: the loss writes its state in eval by design;
+      dicts, lists, tensors, numbers), by default the whole ``state_dict()`` with extra state,
+      for every loss (``state=queue_state`` compares only the queue, e.g. with the plain
+      reference implementation as the oracle); an empty state is reported as not checked;
+    * ``writes_state_in_eval=True``: the loss writes its state in eval by design (default:
+      a ``QueuedRankingLoss``'s ``update_queue_in_eval``, else False);
     * ``loss_scale="world_size"``: the ranks' loss value is world_size times the oracle's
       (a wrapper that multiplies by the world size so that DDP's average gives the sum);
     * ``oracle_factory`` (default: the same factory): the single-process loss, e.g. a plain
@@ -162,39 +148,43 @@ def check_many(
     Spawning ranks costs seconds; the n-th segment of every case with the same world size runs
     in one spawned world, one case after the other.
     """
-    setups, runs, oracles, probes = [], [], [], []
+    setups, plans, oracles = [], [], []
     for case in cases:
         _validate(case)
         probe = as_float64(case.loss_factory())
-        probes.append(probe)
         setup = _Setup(case, LossAdapter.for_case(case, probe), backend)
         setups.append(setup)
         oracles.append(_Oracle(setup, case.oracle_factory or case.loss_factory))
-        runs.append(segments(case.plan))
+        plans.append(segments(case.plan))
 
-    checks: list[list] = [[] for _ in cases]
-    checkpoints: list[Any] = [None] * len(cases)
-    for round_ in range(max(len(r) for r in runs)):
+    runs: list[list[list[SegmentRun]]] = [[] for _ in cases]  # [case][segment][rank]
+    replays: list[list[StepRecord]] = [[] for _ in cases]  # [case][plan step]
+    for round_ in range(max(len(p) for p in plans)):
         worlds: dict[int, list[int]] = {}
-        for c, segs in enumerate(runs):
+        for c, segs in enumerate(plans):
             if round_ < len(segs):
                 worlds.setdefault(len(cases[c].plan[segs[round_][0]].sizes), []).append(c)
         for world_size, members in sorted(worlds.items()):
-            jobs = [(setups[c], runs[c][round_], checkpoints[c]) for c in members]
+            previous = [runs[c][-1][0].checkpoint if runs[c] else None for c in members]
+            jobs = [(setups[c], plans[c][round_], ckpt) for c, ckpt in zip(members, previous)]
             results = run_ranks(
                 _rank_jobs, world_size, backend=backend, timeout_s=timeout_s, args=(jobs,)
             )
             for j, c in enumerate(members):
                 per_rank = [r[j] for r in results]
-                checks[c] += compare_segment(setups[c], runs[c][round_], per_rank, oracles[c])
-                checkpoints[c] = per_rank[0].checkpoint
-    reports = []
-    for setup, found, checkpoint, oracle, probe in zip(
-        setups, checks, checkpoints, oracles, probes
-    ):
-        skipped, notes = unchecked(setup, probe, oracle.has_state)
-        reports.append(DdpReport(found, checkpoint or {}, skipped, notes))
-    return reports
+                runs[c].append(per_rank)
+                for k, i in enumerate(plans[c][round_]):
+                    params_after = per_rank[0].records[k].params
+                    replays[c].append(oracles[c].replay(i, cases[c].plan[i], params_after))
+    return [
+        compare(
+            CaseRecords(setup.case.plan, segs, case_runs, replay, oracle.free),
+            setup.adapter,
+            rtol=setup.case.rtol,
+            backend=backend,
+        )
+        for setup, segs, case_runs, replay, oracle in zip(setups, plans, runs, replays, oracles)
+    ]
 
 
 def _validate(case: Case) -> None:
@@ -211,13 +201,16 @@ def _validate(case: Case) -> None:
 # ----------------------------------------------------------------------------- the ranks
 
 
-def _rank_jobs(rank: int, jobs: list) -> list[SegmentRun]:
+_Job = tuple[_Setup, list[int], dict[str, Any] | None]  # a case, its segment, its resume point
+
+
+def _rank_jobs(rank: int, jobs: list[_Job]) -> list[SegmentRun]:
     """Body of one rank: run each case's segment in turn in this process group."""
     return [_rank_segment(rank, *job) for job in jobs]
 
 
 def _rank_segment(
-    rank: int, setup: _Setup, indices: list[int], checkpoint: dict | None
+    rank: int, setup: _Setup, indices: list[int], checkpoint: dict[str, Any] | None
 ) -> SegmentRun:
     """DDP training over the plan steps ``indices``; records each step and the end state."""
     case, adapter = setup.case, setup.adapter
@@ -243,30 +236,44 @@ def _rank_segment(
         rows = slice(lo, lo + step.sizes[rank])
         x, y, w = x[rows], y[rows], (None if w is None else w[rows])
 
-        def forward(x=x, y=y, w=w, kwargs=step.kwargs):
+        def forward(
+            x: Tensor = x, y: Tensor = y, w: Tensor | None = w, kwargs: Any = step.kwargs
+        ) -> tuple[Tensor, Any]:
             if case.loss_inside_ddp:
                 return ddp(x, y, w, dict(kwargs))
             logits = ddp(x)
             return logits, adapter.call(loss_fn, logits, y, w, kwargs)
 
         records.append(
-            _train_step(setup, step, forward, (ddp, loss_fn), loss_fn, model, optimizer, y)
+            _train_step(
+                setup,
+                step,
+                forward=forward,
+                modules=(ddp, loss_fn),
+                model=model,
+                optimizer=optimizer,
+                targets=y,
+                read_state=lambda: adapter.state(loss_fn),
+            )
         )
     report_progress(f"saving the checkpoint after {case.plan[indices[-1]].describe(indices[-1])}")
     return SegmentRun(records, start_state, _checkpoint(model, optimizer, loss_fn))
 
 
 def _checkpoint(model: nn.Module, optimizer: Any, loss_fn: Any) -> dict[str, Any]:
-    loss_bytes = None
+    """What the next world resumes from: the loss's ``state_dict()`` goes as the bytes of
+    ``torch.save`` (``loss``, None for a loss without one), to be read with ``weights_only``."""
+    loss_bytes, loss_state = None, None
     if hasattr(loss_fn, "state_dict"):
+        loss_state = cpu_copy(loss_fn.state_dict())
         buffer = io.BytesIO()
         torch.save(loss_fn.state_dict(), buffer)
         loss_bytes = buffer.getvalue()
     return {
-        "model": _cpu(model.state_dict()),
-        "optim": _cpu(optimizer.state_dict()),
+        "model": cpu_copy(model.state_dict()),
+        "optim": cpu_copy(optimizer.state_dict()),
         "loss": loss_bytes,
-        "loss_state": _cpu(loss_fn.state_dict()) if loss_bytes is not None else None,
+        "loss_state": loss_state,
     }
 
 
@@ -298,15 +305,16 @@ class _Oracle:
 
     def __init__(self, setup: _Setup, factory: Callable[[], Any]) -> None:
         self.setup = setup
-        plan = setup.case.plan
+        read = setup.adapter.oracle_state
         with _one_thread():
             model, loss_fn, optimizer = _build(setup, factory, torch.device("cpu"))
             self.free = [
-                _oracle_step(setup, i, step, model, loss_fn, optimizer, setup.adapter.oracle_state)
-                for i, step in enumerate(plan)
+                _oracle_step(
+                    setup, i, step, model=model, loss_fn=loss_fn, optimizer=optimizer, read=read
+                )
+                for i, step in enumerate(setup.case.plan)
             ]
         self.model, self.loss_fn, _ = _build(setup, factory, torch.device("cpu"))
-        self.has_state = setup.adapter.oracle_state(self.loss_fn) is not None
         self.params = [p.detach().clone() for p in self.model.parameters()]
 
     def replay(self, i: int, step: Step, params_after: list[Tensor]) -> StepRecord:
@@ -316,7 +324,13 @@ class _Oracle:
                 p.copy_(value)
         with _one_thread():
             record = _oracle_step(
-                self.setup, i, step, self.model, self.loss_fn, None, self.setup.adapter.oracle_state
+                self.setup,
+                i,
+                step,
+                model=self.model,
+                loss_fn=self.loss_fn,
+                optimizer=None,
+                read=self.setup.adapter.oracle_state,
             )
         self.params = params_after
         return record
@@ -332,7 +346,16 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _oracle_step(setup, i, step, model, loss_fn, optimizer, read_state) -> StepRecord:
+def _oracle_step(
+    setup: _Setup,
+    i: int,
+    step: Step,
+    *,
+    model: nn.Module,
+    loss_fn: Any,
+    optimizer: torch.optim.Optimizer | None,
+    read: StateAccessor,
+) -> StepRecord:
     """Step ``i`` on the global batch, logits computed on the ranks' row blocks in rank order."""
     adapter = setup.adapter
     x, y, w = make_batch(setup.case, adapter, i, step, torch.device("cpu"))
@@ -344,7 +367,14 @@ def _oracle_step(setup, i, step, model, loss_fn, optimizer, read_state) -> StepR
 
     try:
         return _train_step(
-            setup, step, forward, (model, loss_fn), loss_fn, model, optimizer, y, read_state
+            setup,
+            step,
+            forward=forward,
+            modules=(model, loss_fn),
+            model=model,
+            optimizer=optimizer,
+            targets=y,
+            read_state=lambda: read(loss_fn),
         )
     except Exception as exc:
         raise RuntimeError(
@@ -353,9 +383,18 @@ def _oracle_step(setup, i, step, model, loss_fn, optimizer, read_state) -> StepR
 
 
 def _train_step(
-    setup, step, forward, modules, loss_fn, model, optimizer, y, read_state=None
+    setup: _Setup,
+    step: Step,
+    *,
+    forward: Callable[[], tuple[Tensor, Any]],
+    modules: tuple[Any, ...],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    targets: Tensor,
+    read_state: Callable[[], Any],
 ) -> StepRecord:
-    """One step, identical for ranks and oracle."""
+    """One step, identical for ranks and oracle: ``forward()`` gives ``(logits, loss output)``;
+    ``modules`` are put in the step's mode; no optimiser (the replay) leaves the parameters."""
     for module in modules:
         if hasattr(module, "train"):
             module.train(step.train)
@@ -367,16 +406,16 @@ def _train_step(
         if step.train:
             total = _scalar(out)
             if setup.case.local_ce_weight:
-                total = total + setup.case.local_ce_weight * _local_ce(logits, y, setup)
+                total = total + setup.case.local_ce_weight * _local_ce(logits, targets, setup)
             total.backward()
             if optimizer is not None:
                 optimizer.step()
     return StepRecord(
-        out=_cpu(_detach(out)),
-        logits=logits.detach().cpu(),
+        out=cpu_copy(out),
+        logits=cpu_copy(logits),
         grads=[_grad(p) for p in params] if step.train else None,
-        params=[p.detach().cpu().clone() for p in params],
-        state=(read_state or setup.adapter.state)(loss_fn),
+        params=cpu_copy(params),
+        state=read_state(),
     )
 
 
@@ -434,24 +473,10 @@ def _local_ce(logits: Tensor, y: Tensor, setup: _Setup) -> Tensor:
 
 def _grad(p: Tensor) -> Tensor:
     """The parameter's gradient (zeros when the loss left none: nothing reached it)."""
-    return torch.zeros_like(p, device="cpu") if p.grad is None else p.grad.detach().cpu().clone()
+    return torch.zeros_like(p, device="cpu") if p.grad is None else cpu_copy(p.grad)
 
 
 def _scalar(out: Any) -> Tensor:
     """What to backpropagate: the loss, or the sum of its finite per-class entries ('none')."""
     loss = out[0] if isinstance(out, tuple) else out
     return torch.where(torch.isnan(loss), 0.0, loss).sum() if loss.dim() else loss
-
-
-def _detach(out: Any) -> Any:
-    return tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
-
-
-def _cpu(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj

@@ -33,7 +33,7 @@ class Check:
     name: str
     error: float
     limit: float
-    scale: float = 0.0  # magnitude of the oracle's value: a check of zeros proves little
+    scale: float = 0.0  # largest magnitude among the compared values: 0 proves nothing
 
     @property
     def ok(self) -> bool:
@@ -94,8 +94,7 @@ class DdpReport:
         """Every check of every step, one per line."""
         return "\n".join(
             f"step {c.step:3d} ws={c.world_size} {'ok  ' if c.ok else 'FAIL'} "
-            f"{c.name:<38} {c.error:.3g} (limit {c.limit:g})"
-            + (f" oracle magnitude {c.scale:.3g}" if c.scale else "")
+            f"{c.name:<38} {c.error:.3g} (limit {c.limit:g})" + f" magnitude {c.scale:.3g}"
             for c in self.checks
         )
 
@@ -138,9 +137,14 @@ def diff(a: Any, b: Any) -> float:
 
 
 def magnitude(obj: Any) -> float:
-    """Largest absolute value over every tensor in ``obj`` (NaN counts as 0)."""
-    tensors = [t for t in _flat(obj) if isinstance(t, Tensor) and t.numel()]
-    return max((float(t.double().nan_to_num(0).abs().max()) for t in tensors), default=0.0)
+    """Largest absolute value over every tensor and number in ``obj`` (NaN counts as 0)."""
+    worst = 0.0
+    for item in _flat(obj):
+        if isinstance(item, Tensor) and item.numel():
+            worst = max(worst, float(item.double().nan_to_num(0).abs().max()))
+        elif isinstance(item, (int, float)) and item == item:
+            worst = max(worst, abs(float(item)))
+    return worst
 
 
 def relative_diff(a: Any, b: Any) -> float:

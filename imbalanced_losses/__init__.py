@@ -2,8 +2,9 @@
 
 import importlib
 
-from ._base import Pool, QueuedRankingLoss, Rows
+from ._base import QueuedRankingLoss
 from ._distributed import all_gather_no_grad, all_gather_with_grad
+from ._pool import Pool, Rows
 from ._queue import MemoryQueue
 from .focal_loss import SigmoidFocalLoss, SoftmaxFocalLoss
 from .functional import recall_at_quantile_loss

@@ -1,238 +1,101 @@
 """The shared flow of every *queued ranking loss*.
 
-``QueuedRankingLoss.forward`` is a template method: validate (every rank
-agrees that every input is good, see ``_validation``) -> gather the live rows
-across ranks -> pool them with the queue (optionally subsampling the threshold
-rows) -> ``per_class_loss`` (the only thing a subclass writes) -> reduce ->
-enqueue. Every check runs, and every rank agrees that it passed, before any
-state changes, so a bad batch can neither corrupt the queue nor leave another
-rank waiting in a collective.
+``QueuedRankingLoss.forward`` is a template method: check this rank's inputs -> agree with
+every rank (``_exchange``: nothing changes until every rank's input is good and every rank
+holds the same options and state) -> gather the live rows -> pool them with the queue
+(``_pool``; ``max_pool_size`` samples it) -> ``per_class_loss`` (the one method a loss
+writes) -> reduce -> enqueue. A loss declares its options once, in its ``options`` table
+(``_options``), from which validation, agreement and ``extra_repr`` follow.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import math
+import inspect
 import os
 import sys
 import warnings
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, _exchange, _validation
+from . import _device, _distributed, _exchange, _validation
+from ._device import true_indices
 from ._exchange import Agreed
+from ._options import Option, choice, flag, integer, local, real, validated
+from ._pool import Pool, Rows
 from ._queue import MemoryQueue
 from ._sampling import uniform_sample
-from ._validation import Meta
-from .functional import positive_columns, positive_scores, reduce_per_class
+from .functional import positive_columns, reduce_per_class
 
-REDUCTIONS = ("mean", "sum", "none")
-POSITIVES = ("pool", "live")
-STATE_VERSION = 1  # format of get_extra_state(); a checkpoint without one is version 0
+STATE_VERSION = 2  # of get_extra_state() and the queue; 0: no version saved, 2: queue.iid saved
 
 LossOutput = Tensor | tuple[Tensor, Tensor, Tensor]
 
-
-@dataclass
-class Rows:
-    """A block of pooled rows: ``scores [n, C]``, ``targets [n]``, ``weights [n]``.
-
-    ``own [n]``, when set, is each row's score in its own class column and is
-    the only tensor carrying gradient (``scores`` travelled detached): the cheap
-    gradient path of a loss that sets ``own_class_gradient_only``.
-    ``num_positives``, when the host knows it, is how many rows are a
-    positive of some class: binary positives are then selected without a sync.
-    """
-
-    scores: Tensor
-    targets: Tensor
-    weights: Tensor
-    own: Tensor | None = None
-    num_positives: int | None = None
-
-
-@dataclass
-class Pool:
-    """The rows a loss ranks this step: the live rows (with gradient) and the queued rows.
-
-    They are kept as two blocks rather than concatenated, so a step does not
-    copy the whole queue. ``threshold_rows`` indexes (live first, then queue)
-    the rows to estimate thresholds from when ``max_pool_size`` capped them
-    (``None``: all rows); every row still counts in per-row terms such as recall.
-    ``positives_from`` is ``"pool"`` (every pooled positive) or ``"live"`` (this
-    step's positives only; the queue then only sets thresholds).
-    """
-
-    live: Rows
-    queued: Rows
-    num_classes: int
-    threshold_rows: Tensor | None = None
-    positives_from: str = "pool"
-
-    @property
-    def size(self) -> int:
-        """Number of pooled rows (live plus queued)."""
-        return self.live.scores.shape[0] + self.queued.scores.shape[0]
-
-    def threshold_blocks(self) -> list[Tensor]:
-        """Detached score blocks to estimate thresholds from (a subsample when capped)."""
-        live, queued = self.live.scores.detach(), self.queued.scores
-        rows = self.threshold_rows
-        if rows is None:
-            return [live, queued]
-        n_live = live.shape[0]
-        if n_live == 0 or queued.shape[0] == 0:
-            return [(queued if n_live == 0 else live)[rows]]
-        # Gather the sample from each block instead of concatenating the whole pool:
-        # the same rows in the same order, without a pool-sized copy or a host sync.
-        from_live = live[rows.clamp(max=n_live - 1)]
-        from_queue = queued[(rows - n_live).clamp(min=0)]
-        return [torch.where((rows < n_live).unsqueeze(1), from_live, from_queue)]
-
-    def positives(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Own-class score, class and weight of the rows that count as positives.
-
-        ``(own_score [K], class [K], weight [K])``; live scores carry gradient.
-        Multi-class: every row is a positive of its class. Binary: the live
-        positives are selected (their count came with the metadata, so without
-        a host sync); queued rows with target 0 come with weight 0 instead
-        (selecting them would cost a sync, and the queue is small).
-        """
-        blocks = [self._binary_positives_only(self.live)]
-        if self.positives_from == "pool" and self.queued.targets.shape[0] > 0:
-            blocks.append(self.queued)  # an empty queue joins no copy of the live positives
-        parts = [
-            positive_scores(rows.scores, rows.targets, rows.weights, self.num_classes, rows.own)
-            for rows in blocks
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
-
-    def _binary_positives_only(self, rows: Rows) -> Rows:
-        """The positive rows of a binary block whose positive count is known, else ``rows``.
-
-        Keeps every per-positive temporary (and its gradient) positive-sized
-        rather than row-sized: binary positives are often 1% of the rows.
-        """
-        count = rows.num_positives
-        if self.num_classes != 1 or count is None or count == rows.targets.shape[0]:
-            return rows
-        index = _validation.true_indices(rows.targets == 1, count)
-        own = None if rows.own is None else rows.own[index]
-        return Rows(rows.scores[index], rows.targets[index], rows.weights[index], own, count)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def check_temperature(value: Any) -> float:
-    """A temperature is a finite number > 0."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise ValueError(f"temperature must be a finite float > 0, got {value!r}")
-    return float(value)
+# The options every queued ranking loss has, declared once; a loss passes them through.
+BASE_OPTIONS: tuple[Option, ...] = (
+    integer("num_classes", 1),
+    integer("queue_size", 0),
+    choice("reduction", ("mean", "sum", "none")),
+    integer("ignore_index"),
+    flag("update_queue_in_eval"),  # agreed through what each step does (updates_state)
+    flag("gather_distributed", optional=True),  # a rank that does not gather cannot agree
+    integer("max_pool_size", 1, optional=True),
+    integer("seed", 0),
+    local("process_group"),
+)
+# Options the base serves for the losses that declare them.
+POSITIVES = choice("positives", ("pool", "live"))
+TEMPERATURE = real(
+    "temperature", lambda t: t > 0, "a finite float > 0", fix=_exchange.TEMPERATURE_FIX
+)
 
 
 class QueuedRankingLoss(nn.Module):
     """Base class for ranking losses over a pool of live rows plus a memory queue.
 
-    Subclasses implement :meth:`per_class_loss` and may extend
-    :meth:`config_fingerprint` with the options every rank must agree on.
-    Under DDP the forward gathers all ranks' rows (of ``process_group``) in
-    rank order with two collectives (metadata, then rows; the metadata also
-    agrees the options and the state, see ``_exchange``) and the gradient
-    equals the single-process gradient of the global batch after DDP's
-    averaging. A loss whose gradient flows only through each row's own-class
-    score sets ``own_class_gradient_only = True``: the gathered rows then
-    travel detached and only a ``[rows]`` vector carries gradient.
+    A loss declares ``options`` (``BASE_OPTIONS`` plus its own, e.g. ``TEMPERATURE``) and
+    implements :meth:`per_class_loss`; its ``__init__`` keeps its public signature and
+    passes every argument through (``super().__init__(**arguments(locals()))``). Under DDP
+    the forward gathers all ranks' rows (of ``process_group``) in rank order with two
+    collectives (metadata, then rows) and the gradient equals the single-process gradient
+    of the global batch after DDP's averaging. A loss whose gradient flows only through
+    each row's own-class score sets ``own_class_gradient_only = True``: the gathered rows
+    then travel detached and only a ``[rows]`` vector carries gradient.
 
-    A loss with a sigmoid width passes ``temperature=``: the base validates
-    it, lets users anneal it by assignment, agrees on it across ranks and
-    saves it in ``state_dict()``.
-
-    The forward always runs eagerly: inside a compiled program (``torch.compile``) it
-    is a graph break (data-dependent sizes and collectives do not trace).
+    A loss that declares ``TEMPERATURE`` lets users anneal it by assignment; ranks agree
+    on it and ``state_dict()`` saves it. The forward always runs eagerly: inside a compiled
+    program (``torch.compile``) it is a graph break.
     """
 
+    options: ClassVar[tuple[Option, ...]] = BASE_OPTIONS
     own_class_gradient_only: ClassVar[bool] = False
-    _temperature: float  # set only by losses that have a temperature
+    positives: str = "pool"  # for a loss that does not declare POSITIVES
+    _temperature: float  # set only by losses that declare TEMPERATURE
+    num_classes: int
+    queue_size: int
+    reduction: str
+    ignore_index: int
+    update_queue_in_eval: bool
+    gather_distributed: bool | None
+    max_pool_size: int | None
+    seed: int
+    process_group: Any
 
-    def __init__(
-        self,
-        num_classes: int,
-        queue_size: int = 1024,
-        reduction: str = "mean",
-        ignore_index: int = -100,
-        update_queue_in_eval: bool = False,
-        gather_distributed: bool | None = None,
-        max_pool_size: int | None = None,
-        *,
-        seed: int = 0,
-        process_group: Any = None,
-        positives: str = "pool",
-        temperature: float | None = None,
-    ) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes, 1)
-        _check_int("queue_size", queue_size, 0)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-        if not isinstance(update_queue_in_eval, bool):
-            raise ValueError(f"update_queue_in_eval must be a bool, got {update_queue_in_eval!r}")
-        if gather_distributed is not None and not isinstance(gather_distributed, bool):
-            raise ValueError(
-                f"gather_distributed must be None (auto), True or False, got {gather_distributed!r}"
-            )
-        if max_pool_size is not None:
-            _check_int("max_pool_size", max_pool_size, 1)
-        _check_int("seed", seed, 0)
-        if positives not in POSITIVES:
-            raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
-        self.num_classes = num_classes
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.update_queue_in_eval = update_queue_in_eval
-        self.gather_distributed = gather_distributed
-        self.max_pool_size = max_pool_size
-        self.seed = seed
-        self.process_group = process_group
-        self.positives = positives
-        if temperature is not None:  # a loss without a sigmoid width has no temperature
-            self._temperature = check_temperature(temperature)
+        for name, value in validated(type(self).__name__, self.options, options).items():
+            setattr(self, name, value)
         self.subsample_step = 0
-        self.queue = MemoryQueue(queue_size, num_classes)
+        self.queue = MemoryQueue(self.queue_size, self.num_classes)
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ hooks
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
         """``(loss [C], valid [C] bool)`` for a non-empty pool; invalid entries are ignored."""
         raise NotImplementedError
-
-    def config_fingerprint(self) -> dict[str, float]:
-        """Options that must be equal on every rank, as floats (checked each distributed step)."""
-        fingerprint = {
-            "num_classes": float(self.num_classes),
-            "queue_size": float(self.queue.capacity),
-            "ignore_index": float(self.ignore_index),
-            "reduction": float(REDUCTIONS.index(self.reduction)),
-            "max_pool_size": float(self.max_pool_size or -1),
-            "seed": float(self.seed),
-            "positives": float(POSITIVES.index(self.positives)),
-        }
-        return fingerprint
 
     # ----------------------------------------------------------------- public
     @property
@@ -244,7 +107,7 @@ class QueuedRankingLoss(nn.Module):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        self._temperature = check_temperature(value)
+        self._temperature = TEMPERATURE.check(value)
 
     def reset_queue(self) -> None:
         """Empty the memory queue (e.g. after the score scale changed); re-arms the warnings."""
@@ -265,12 +128,12 @@ class QueuedRankingLoss(nn.Module):
                 f"cannot load loss state of format version {version!r}: this version of "
                 f"imbalanced_losses reads versions 0 to {STATE_VERSION}; upgrade imbalanced_losses"
             )
-        step = _check_int(
-            "subsample_step", int(state.get("subsample_step", self.subsample_step)), 0
+        step = integer("subsample_step", 0).check(
+            int(state.get("subsample_step", self.subsample_step))
         )
         saved = state.get("temperature")
         if saved is not None and self._has_temperature():
-            saved = check_temperature(saved)
+            saved = TEMPERATURE.check(saved)
             if saved != self._temperature:
                 warnings.warn(
                     f"the checkpoint's temperature={saved} replaces this loss's "
@@ -316,6 +179,11 @@ class QueuedRankingLoss(nn.Module):
         nn.Module.__setstate__(twin, copy.deepcopy(nn.Module.__getstate__(self), memo))
         return twin
 
+    def extra_repr(self) -> str:
+        """Every option but the process group, in constructor order, then the group if any."""
+        shown = [n for n in _signature(type(self)) if n != "process_group"]
+        return ", ".join(f"{n}={getattr(self, n)!r}" for n in shown) + self._group_repr()
+
     def _group_repr(self) -> str:
         """``, process_group=...`` for ``extra_repr`` unless the loss pools the default group."""
         if self.process_group is not None:
@@ -330,8 +198,9 @@ class QueuedRankingLoss(nn.Module):
         self,
         logits: Tensor,
         targets: Tensor,
-        *,
+        iid_mask: Tensor | None = None,
         return_per_class: bool = False,
+        *,
         sample_weight: Tensor | None = None,
         update_queue: bool | None = None,
     ) -> LossOutput:
@@ -340,6 +209,9 @@ class QueuedRankingLoss(nn.Module):
         Returns a scalar (``mean``/``sum``) or ``[C]`` (``none``, NaN for
         classes without a positive); with ``return_per_class=True`` the triple
         ``(loss, per_class [C] NaN where invalid, valid [C] bool)``.
+        ``iid_mask [N]`` bool marks the rows drawn i.i.d. from the population (default:
+        all); it travels with the rows through the gather and the queue
+        (``Rows.iid``), for losses that estimate population quantiles.
         ``update_queue``: write this step's rows to the queue (``True``) or not
         (``False``); ``None`` follows the mode (train mode, or
         ``update_queue_in_eval``). Pass ``False`` for a validation pass with the
@@ -347,9 +219,8 @@ class QueuedRankingLoss(nn.Module):
         """
         self._warn_if_running_alone()
         updates_state = self._updates_state(update_queue)
-        writes_queue = updates_state and self.queue.capacity > 0
-        live, num_finite = self._validated_live_rows(
-            logits, targets, sample_weight, update_queue, updates_state
+        live, num_finite = self._agreed_live_rows(
+            logits, targets, iid_mask, sample_weight, update_queue, updates_state
         )
         pool = self._pool(live, advance_sample=updates_state)
         anchor = live.scores if live.own is None else live.own
@@ -361,7 +232,7 @@ class QueuedRankingLoss(nn.Module):
         else:
             per_class, valid = self.per_class_loss(pool)
         loss = reduce_per_class(per_class, valid, self.reduction, anchor=anchor)
-        if writes_queue:
+        if updates_state and self.queue.capacity > 0:
             self._enqueue(live, num_finite)
         if return_per_class:
             return loss, per_class.masked_fill(~valid, float("nan")), valid
@@ -398,12 +269,15 @@ class QueuedRankingLoss(nn.Module):
             update_queue = self.training or self.update_queue_in_eval
         return update_queue is True
 
-    def _agreement(self, logits: Any, sample_weight: Any, updates_state: bool) -> list[Agreed]:
+    def _agreement(
+        self, logits: Any, sample_weight: Any, iid_mask: Any, updates_state: bool
+    ) -> list[Agreed]:
         """What every rank must agree on this step: options, call options and state."""
         queue = self.queue
-        agreed = [Agreed(name, value) for name, value in self.config_fingerprint().items()]
-        agreed += [
+        agreed = [o.agreed(getattr(self, o.name)) for o in self.options if o.agree]
+        return agreed + [
             Agreed("sample_weight given (1) or not (0)", float(sample_weight is not None)),
+            Agreed("iid_mask given (1) or not (0)", float(iid_mask is not None)),
             Agreed(
                 "whether this step updates the loss state (train/eval mode, update_queue)",
                 float(updates_state),
@@ -424,141 +298,112 @@ class QueuedRankingLoss(nn.Module):
                 _exchange.dtype_name,
             ),
         ]
-        if self._has_temperature():
-            agreed.append(Agreed("temperature", self._temperature, _exchange.TEMPERATURE_FIX))
-        return agreed
 
-    def _validated_live_rows(
+    def _agreed_live_rows(
         self,
         logits: Tensor,
         targets: Tensor,
+        iid_mask: Tensor | None,
         sample_weight: Tensor | None,
         update_queue: Any,
         updates_state: bool,
     ) -> tuple[Rows, int]:
         """This step's non-padding rows of every rank in rank order, and how many are finite.
 
-        Raises on every rank, before any state changes, when any rank's input is
-        invalid or the ranks disagree on their configuration, call options or state.
+        Checks this rank's inputs (value checks stay on the device and ride in the metadata
+        row, so the whole validation costs the one host sync the gather needs anyway) and
+        agrees with every rank; raises on every rank, before any state changes, when any
+        rank's input is invalid or the ranks disagree.
         """
-        group = self.process_group
-        distributed = _distributed.should_gather(self.gather_distributed, group)
+        device = self.queue.scores.device
         problem = _validation.static_problem(
-            logits, targets, sample_weight, self.num_classes, self.queue.scores.device
+            logits, targets, sample_weight, self.num_classes, device, iid_mask
         )
         if problem is None and update_queue is not None and not isinstance(update_queue, bool):
             problem = f"update_queue must be None, True or False, got {update_queue!r}"
-        if problem is not None and not distributed:
-            raise ValueError(problem)
-
-        agreement = self._agreement(logits, sample_weight, updates_state)
-        meta, (scores, tgt, weights, keep) = self._local_rows(
-            logits, targets, sample_weight, problem, agreement
-        )
-        metas = _validation.exchange(meta, distributed=distributed, group=group)
-        rank = _distributed.world(group)[0] if distributed else 0
-        _validation.raise_on_any_problem(
-            metas,
-            rank,
-            {
-                Meta.STATIC_ERROR: lambda: problem or "",
-                Meta.BAD_TARGETS: lambda: _validation.describe_bad_targets(
+        check = _exchange.Check(problem)
+        if problem is None:
+            dtype = torch.promote_types(
+                torch.promote_types(logits.dtype, self.queue.scores.dtype), torch.float32
+            )
+            tgt = targets.reshape(-1).long()
+            keep = tgt != self.ignore_index
+            if sample_weight is None:
+                weights = torch.ones((), dtype=dtype, device=device).expand(tgt.shape[0])
+            else:
+                weights = sample_weight.detach().to(dtype)
+            positive = keep & (tgt == 1) if self.num_classes == 1 else keep
+            check = _exchange.Check(
+                rows=keep.sum(),
+                flags={
+                    "targets": _validation.bad_targets(tgt, self.num_classes, self.ignore_index),
+                    "weights": sample_weight is not None and _validation.bad_weights(weights),
+                },
+                counts={
+                    "finite": (torch.isfinite(logits).all(dim=1) & keep).sum(),
+                    "positives": positive.sum(),
+                },
+            )
+        agreed = _exchange.agree(
+            check,
+            self._agreement(logits, sample_weight, iid_mask, updates_state),
+            flags={
+                "targets": lambda: _validation.describe_bad_targets(
                     targets, self.num_classes, self.ignore_index
                 ),
-                Meta.BAD_WEIGHTS: lambda: _validation.describe_bad_weights(sample_weight),
+                "weights": lambda: _validation.describe_bad_weights(sample_weight),
             },
-            agreement,
+            counts=("finite", "positives"),
+            device=device,
+            distributed=_distributed.should_gather(self.gather_distributed, self.process_group),
+            group=self.process_group,
         )
-
-        num_kept = int(metas[rank][Meta.ROWS])
-        if num_kept < tgt.shape[0]:  # padding present: keep real rows only
-            rows = _validation.true_indices(keep, num_kept)
-            scores, tgt, weights = scores[rows], tgt[rows], weights[rows]
-        num_finite = int(sum(m[Meta.FINITE_ROWS] for m in metas))
-        num_positives = int(sum(m[Meta.POSITIVE_ROWS] for m in metas))
-        if distributed:
-            live = self._gather(scores, tgt, weights, [int(m[Meta.ROWS]) for m in metas])
+        # agree() raised on every rank if any rank had a problem: this rank's rows exist.
+        iid = None if iid_mask is None else iid_mask.detach().bool()
+        scores, tgt, weights = agreed.keep(keep, logits.to(dtype), tgt, weights)
+        if iid is not None:
+            (iid,) = agreed.keep(keep, iid)
+        if agreed.distributed:
+            live = self._gather(agreed, scores, tgt, weights, iid)
         else:
-            live = Rows(scores, tgt, weights)
-        live.num_positives = num_positives
-        return live, num_finite
+            live = Rows(scores, tgt, weights, iid)
+        live.num_positives = agreed.total("positives")
+        return live, agreed.total("finite")
 
-    def _local_rows(
+    def _gather(
         self,
-        logits: Tensor,
+        agreed: _exchange.Exchange,
+        scores: Tensor,
         targets: Tensor,
-        sample_weight: Tensor | None,
-        problem: str | None,
-        config: list[Agreed],
-    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """Metadata row and the local ``(scores, targets, weights, keep)`` before filtering.
-
-        Value checks stay on the device and ride in the metadata, so the whole
-        validation costs only the one host sync the gather needs anyway, and
-        the row counts it carries let filtering avoid a sync of its own.
-        """
-        device = self.queue.scores.device
-        config_t = _exchange.columns(config, device)
-        if problem is not None:
-            meta = _validation.metadata_row(
-                static_error=True,
-                rows=0,
-                finite_rows=0,
-                bad_targets=False,
-                bad_weights=False,
-                config=config_t,
-            )
-            empty = torch.empty(0, self.num_classes, device=device)
-            no_rows = torch.empty(0, dtype=torch.bool, device=device)
-            return meta, (empty, no_rows.long(), empty[:, 0], no_rows)
-        dtype = self._compute_dtype(logits)
-        tgt = targets.reshape(-1).long()
-        keep = tgt != self.ignore_index
-        if sample_weight is None:
-            weights = torch.ones((), dtype=dtype, device=device).expand(tgt.shape[0])
-            bad_weights: Tensor | bool = False
-        else:
-            weights = sample_weight.detach().to(dtype)
-            bad_weights = _validation.bad_weights(weights)
-        positive = keep & (tgt == 1) if self.num_classes == 1 else keep
-        meta = _validation.metadata_row(
-            static_error=False,
-            rows=keep.sum(),
-            finite_rows=(torch.isfinite(logits).all(dim=1) & keep).sum(),
-            bad_targets=_validation.bad_targets(tgt, self.num_classes, self.ignore_index),
-            bad_weights=bad_weights,
-            config=config_t,
-            positive_rows=positive.sum(),
-        )
-        return meta, (logits.to(dtype), tgt, weights, keep)
-
-    def _gather(self, scores: Tensor, targets: Tensor, weights: Tensor, sizes: list[int]) -> Rows:
+        weights: Tensor,
+        iid: Tensor | None = None,
+    ) -> Rows:
         """All ranks' rows in rank order (one collective), with the exact gradient rule."""
-        group = self.process_group
-        extra = torch.stack([targets.to(scores.dtype), weights], dim=1)
+        extra = [targets.to(scores.dtype), weights] + (
+            [] if iid is None else [iid.to(scores.dtype)]
+        )
+        packed, n = torch.stack(extra, dim=1), len(extra)
         if self.own_class_gradient_only:
             column = positive_columns(targets, self.num_classes).clamp(min=0)
-            scores, extra, own = _distributed.gather_own_column(scores, column, extra, sizes, group)
-            return Rows(scores, extra[:, 0].long(), extra[:, 1], own=own)
-        packed = _distributed.gather_rows(torch.cat([scores, extra], dim=1), sizes, group=group)
-        return Rows(packed[:, :-2], packed[:, -2].long(), packed[:, -1])
+            scores, packed, own = _distributed.gather_own_column(
+                scores, column, packed, agreed.sizes, agreed.group
+            )
+        else:
+            own = None
+            rows = agreed.gather(torch.cat([scores, packed], dim=1))
+            scores, packed = rows[:, :-n], rows[:, -n:]
+        gathered_iid = None if iid is None else packed[:, 2].bool()
+        return Rows(scores, packed[:, 0].long(), packed[:, 1], gathered_iid, own)
 
     def _enqueue(self, live: Rows, num_finite: int) -> None:
         """Write the live rows (detached) to the queue; rows with inf/NaN never take a slot."""
-        scores, targets, weights = live.scores.detach(), live.targets, live.weights
-        if num_finite < scores.shape[0]:
-            finite = torch.isfinite(scores).all(dim=1)
-            rows = _validation.true_indices(finite, num_finite)
-            scores, targets, weights = scores[rows], targets[rows], weights[rows]
-        self.queue.push(scores, targets, weights)
-
-    def _compute_dtype(self, logits: Tensor) -> torch.dtype:
-        return torch.promote_types(
-            torch.promote_types(logits.dtype, self.queue.scores.dtype), torch.float32
-        )
+        rows = live
+        if num_finite < live.scores.shape[0]:
+            rows = live.take(true_indices(torch.isfinite(live.scores).all(dim=1), num_finite))
+        self.queue.push(rows.scores.detach(), rows.targets, rows.weights, rows.iid)
 
     def _pool(self, live: Rows, *, advance_sample: bool) -> Pool:
-        """Live rows plus the queue; a capped pool gets its threshold sample.
+        """Live rows plus the queue; a capped pool gets its sample (and warns once).
 
         Only a forward that updates the state (``advance_sample``) moves the
         sample stream on: evaluation draws the sample of the next training step
@@ -566,15 +411,18 @@ class QueuedRankingLoss(nn.Module):
         """
         q_scores, q_targets, q_weights = self.queue.rows()
         dtype = live.scores.dtype
-        pool = Pool(
-            live=live,
-            queued=Rows(q_scores.to(dtype), q_targets, q_weights.to(dtype)),
-            num_classes=self.num_classes,
-            positives_from=self.positives,
-        )
-        if self.max_pool_size is not None and pool.size > self.max_pool_size:
-            rows = self._subsample(pool.size)
-            pool.threshold_rows = _exchange.to_device(rows, live.scores.device)
+        queued = Rows(q_scores.to(dtype), q_targets, q_weights.to(dtype), self.queue.iid_rows())
+        pool = Pool(live, queued, self.num_classes, positives_from=self.positives)
+        cap = self.max_pool_size
+        if cap is not None and pool.size > cap:
+            self._warn_once(
+                "max_pool_size",
+                f"{type(self).__name__}: pool size {pool.size} exceeds max_pool_size={cap}; "
+                f"the loss now estimates over a uniform sample of {cap} pooled rows, redrawn at "
+                "each training step, so it is a stochastic approximation. (This warning is "
+                "shown once per instance; reset_queue() re-arms it.)",
+            )
+            pool.threshold_rows = _device.to_device(self._subsample(pool.size), live.scores.device)
             self.subsample_step += int(advance_sample)
         return pool
 
@@ -589,6 +437,11 @@ class QueuedRankingLoss(nn.Module):
         generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
         assert self.max_pool_size is not None
         return uniform_sample(size, self.max_pool_size, generator)
+
+
+def _signature(cls: type) -> list[str]:
+    """The option names of ``cls``'s constructor, in order."""
+    return [n for n in inspect.signature(cls).parameters]
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -1,25 +1,41 @@
-"""What every rank must agree on before rows are gathered, and the error when they do not.
+"""Every rank validates and agrees before any state changes; a bad rank never leaves others waiting.
 
-The metadata row of each forward (``_validation``) carries, after its counts and flags, one
-column per *agreed value*: the loss's options, this call's options and the loss's state (the
-queue's fill count and write position, the subsampling step, the temperature, the dtypes).
-Ranks that disagree would either gather rows of different sizes (a crash inside the transport)
-or train on different pools (silent divergence). So every rank compares the exchanged columns
-and raises the same ``ValueError``, naming each value that differs with every rank's value and
-the likely cause. The values ride in the row that is exchanged anyway: no extra collective, and
-no host sync (host numbers reach a CUDA device by an asynchronous copy from pinned memory;
-values that already live on the device are converted there, never read on the host).
+The one protocol of a pooled step, used by the ranking losses, the focal losses and the metric:
+
+1. **check**: each rank judges its own inputs. Host checks (shape, dtype, device) give a
+   ``problem``; value checks (targets in range, weights finite) stay on the device as flags,
+   counts (rows kept, finite rows, positives) too. A rank whose host check failed joins with
+   no rows, no flags and zero counts: the one placeholder, so it still takes part below.
+2. **agree**: one small collective exchanges each rank's *metadata row* (problem flag, rows
+   kept, value flags, counts, then one column per agreed value: options, call options, state),
+   read on the host once (the forward's one sync). Every rank takes the same decision: raise,
+   naming the rank at fault or each value the ranks disagree on with every rank's value and
+   the likely fix, or go on. Ranks that disagree would otherwise gather rows of different
+   sizes (a crash inside the transport) or train on different pools (silent divergence).
+3. **filter**: :meth:`Exchange.keep` drops this rank's padding rows by a count the host now
+   knows (no further sync).
+4. **gather**: :meth:`Exchange.gather`, every rank's rows in rank order; a caller with its
+   own gradient rule gathers with :attr:`Exchange.sizes`. This is the seam for a sharded
+   mode, which would *reduce* per-class sums here instead of gathering rows: it needs the
+   same agreed sizes and decision, and nothing else from the steps above.
+
+Host numbers reach a CUDA device by an asynchronous copy from pinned memory; values that
+already live on the device are converted there, never read on the host.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import _distributed
+from ._device import host_copy, to_device, true_indices
 
 MUST_MATCH = "every rank must match"
 CHECKPOINT_FIX = (
@@ -106,8 +122,107 @@ def raise_on_disagreement(metas: list[list[float]], first: int, agreed: Sequence
         raise ValueError(f"ranks disagree on {', '.join(differing)}; {'; '.join(fixes)}")
 
 
-def to_device(host: Tensor, device: torch.device) -> Tensor:
-    """Host-to-device copy that does not block the host (pinned, non-blocking) on CUDA."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+@dataclass
+class Check:
+    """One rank's verdict on its inputs, before anything is exchanged.
+
+    ``problem``: a host check failed (the rank then joins with no rows, no flags and zero
+    counts, whatever the other fields hold). ``rows``: how many rows this rank keeps.
+    ``flags``: value problems found on the device, by name. ``counts``: more numbers every
+    rank learns from each rank (row counts the host needs to select without a sync).
+    """
+
+    problem: str | None = None
+    rows: Tensor | int = 0
+    flags: Mapping[str, Tensor | bool] = field(default_factory=dict)
+    counts: Mapping[str, Tensor | int] = field(default_factory=dict)
+
+
+@dataclass
+class Exchange:
+    """What the ranks agreed on: the decision was "go on"; the sizes and counts to do it with."""
+
+    rank: int
+    distributed: bool
+    group: Any
+    sizes: list[int]
+    counts: dict[str, list[float]]
+
+    def total(self, name: str) -> int:
+        """A count summed over the ranks."""
+        return int(sum(self.counts[name]))
+
+    def mine(self, name: str) -> float:
+        """This rank's own value of a count."""
+        return self.counts[name][self.rank]
+
+    def keep(self, keep: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """``tensors``' rows where ``keep`` is True, selected by the agreed count (no sync)."""
+        count = self.sizes[self.rank]
+        if count == keep.shape[0]:
+            return tensors
+        index = true_indices(keep, count)
+        return tuple(t[index] for t in tensors)
+
+    def gather(self, rows: Tensor) -> Tensor:
+        """Every rank's rows in rank order (the replicated gradient rule); as is when alone."""
+        if not self.distributed:
+            return rows
+        return _distributed.gather_rows(rows, self.sizes, group=self.group)
+
+
+def agree(
+    check: Check,
+    agreed: Sequence[Agreed],
+    *,
+    flags: Mapping[str, Callable[[], str]],
+    counts: Sequence[str] = (),
+    device: torch.device,
+    distributed: bool,
+    group: Any = None,
+) -> Exchange:
+    """Exchange every rank's metadata row and raise the same decision on every rank.
+
+    ``flags`` names the value flags in order, each with how to describe it from this
+    rank's inputs (called only where flagged); ``counts`` names the counts. Alone (not
+    ``distributed``), a host problem raises at once, with no exchange.
+    """
+    if check.problem is not None and not distributed:
+        raise ValueError(check.problem)
+    failed = check.problem is not None
+    values: list[Tensor | int | bool] = [failed, 0 if failed else check.rows]
+    values += [False if failed else check.flags.get(name, False) for name in flags]
+    values += [0 if failed else check.counts.get(name, 0) for name in counts]
+    head = torch.stack(
+        [torch.as_tensor(v, device=device).to(torch.float64).reshape(()) for v in values]
+    )
+    row = torch.cat([head, columns(agreed, device)])
+    if distributed:
+        metas = host_copy(
+            torch.stack(_distributed.all_gather_rows_of_equal_shape(row, group))
+        ).tolist()
+    else:
+        metas = host_copy(row[None]).tolist()
+    rank = _distributed.world(group)[0] if distributed else 0
+    describe = {0: lambda: check.problem or ""}
+    describe.update({2 + i: d for i, d in enumerate(flags.values())})
+    for column, explain in describe.items():
+        flagged = [r for r, m in enumerate(metas) if m[column]]
+        if not flagged:
+            continue
+        if rank in flagged:
+            message = explain()
+            raise ValueError(message if len(metas) == 1 else f"rank {rank}: {message}")
+        raise ValueError(
+            f"invalid input on rank(s) {flagged} (see their error); "
+            "no rank changed its state this step"
+        )
+    first = 2 + len(flags)
+    raise_on_disagreement(metas, first + len(counts), agreed)
+    return Exchange(
+        rank=rank,
+        distributed=distributed,
+        group=group,
+        sizes=[int(m[1]) for m in metas],
+        counts={name: [m[first + i] for m in metas] for i, name in enumerate(counts)},
+    )

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 
 class MemoryQueue(nn.Module):
-    """Fixed-size circular buffer of ``(scores [C], target, weight)`` rows.
+    """Fixed-size circular buffer of ``(scores [C], target, weight, iid)`` rows.
 
     A push of fewer than ``capacity`` rows writes them at the pointer, wrapping
     round and overwriting the oldest rows. A push of at least ``capacity`` rows
@@ -17,12 +17,14 @@ class MemoryQueue(nn.Module):
     rows and the pointer goes back to 0, so the result does not depend on where
     the pointer was. Either way the oldest row sits at ``ptr``. ``ptr`` and ``count`` are
     plain ints (no device sync to read them) saved through the module's extra
-    state, so ``state_dict()`` holds everything needed to resume.
+    state, so ``state_dict()`` holds everything needed to resume. A checkpoint saved
+    before ``iid`` was stored loads with every row iid (what ``iid_mask=None`` means).
     """
 
     scores: Tensor
     targets: Tensor
     weights: Tensor
+    iid: Tensor
 
     def __init__(self, capacity: int, width: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -33,6 +35,7 @@ class MemoryQueue(nn.Module):
         self.register_buffer("scores", torch.zeros(capacity, width, dtype=dtype))
         self.register_buffer("targets", torch.zeros(capacity, dtype=torch.long))
         self.register_buffer("weights", torch.zeros(capacity, dtype=dtype))
+        self.register_buffer("iid", torch.ones(capacity, dtype=torch.bool))
         self.ptr = 0
         self.count = 0
 
@@ -41,14 +44,27 @@ class MemoryQueue(nn.Module):
         n = self.count
         return self.scores[:n], self.targets[:n], self.weights[:n]
 
+    def iid_rows(self) -> Tensor:
+        """The filled rows' ``iid`` flags ``[n]``, storage order (as :meth:`rows`)."""
+        return self.iid[: self.count]
+
     def reset(self) -> None:
         """Forget every stored row."""
         self.ptr = 0
         self.count = 0
 
     @torch.no_grad()
-    def push(self, scores: Tensor, targets: Tensor, weights: Tensor | None = None) -> None:
-        """Write rows at the pointer, or replace the queue (detached, cast to its dtype)."""
+    def push(
+        self,
+        scores: Tensor,
+        targets: Tensor,
+        weights: Tensor | None = None,
+        iid: Tensor | None = None,
+    ) -> None:
+        """Write rows at the pointer, or replace the queue (detached, cast to its dtype).
+
+        ``weights`` default to 1 and ``iid`` to True.
+        """
         m = scores.shape[0]
         if self.capacity == 0 or m == 0:
             return
@@ -63,6 +79,10 @@ class MemoryQueue(nn.Module):
         self.scores.index_copy_(0, slots, scores[first:].to(self.scores.dtype))
         self.targets.index_copy_(0, slots, targets[first:].to(torch.long))
         self.weights.index_copy_(0, slots, weights[first:].to(self.weights.dtype))
+        if iid is None:
+            self.iid.index_fill_(0, slots, True)
+        else:
+            self.iid.index_copy_(0, slots, iid[first:].to(torch.bool))
         self.ptr = (start + kept) % self.capacity
         self.count = min(self.count + kept, self.capacity)
 
@@ -103,6 +123,9 @@ class MemoryQueue(nn.Module):
                 f"this loss expects ({self.capacity}, {self.width}) "
                 f"(queue_size={self.capacity}, width={self.width})"
             )
+        if saved is not None and prefix + "iid" not in state_dict:
+            # Saved before the queue stored iid flags: its rows were all iid (no iid_mask).
+            state_dict = {**state_dict, prefix + "iid": torch.ones(self.capacity, dtype=torch.bool)}
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

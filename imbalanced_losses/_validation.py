@@ -1,108 +1,28 @@
-"""Input validation and the metadata row that every rank exchanges before gathering rows.
+"""Pure checks of one rank's inputs: they decide nothing across ranks and never sync.
 
-Validation must cost neither a host sync per check nor a hang across ranks. So
-shape, dtype and device checks run on the host without touching values; value
-checks (targets in range, weights finite and non-negative) are reduced on the
-device into one *metadata row*, together with the row counts and the options
-and state every rank must agree on (``_exchange``). Ranks exchange that row
-with one small collective and read it on the host once; then every rank takes
-the same decision: raise (naming the rank(s) at fault), or go on with the row
-counts it needs to gather and filter rows without another sync. The loss and
-the metric both use it.
+Shape, dtype and device checks run on the host without touching values and return the
+first problem as a message (or ``None``); value checks (targets in range, weights finite
+and non-negative) return a device flag, with a ``describe_*`` that explains a flagged
+input once it must raise. ``_exchange`` carries the flags to every rank and decides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _distributed
-from ._exchange import Agreed, raise_on_disagreement
 from .functional import out_of_range_targets
 
 
-class Meta:
-    """Columns of the metadata row; the agreed-on configuration follows ``CONFIG``."""
-
-    STATIC_ERROR, ROWS, FINITE_ROWS, BAD_TARGETS, BAD_WEIGHTS, POSITIVE_ROWS = range(6)
-    CONFIG = 6
-
-
-def metadata_row(
-    *,
-    static_error: bool,
-    rows: Tensor | int,
-    finite_rows: Tensor | int,
-    bad_targets: Tensor | bool,
-    bad_weights: Tensor | bool,
-    config: Tensor,
-    positive_rows: Tensor | int = 0,
-) -> Tensor:
-    """This rank's metadata row (float64, on ``config``'s device), without a host sync.
-
-    ``positive_rows`` (kept rows that are a positive of some class) lets the
-    loss select its positives with a size the host knows, so without a sync.
-    """
-    values = [rows, finite_rows, bad_targets, bad_weights, positive_rows]
-    device = config.device
-    row = torch.stack(
-        [torch.as_tensor(v, device=device).to(torch.float64).reshape(()) for v in values]
-    )
-    flag = torch.full((1,), float(static_error), dtype=torch.float64, device=device)
-    return torch.cat([flag, row, config])
-
-
-def exchange(row: Tensor, *, distributed: bool, group: Any = None) -> list[list[float]]:
-    """Every rank's metadata row in rank order, read on the host once.
-
-    The row travels on the device the group's backend needs (CUDA under NCCL),
-    whatever device the inputs are on. This host read is the one sync that
-    validation costs per forward.
-    """
-    if distributed:
-        rows = torch.stack(_distributed.all_gather_rows_of_equal_shape(row, group))
-    else:
-        rows = row[None]
-    return host_copy(rows).tolist()
-
-
-def host_copy(tensor: Tensor) -> Tensor:
-    """One explicit device-to-host copy (a copy even on CPU, so profilers can count it)."""
-    return tensor.to("cpu", copy=True)
-
-
-def raise_on_any_problem(
-    metas: list[list[float]],
-    rank: int,
-    problems: Mapping[int, Callable[[], str]],
-    config: Sequence[str | Agreed],
-) -> None:
-    """Raise the same decision on every rank: bad input anywhere, or ranks that disagree.
-
-    ``problems`` maps a flag column of the metadata row to a function that
-    describes the problem from this rank's inputs (called only where flagged).
-    ``config`` names the agreed columns (``Agreed`` entries say how to show and fix them).
-    """
-    for column, describe in problems.items():
-        flagged = [r for r, m in enumerate(metas) if m[column]]
-        if not flagged:
-            continue
-        if rank in flagged:
-            message = describe()
-            raise ValueError(message if len(metas) == 1 else f"rank {rank}: {message}")
-        raise ValueError(
-            f"invalid input on rank(s) {flagged} (see their error); "
-            "no rank changed its state this step"
-        )
-    agreed = [Agreed(c, 0.0) if isinstance(c, str) else c for c in config]
-    raise_on_disagreement(metas, Meta.CONFIG, agreed)
-
-
 def static_problem(
-    logits: Any, targets: Any, sample_weight: Any, num_classes: int, state_device: torch.device
+    logits: Any,
+    targets: Any,
+    sample_weight: Any,
+    num_classes: int,
+    state_device: torch.device,
+    iid_mask: Any = None,
 ) -> str | None:
     """First shape/dtype/device problem of a loss's inputs, without touching their values."""
     c = num_classes
@@ -138,6 +58,19 @@ def static_problem(
             return f"sample_weight must have shape [{n}], got {tuple(sample_weight.shape)}"
         if sample_weight.device != logits.device:
             return f"sample_weight is on {sample_weight.device} but logits are on {logits.device}"
+    if iid_mask is not None:
+        if (
+            not isinstance(iid_mask, Tensor)
+            or iid_mask.is_floating_point()
+            or iid_mask.is_complex()
+        ):
+            return f"iid_mask must be a bool tensor [{n}], got {describe(iid_mask)}"
+        if tuple(iid_mask.shape) != (n,):
+            return (
+                f"iid_mask must be [N] matching logits dim-0, got {tuple(iid_mask.shape)} vs N={n}"
+            )
+        if iid_mask.device != logits.device:
+            return f"iid_mask is on {iid_mask.device} but logits are on {logits.device}"
     return None
 
 
@@ -173,18 +106,6 @@ def describe_bad_weights(sample_weight: Tensor | None) -> str:
         "sample_weight must be finite and non-negative; got "
         f"{int((~torch.isfinite(w)).sum())} non-finite and {int((w < 0).sum())} negative values"
     )
-
-
-def true_indices(mask: Tensor, count: int) -> Tensor:
-    """Indices of the ``count`` True entries of ``mask`` (a count the host already knows).
-
-    ``nonzero_static`` needs no device sync; CUDA has it from torch 2.6, older
-    builds fall back to ``nonzero`` (one sync).
-    """
-    try:
-        return mask.nonzero_static(size=count).squeeze(1)
-    except NotImplementedError:
-        return mask.nonzero().squeeze(1)
 
 
 def describe(value: Any) -> str:

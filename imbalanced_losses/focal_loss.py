@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _distributed, _validation
-from ._validation import Meta
+from . import _distributed, _exchange, _validation
 
 __all__ = ["SigmoidFocalLoss", "SoftmaxFocalLoss"]
 
@@ -122,45 +121,37 @@ class _FocalBase(nn.Module):
         group = self.process_group
         distributed = _distributed.should_gather(self.gather_distributed, group)
         problem = self._static_problem(inputs, targets, sample_weight)
-        if problem is not None and not distributed:
-            raise ValueError(problem)
         config = {**self._config(), "sample_weight passed": float(sample_weight is not None)}
+        check = _exchange.Check(problem)
         if problem is None:
             num, den, bad_targets, trailing = self._elements(inputs, targets, sample_weight)
             weight = sample_weight if sample_weight is not None else num.new_zeros(0)
             bad_weights = _validation.bad_weights(weight.detach())
-            zero_flag = (weight == 0).all() if weight.numel() else bad_weights & False
+            # Informative, not agreed on: whether this rank's weights are all zero.
+            all_zero = (weight == 0).all() if weight.numel() else False
             config["dtype"] = float(str(num.dtype) == "torch.float64")
             config["elements per row"] = float(num.shape[1])
             config["trailing shape"] = _shape_code(trailing)
-            device, rows = num.device, num.shape[0]
+            check = _exchange.Check(
+                rows=num.shape[0],
+                flags={"targets": bad_targets, "weights": bad_weights},
+                counts={"all weights zero": all_zero},
+            )
         else:
-            device, rows = _device_of(inputs), 0
-            bad_targets = bad_weights = zero_flag = torch.zeros((), dtype=torch.bool)
             config.update({"dtype": -1.0, "elements per row": -1.0, "trailing shape": -1.0})
-        values = torch.tensor(list(config.values()), dtype=torch.float64, device=device)
-        # The zero-weight flag rides after the agreed columns: informative, not agreed on.
-        row = _validation.metadata_row(
-            static_error=problem is not None,
-            rows=rows,
-            finite_rows=rows,
-            bad_targets=bad_targets,
-            bad_weights=bad_weights,
-            config=torch.cat([values, zero_flag.to(device, torch.float64).reshape(1)]),
-        )
-        metas = _validation.exchange(row, distributed=distributed, group=group)
-        rank = _distributed.world(group)[0] if distributed else 0
-        _validation.raise_on_any_problem(
-            metas,
-            rank,
-            {
-                Meta.STATIC_ERROR: lambda: problem or "",
-                Meta.BAD_TARGETS: lambda: self._describe_bad_targets(inputs, targets),
-                Meta.BAD_WEIGHTS: lambda: _validation.describe_bad_weights(sample_weight),
+        agreed = _exchange.agree(
+            check,
+            [_exchange.Agreed(name, value) for name, value in config.items()],
+            flags={
+                "targets": lambda: self._describe_bad_targets(inputs, targets),
+                "weights": lambda: _validation.describe_bad_weights(sample_weight),
             },
-            list(config),
+            counts=("all weights zero",),
+            device=_device_of(inputs),
+            distributed=distributed,
+            group=group,
         )
-        if metas[rank][-1] and not self._zero_weight_warned:
+        if agreed.mine("all weights zero") and not self._zero_weight_warned:
             self._zero_weight_warned = True
             warnings.warn(
                 f"{type(self).__name__}: sample_weight is entirely zero for this call, a likely "
@@ -169,16 +160,12 @@ class _FocalBase(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        if distributed:
-            sizes = [int(m[Meta.ROWS]) for m in metas]
-            width = num.shape[1]
-            if self.reduction == "none":
-                num = _distributed.gather_rows(num, sizes, group=group)
-            else:
-                packed = _distributed.gather_rows(torch.cat([num, den], 1), sizes, group=group)
-                num, den = packed[:, :width], packed[:, width:]
         if self.reduction == "none":
+            num = agreed.gather(num)
             return num.reshape(num.shape[0], *trailing)
+        width = num.shape[1]
+        packed = agreed.gather(torch.cat([num, den], 1))
+        num, den = packed[:, :width], packed[:, width:]
         total = num.sum()
         if self.reduction == "sum":
             return total

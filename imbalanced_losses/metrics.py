@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _distributed, _validation
-from ._validation import Meta
+from . import _distributed, _exchange, _validation
 from .functional import INTERPOLATIONS, positive_scores, quantile_threshold
 
 
@@ -73,42 +72,26 @@ def _pooled_rows(
     """Validated non-ignored ``(scores [M, C], targets [M])`` of every rank, in rank order."""
     distributed = _distributed.should_gather(gather_distributed, group)
     problem = _static_problem(scores, targets)
-    if problem is not None and not distributed:
-        raise ValueError(problem)
+    check, width = _exchange.Check(problem), 0
     if problem is None:
         columns = scores[:, None] if scores.dim() == 1 else scores
         tgt = targets.reshape(-1).long()
-        width = columns.shape[1]
-        keep = tgt != ignore_index
-        flag: Tensor | bool = _validation.bad_targets(tgt, width, ignore_index)
-    else:
-        columns, tgt = torch.empty(0, 1), torch.empty(0, dtype=torch.long)
-        width, keep, flag = 1, torch.empty(0, dtype=torch.bool), False
-    row = _validation.metadata_row(
-        static_error=problem is not None,
-        rows=keep.sum(),
-        finite_rows=0,
-        bad_targets=flag,
-        bad_weights=False,
-        config=torch.tensor([float(width)], dtype=torch.float64, device=columns.device),
+        width, keep = columns.shape[1], tgt != ignore_index
+        bad = _validation.bad_targets(tgt, width, ignore_index)
+        check = _exchange.Check(rows=keep.sum(), flags={"targets": bad})
+    device = scores.device if isinstance(scores, Tensor) else torch.device("cpu")
+    agreed = _exchange.agree(
+        check,
+        [_exchange.Agreed("the number of score columns", width)],
+        flags={"targets": lambda: _validation.describe_bad_targets(tgt, width, ignore_index)},
+        device=device,
+        distributed=distributed,
+        group=group,
     )
-    metas = _validation.exchange(row, distributed=distributed, group=group)
-    rank = _distributed.world(group)[0] if distributed else 0
-    _validation.raise_on_any_problem(
-        metas,
-        rank,
-        {
-            Meta.STATIC_ERROR: lambda: problem or "",
-            Meta.BAD_TARGETS: lambda: _validation.describe_bad_targets(tgt, width, ignore_index),
-        },
-        ["the number of score columns"],
-    )
-    rows = _validation.true_indices(keep, int(metas[rank][Meta.ROWS]))
-    columns, tgt = columns[rows], tgt[rows]
-    if not distributed:
+    columns, tgt = agreed.keep(keep, columns, tgt)
+    if not agreed.distributed:
         return columns, tgt
-    packed = torch.cat([columns.double(), tgt.double()[:, None]], dim=1)
-    packed = _distributed.gather_rows(packed, [int(m[Meta.ROWS]) for m in metas], group=group)
+    packed = agreed.gather(torch.cat([columns.double(), tgt.double()[:, None]], dim=1))
     return packed[:, :-1].to(scores.dtype), packed[:, -1].long()
 
 

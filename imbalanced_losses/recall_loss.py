@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Pool, QueuedRankingLoss
+from ._base import BASE_OPTIONS, POSITIVES, TEMPERATURE, QueuedRankingLoss
+from ._options import arguments, choice, real
+from ._pool import Pool
 from .functional import INTERPOLATIONS, positive_columns, quantile_threshold, soft_recall_loss
 
 # The positive-fraction check waits until the pool expects this many rows above the
@@ -72,6 +74,15 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
     # Its gradient flows only through each positive's own-class score: under DDP the
     # gathered rows travel detached and no dense [global rows, C] gradient is built.
     own_class_gradient_only = True
+    options = (
+        *BASE_OPTIONS,
+        real("quantile", lambda q: 0.0 < q < 1.0, "a float in (0, 1)"),
+        TEMPERATURE,
+        choice("quantile_interpolation", INTERPOLATIONS),
+        POSITIVES,
+    )
+    quantile: float
+    quantile_interpolation: str
 
     def __init__(
         self,
@@ -90,32 +101,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         process_group: Any = None,
         positives: str = "pool",
     ) -> None:
-        super().__init__(
-            num_classes,
-            queue_size=queue_size,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            update_queue_in_eval=update_queue_in_eval,
-            gather_distributed=gather_distributed,
-            max_pool_size=max_pool_size,
-            seed=seed,
-            process_group=process_group,
-            positives=positives,
-            temperature=temperature,
-        )
-        if (
-            isinstance(quantile, bool)
-            or not isinstance(quantile, (int, float))
-            or not (0.0 < quantile < 1.0)
-        ):
-            raise ValueError(f"quantile must be a float in (0, 1), got {quantile!r}")
-        if quantile_interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"quantile_interpolation must be one of {INTERPOLATIONS}, "
-                f"got {quantile_interpolation!r}"
-            )
-        self.quantile = float(quantile)
-        self.quantile_interpolation = quantile_interpolation
+        super().__init__(**arguments(locals()))
         self._pending_fraction: _HostCopy | None = None
 
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
@@ -174,22 +160,6 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
             "even a perfect model leaves some positives below it and the loss keeps pushing "
             "positives against each other; use a quantile above every class's positive "
             f"fraction (e.g. quantile={min(0.5, 2 * fraction):.3g}).",
-        )
-
-    def config_fingerprint(self) -> dict[str, float]:
-        return {
-            **super().config_fingerprint(),
-            "quantile": self.quantile,
-            "quantile_interpolation": float(INTERPOLATIONS.index(self.quantile_interpolation)),
-        }
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, quantile={self.quantile}, "
-            f"queue_size={self.queue.capacity}, temperature={self.temperature}, "
-            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-            f"quantile_interpolation={self.quantile_interpolation!r}, "
-            f"max_pool_size={self.max_pool_size}{self._group_repr()}"
         )
 
 

@@ -7,9 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _validation
+from . import _device
 from ._autograd import once_differentiable
-from ._base import Pool, QueuedRankingLoss, Rows
+from ._base import BASE_OPTIONS, TEMPERATURE, QueuedRankingLoss
+from ._options import arguments
+from ._pool import Pool, Rows
 from .functional import positive_columns
 
 # Pairs are computed in tiles of at most this many elements (x64 on CUDA) in one buffer
@@ -198,6 +200,8 @@ class SmoothAPLoss(QueuedRankingLoss):
         ``sample_weight`` ``[N]`` non-negative (weights the mean over positives only).
     """
 
+    options = (*BASE_OPTIONS, TEMPERATURE)
+
     def __init__(
         self,
         num_classes: int,
@@ -212,18 +216,7 @@ class SmoothAPLoss(QueuedRankingLoss):
         seed: int = 0,
         process_group: Any = None,
     ) -> None:
-        super().__init__(
-            num_classes,
-            queue_size=queue_size,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            update_queue_in_eval=update_queue_in_eval,
-            gather_distributed=gather_distributed,
-            max_pool_size=max_pool_size,
-            seed=seed,
-            process_group=process_group,
-            temperature=temperature,
-        )
+        super().__init__(**arguments(locals()))
 
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
         num_classes = self.num_classes
@@ -274,7 +267,7 @@ class SmoothAPLoss(QueuedRankingLoss):
             pos_index = torch.full((pool.size,), -1, dtype=torch.long, device=own.device)
             pos_index[row_of_pos] = torch.arange(own.shape[0], device=own.device)
             sampled_pos = pos_index[sample]
-            sampled_pos = sampled_pos[_validation.true_indices(sampled_pos >= 0, sampled_count)]
+            sampled_pos = sampled_pos[_device.true_indices(sampled_pos >= 0, sampled_count)]
             pos_cols, pos_class = own[sampled_pos][None, :], own_class[sampled_pos]
             self_pos = _position_in(
                 sampled_pos, torch.arange(own.shape[0], device=own.device), own.shape[0]
@@ -288,14 +281,6 @@ class SmoothAPLoss(QueuedRankingLoss):
             torch.finfo(mass.dtype).tiny
         )
         return 1.0 - ap, valid
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, queue_size={self.queue.capacity}, "
-            f"temperature={self.temperature}, reduction={self.reduction!r}, "
-            f"ignore_index={self.ignore_index}, max_pool_size={self.max_pool_size}"
-            f"{self._group_repr()}"
-        )
 
 
 def _positive_counts(pool: Pool, sample: Tensor | None) -> tuple[int, int, int]:
@@ -321,7 +306,7 @@ def _positive_counts(pool: Pool, sample: Tensor | None) -> tuple[int, int, int]:
     if sample is not None:
         pending[2] = _take(live_pos, queued_pos, sample, n_live).sum()
     if pending:
-        values = _validation.host_copy(torch.stack(list(pending.values()))).tolist()
+        values = _device.host_copy(torch.stack(list(pending.values()))).tolist()
         for k, value in zip(pending, values):
             counts[k] = int(value)
     live_count, queued_count, sampled_count = counts
@@ -351,7 +336,7 @@ def _positives_of(
     if count == column.shape[0]:
         index = torch.arange(count, device=column.device)
     else:
-        index = _validation.true_indices(column >= 0, count)
+        index = _device.true_indices(column >= 0, count)
     cls = column[index]
     return rows.scores[index, cls], cls, rows.weights[index], index
 

@@ -21,7 +21,7 @@ from unittest import mock
 import pytest
 import torch
 
-from imbalanced_losses import RecallAtQuantileLoss, SmoothAPLoss, _exchange
+from imbalanced_losses import RecallAtQuantileLoss, SmoothAPLoss, _device
 from imbalanced_losses._exchange import Agreed, columns
 from imbalanced_losses.testing import SyncCounter, run_ranks
 from imbalanced_losses.testing._host_syncs import DEVICE_TO_HOST
@@ -47,7 +47,7 @@ def _count_steady_state_step(loss_fn, gen, num_classes: int, rows: int) -> tuple
     weights = torch.rand(rows, generator=gen)
     buffers = list(loss_fn.buffers())
     with (
-        mock.patch.object(_exchange, "to_device", _sample_on_device),
+        mock.patch.object(_device, "to_device", _sample_on_device),
         SyncCounter(logits, targets, weights, *buffers) as forward,
     ):
         loss = loss_fn(logits, targets, sample_weight=weights)

@@ -157,10 +157,42 @@ def test_a_checkpoint_written_before_versioning_loads_and_gives_the_same_loss():
     torch.testing.assert_close(loss, expected.to(loss.dtype), rtol=1e-6, atol=1e-7)
 
 
+V1_CHECKPOINT = Path(__file__).parent / "data" / "raq_state_v1_64835a4.pt"
+
+
+def test_a_version_1_checkpoint_without_iid_flags_loads_as_all_iid_and_gives_the_same_loss():
+    # Written by tests/data/make_raq_state_v1.py with the code at commit 64835a4, whose
+    # queue stored no iid flags: its rows were all iid (there was no iid_mask).
+    state = torch.load(V1_CHECKPOINT, weights_only=True)
+    assert state["_extra_state"]["version"] == 1 and "queue.iid" not in state
+    recorded = json.loads(V1_CHECKPOINT.with_suffix(".json").read_text())
+    loss_fn = RecallAtQuantileLoss(
+        3, quantile=0.3, queue_size=16, temperature=0.25, max_pool_size=12
+    )
+    loss_fn.queue.iid.fill_(False)  # so that loading must set them
+    loss_fn.load_state_dict(state)  # strict: the missing queue.iid is not an error
+    assert loss_fn.queue.iid.all()
+    assert loss_fn.subsample_step == recorded["subsample_step"]
+    logits, targets = _old_probe()
+    loss = loss_fn.eval()(logits, targets)
+    assert loss.item() == pytest.approx(recorded["loss"], rel=1e-6)
+
+
+def test_the_queue_saves_each_rows_iid_flag_and_a_round_trip_keeps_it():
+    loss_fn = RecallAtQuantileLoss(2, queue_size=6)
+    iid = torch.tensor([True, False, True, False, False])
+    loss_fn(torch.randn(5, 2), torch.tensor([0, 1, 0, 1, -100]), iid)
+    state = round_trip(loss_fn.state_dict())
+    assert state["queue.iid"][:4].tolist() == [True, False, True, False]  # padding not queued
+    resumed = RecallAtQuantileLoss(2, queue_size=6)
+    resumed.load_state_dict(state)
+    assert resumed.queue.iid_rows().tolist() == [True, False, True, False]
+
+
 def test_the_state_carries_a_format_version_and_a_future_one_is_refused_by_number():
     loss_fn = RecallAtQuantileLoss(2, queue_size=4)
     state = loss_fn.state_dict()
-    assert state["_extra_state"]["version"] == 1
+    assert state["_extra_state"]["version"] == 2
     state["_extra_state"] = {**state["_extra_state"], "version": 99, "subsample_step": 5}
     with pytest.raises(ValueError, match="version 99"):
         loss_fn.load_state_dict(state)

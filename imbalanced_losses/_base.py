@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import os
 import sys
 import warnings
@@ -37,17 +36,17 @@ LossOutput = Tensor | tuple[Tensor, Tensor, Tensor]
 # The options every queued ranking loss has, declared once; a loss passes them through.
 BASE_OPTIONS: tuple[Option, ...] = (
     integer("num_classes", 1),
-    integer("queue_size", 0),
-    choice("reduction", ("mean", "sum", "none")),
-    integer("ignore_index"),
-    flag("update_queue_in_eval"),  # agreed through what each step does (updates_state)
-    flag("gather_distributed", optional=True),  # a rank that does not gather cannot agree
-    integer("max_pool_size", 1, optional=True),
-    integer("seed", 0),
-    local("process_group"),
+    integer("queue_size", 0, default=1024),
+    choice("reduction", ("mean", "sum", "none"), default="mean"),
+    integer("ignore_index", default=-100),
+    flag("update_queue_in_eval", default=False),  # agreed through what a step does
+    flag("gather_distributed", optional=True, default=None),  # a rank not gathering can't agree
+    integer("max_pool_size", 1, optional=True, default=None),
+    integer("seed", 0, default=0),
+    local("process_group", default=None),
 )
 # Options the base serves for the losses that declare them.
-POSITIVES = choice("positives", ("pool", "live"))
+POSITIVES = choice("positives", ("pool", "live"), default="pool")
 TEMPERATURE = real(
     "temperature", lambda t: t > 0, "a finite float > 0", fix=_exchange.TEMPERATURE_FIX
 )
@@ -84,8 +83,9 @@ class QueuedRankingLoss(nn.Module):
     seed: int
     process_group: Any
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, num_classes: int, **options: Any) -> None:
         super().__init__()
+        options = {"num_classes": num_classes, **options}
         for name, value in validated(type(self).__name__, self.options, options).items():
             setattr(self, name, value)
         self.subsample_step = 0
@@ -180,8 +180,8 @@ class QueuedRankingLoss(nn.Module):
         return twin
 
     def extra_repr(self) -> str:
-        """Every option but the process group, in constructor order, then the group if any."""
-        shown = [n for n in _signature(type(self)) if n != "process_group"]
+        """Every option but the process group, in table order, then the group if any."""
+        shown = [o.name for o in self.options if o.name != "process_group"]
         return ", ".join(f"{n}={getattr(self, n)!r}" for n in shown) + self._group_repr()
 
     def _group_repr(self) -> str:
@@ -437,11 +437,6 @@ class QueuedRankingLoss(nn.Module):
         generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
         assert self.max_pool_size is not None
         return uniform_sample(size, self.max_pool_size, generator)
-
-
-def _signature(cls: type) -> list[str]:
-    """The option names of ``cls``'s constructor, in order."""
-    return [n for n in inspect.signature(cls).parameters]
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

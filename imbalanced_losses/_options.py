@@ -9,12 +9,15 @@ slip through: the base refuses a constructor argument the table does not declare
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ._exchange import MUST_MATCH, Agreed, number
+
+REQUIRED: Any = inspect.Parameter.empty  # an option without a default
 
 
 @dataclass(frozen=True)
@@ -26,10 +29,12 @@ class Option:
     turns the number back into text for messages, ``fix`` tells the user what to do.
     ``agree=False`` marks an option that is this rank's own business (a process group) or
     is agreed another way (``update_queue_in_eval``, through what a step does).
+    ``default`` is used when the constructor does not pass the option.
     """
 
     name: str
     check: Callable[[Any], Any]
+    default: Any = REQUIRED
     agree: bool = True
     encode: Callable[[Any], float] = float
     show: Callable[[float], str] = number
@@ -94,7 +99,7 @@ def real(name: str, test: Callable[[float], bool], expected: str, **kwargs: Any)
     return Option(name, check, **kwargs)
 
 
-def flag(name: str, *, optional: bool = False) -> Option:
+def flag(name: str, *, optional: bool = False, **kwargs: Any) -> Option:
     """A bool (``optional``: or ``None`` for auto); each rank's own (not agreed)."""
 
     def check(value: Any) -> bool | None:
@@ -105,16 +110,16 @@ def flag(name: str, *, optional: bool = False) -> Option:
             raise ValueError(f"{name} must be {expected}, got {value!r}")
         return value
 
-    return Option(name, check, agree=False)
+    return Option(name, check, agree=False, **kwargs)
 
 
-def local(name: str) -> Option:
+def local(name: str, **kwargs: Any) -> Option:
     """Kept as given, neither checked nor agreed (e.g. a handle to this rank's process group)."""
-    return Option(name, lambda value: value, agree=False)
+    return Option(name, lambda value: value, agree=False, **kwargs)
 
 
 def validated(owner: str, table: Iterable[Option], values: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` checked by ``table``, in table order; an undeclared or missing name raises.
+    """``values`` checked by ``table``, in table order (defaults for the names not passed).
 
     ``TypeError``, as Python raises for an unknown keyword: a constructor option that its
     loss forgot to declare is a bug in the loss, not in the caller's arguments.
@@ -127,10 +132,10 @@ def validated(owner: str, table: Iterable[Option], values: Mapping[str, Any]) ->
             f"{owner} passes option(s) {undeclared} that its options table does not declare; "
             "add an Option for each (with how ranks agree on it) to the loss's `options`"
         )
-    missing = [name for name in names if name not in values]
+    missing = [o.name for o in table if o.name not in values and o.default is REQUIRED]
     if missing:
-        raise TypeError(f"{owner} declares option(s) {missing} that its constructor never passes")
-    return {option.name: option.check(values[option.name]) for option in table}
+        raise TypeError(f"{owner} missing required option(s) {missing}")
+    return {o.name: o.check(values.get(o.name, o.default)) for o in table}
 
 
 def arguments(frame_locals: Mapping[str, Any]) -> dict[str, Any]:

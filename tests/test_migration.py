@@ -270,6 +270,7 @@ def test_out_of_range_targets_say_outside_as_the_references_tests_match():
         "focal losses under DDP",
         "focal losses, an empty batch",
         "focal losses, bad input",
+        "`max_pool_size` warning",
     ],
 )
 def test_every_deliberate_difference_has_a_readme_row_with_its_reason(topic):

@@ -10,19 +10,18 @@ writes) -> reduce -> enqueue. A loss declares its options once, in its ``options
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
-import sys
 import warnings
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _device, _distributed, _exchange, _validation
 from ._device import true_indices
 from ._exchange import Agreed
+from ._group_handle import ProcessGroupHandle, caller_stacklevel
 from ._options import Option, choice, flag, integer, local, real, validated
 from ._pool import Pool, Rows
 from ._queue import MemoryQueue
@@ -52,12 +51,14 @@ TEMPERATURE = real(
 )
 
 
-class QueuedRankingLoss(nn.Module):
+class QueuedRankingLoss(ProcessGroupHandle):
     """Base class for ranking losses over a pool of live rows plus a memory queue.
 
     A loss declares ``options`` (``BASE_OPTIONS`` plus its own, e.g. ``TEMPERATURE``) and
-    implements :meth:`per_class_loss`; its ``__init__`` keeps its public signature and
-    passes every argument through (``super().__init__(**arguments(locals()))``). Under DDP
+    implements :meth:`per_class_loss`. It needs no ``__init__``: the base takes
+    ``num_classes`` and the other options by keyword; a loss that keeps a published
+    positional signature passes it through (``super().__init__(**arguments(locals()))``),
+    and an argument its table does not declare is refused (``TypeError``). Under DDP
     the forward gathers all ranks' rows (of ``process_group``) in rank order with two
     collectives (metadata, then rows) and the gradient equals the single-process gradient
     of the global batch after DDP's averaging. A loss whose gradient flows only through
@@ -141,57 +142,15 @@ class QueuedRankingLoss(nn.Module):
                     "resuming continues from the saved value); assign loss_fn.temperature "
                     "after loading to use another",
                     UserWarning,
-                    stacklevel=_caller_stacklevel(),
+                    stacklevel=caller_stacklevel(),
                 )
             self._temperature = saved
         self.subsample_step = step
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle without ``process_group``: a handle to live ranks cannot travel.
-
-        The unpickled loss uses the default group (``process_group`` is
-        ``None``; its repr names the group it was pickled with) until one is
-        assigned: ``loss_fn.process_group = group``.
-        """
-        state = super().__getstate__()
-        if self.process_group is not None:
-            state["process_group"] = None
-            state["_pickled_with_group"] = _distributed.describe_group(self.process_group)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if self.__dict__.get("_pickled_with_group"):
-            warnings.warn(
-                f"this {type(self).__name__} was pickled with process_group="
-                f"{self._pickled_with_group}; a process group cannot be pickled, so it uses "
-                "the default group now: assign loss_fn.process_group to pool another group",
-                UserWarning,
-                stacklevel=_caller_stacklevel(),
-            )
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> QueuedRankingLoss:
-        """Copy all but ``process_group``, which the copy shares (same process, same ranks)."""
-        if self.process_group is not None:
-            memo[id(self.process_group)] = self.process_group
-        twin = type(self).__new__(type(self))
-        memo[id(self)] = twin
-        nn.Module.__setstate__(twin, copy.deepcopy(nn.Module.__getstate__(self), memo))
-        return twin
 
     def extra_repr(self) -> str:
         """Every option but the process group, in table order, then the group if any."""
         shown = [o.name for o in self.options if o.name != "process_group"]
         return ", ".join(f"{n}={getattr(self, n)!r}" for n in shown) + self._group_repr()
-
-    def _group_repr(self) -> str:
-        """``, process_group=...`` for ``extra_repr`` unless the loss pools the default group."""
-        if self.process_group is not None:
-            return f", process_group={_distributed.describe_group(self.process_group)!r}"
-        pickled = self.__dict__.get("_pickled_with_group")
-        if pickled:
-            return f", process_group=None (the default group; pickled with {pickled})"
-        return ""
 
     @torch.compiler.disable
     def forward(
@@ -247,7 +206,7 @@ class QueuedRankingLoss(nn.Module):
         if key in self._warned:
             return
         self._warned.add(key)
-        warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
+        warnings.warn(message, UserWarning, stacklevel=caller_stacklevel())
 
     def _warn_if_running_alone(self) -> None:
         world_size = os.environ.get("WORLD_SIZE", "1")
@@ -437,17 +396,3 @@ class QueuedRankingLoss(nn.Module):
         generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
         assert self.max_pool_size is not None
         return uniform_sample(size, self.max_pool_size, generator)
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
-
-
-def _caller_stacklevel() -> int:
-    """``stacklevel`` that points a warning at the first frame outside this package and torch."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(
-        (_PACKAGE_DIR, _TORCH_DIR)
-    ):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -11,7 +11,7 @@ from functools import partial
 import pytest
 import torch
 
-from imbalanced_losses import Pool, RecallAtQuantileLoss, SmoothAPLoss
+from imbalanced_losses import Pool, RecallAtQuantileLoss, SmoothAPLoss, recall_at_quantile
 from imbalanced_losses.testing import Step, assert_ddp_exact, run_ranks
 from imbalanced_losses.testing._example_loss import TopQuantileHingeLoss
 
@@ -102,3 +102,37 @@ def test_the_docs_own_loss_example_is_exact_under_ddp():
         plan,
         timeout_s=START_UP_S,
     )
+
+
+def _host_problem_on_rank_one(rank: int) -> list[str]:
+    """Rank 1 passes inputs whose shape or dtype is wrong; rank 0's are good."""
+    bad = rank == 1
+    attempts = [
+        lambda: RecallAtQuantileLoss(3, quantile=0.3)(
+            torch.randn(4, 2 if bad else 3), torch.tensor([0, 1, 2, 0])
+        ),
+        lambda: RecallAtQuantileLoss(3, quantile=0.3)(
+            torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.ones(3 if bad else 4).bool()
+        ),
+        lambda: recall_at_quantile(
+            torch.randn(4, 3), torch.rand(4) if bad else torch.tensor([0, 1, 2, 0]), 0.3
+        ),
+    ]
+    errors = []
+    for attempt in attempts:
+        try:
+            attempt()
+            errors.append("no error")
+        except ValueError as error:
+            errors.append(str(error))
+    return errors
+
+
+def test_a_rank_whose_inputs_fail_a_host_check_still_joins_and_every_rank_raises():
+    """The placeholder: the bad rank joins the metadata exchange with no rows, so the others
+    raise too instead of waiting for it in the collective."""
+    good, bad = run_ranks(_host_problem_on_rank_one, 2, timeout_s=30, start_timeout_s=START_UP_S)
+    assert all(m.startswith("invalid input on rank(s) [1] (see their error)") for m in good)
+    assert bad[0].startswith("rank 1: logits must have shape [N, 3]")
+    assert bad[1].startswith("rank 1: iid_mask must be [N] matching logits dim-0")
+    assert bad[2].startswith("rank 1: targets must be an integer or bool tensor")

@@ -87,7 +87,10 @@ def test_the_iid_flag_travels_with_live_queued_and_sampled_rows():
     assert loss_fn.seen.live.iid.tolist() == second.tolist()
     loss_fn(torch.randn(3, 2), torch.tensor([1, 0, 1]))  # no mask: every row iid
     assert loss_fn.seen.live.iid.tolist() == [True] * 3
-    assert loss_fn.queue.iid_rows().tolist() == [True, False, True, False, False, True, False] + [True] * 3
+    assert (
+        loss_fn.queue.iid_rows().tolist()
+        == [True, False, True, False, False, True, False] + [True] * 3
+    )
 
     loss_fn.max_pool_size = 6  # the sample's rows keep their flags
     loss_fn(torch.randn(2, 2), torch.tensor([0, 1]), torch.tensor([False, False]))
@@ -100,7 +103,10 @@ def test_the_iid_flag_travels_with_live_queued_and_sampled_rows():
 @pytest.mark.parametrize(
     "mask, match",
     [
-        (torch.ones(4, dtype=torch.bool), r"iid_mask must be \[N\] matching logits dim-0, got \(4,\)"),
+        (
+            torch.ones(4, dtype=torch.bool),
+            r"iid_mask must be \[N\] matching logits dim-0, got \(4,\)",
+        ),
         (torch.ones(5), "iid_mask must be a bool tensor"),
         ([True] * 5, "iid_mask must be a bool tensor"),
     ],

@@ -96,7 +96,9 @@ def test_disagreement_messages_show_option_values_not_codes():
 
 
 def test_an_options_own_option_takes_part_in_the_agreement():
-    message = _disagreement(TopQuantileHingeLoss(2, margin=0.1), TopQuantileHingeLoss(2, margin=0.5))
+    message = _disagreement(
+        TopQuantileHingeLoss(2, margin=0.1), TopQuantileHingeLoss(2, margin=0.5)
+    )
     assert message.startswith("ranks disagree on margin (rank 0: 0.1, rank 1: 0.5)")
 
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _distributed, _exchange, _validation
+from ._exchange import Agreed
+from ._options import Option, arguments, flag, integer, local, real, validated
 
 __all__ = ["SigmoidFocalLoss", "SoftmaxFocalLoss"]
 
@@ -39,27 +41,48 @@ def _shape_code(shape: Sequence[int]) -> float:
     return code
 
 
-def _invalid_reduction(reduction: Any, supported: tuple[str, ...]) -> ValueError:
-    modes = ", ".join(repr(m) for m in supported)
-    return ValueError(f"Invalid reduction: {reduction!r}. Supported modes: {modes}.")
+def _reduction(supported: tuple[str, ...]) -> Option:
+    """``reduction``, refused with the reference's words; ranks agree on it."""
+
+    def check(value: Any) -> str:
+        if value not in supported:
+            modes = ", ".join(repr(m) for m in supported)
+            raise ValueError(f"Invalid reduction: {value!r}. Supported modes: {modes}.")
+        return str(value)
+
+    return Option(
+        "reduction", check, "mean", encode=supported.index, show=lambda c: repr(supported[int(c)])
+    )
 
 
-def _check_gather(gather_distributed: Any) -> bool | None:
-    if gather_distributed is not None and not isinstance(gather_distributed, bool):
-        raise ValueError(
-            f"gather_distributed must be None (auto), True or False, got {gather_distributed!r}"
-        )
-    return gather_distributed
-
-
-def _check_gamma(gamma: Any) -> float:
+def _sigmoid_alpha(alpha: Any) -> float:
     if (
-        isinstance(gamma, bool)
-        or not isinstance(gamma, (int, float))
-        or not (math.isfinite(gamma) and gamma >= 0)
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not (0.0 <= alpha <= 1.0 or alpha == -1)
     ):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
-    return float(gamma)
+        raise ValueError(
+            f"Invalid alpha value: {alpha!r}. alpha must be in [0, 1] or -1 for ignore."
+        )
+    return float(alpha)
+
+
+def _class_weights(alpha: Any) -> Tensor | None:
+    if alpha is None:
+        return None
+    weights = torch.as_tensor(alpha, dtype=torch.float32)
+    if weights.ndim != 1:
+        raise ValueError(
+            f"alpha must be a 1-D tensor of shape (C,), got shape {tuple(weights.shape)}"
+        )
+    if not (torch.isfinite(weights).all() and (weights >= 0).all()):
+        raise ValueError(f"alpha must be finite and non-negative, got {weights.tolist()}")
+    return weights
+
+
+GAMMA = real("gamma", lambda g: g >= 0, "a finite number >= 0", default=2.0)
+# Each rank's own: a rank that does not gather cannot agree; the group is a local handle.
+GATHER = (flag("gather_distributed", optional=True, default=None), local("process_group"))
 
 
 def _weight_problem(sample_weight: Any, inputs: Tensor, reference: str, like: Tensor) -> str | None:
@@ -82,23 +105,32 @@ def _weight_problem(sample_weight: Any, inputs: Tensor, reference: str, like: Te
 class _FocalBase(nn.Module):
     """The shared flow: validate and agree, per-element terms, gather, reduce."""
 
-    SUPPORTED_REDUCTIONS: tuple[str, ...] = ()
+    options: ClassVar[tuple[Option, ...]] = ()
     _zero_weight_warned = False
+    reduction: str
+    gather_distributed: bool | None
+    process_group: Any
 
-    def __init__(self, reduction: str, gather_distributed: bool | None, process_group: Any) -> None:
+    def __init__(self, **options: Any) -> None:
+        """Validate the options by the loss's table (a tensor option becomes a buffer)."""
         super().__init__()
-        if reduction not in self.SUPPORTED_REDUCTIONS:
-            raise _invalid_reduction(reduction, self.SUPPORTED_REDUCTIONS)
-        self.reduction = reduction
-        self.gather_distributed = _check_gather(gather_distributed)
-        self.process_group = process_group
+        for name, value in validated(type(self).__name__, self.options, options).items():
+            if isinstance(value, Tensor):
+                self.register_buffer(name, value)
+            else:
+                setattr(self, name, value)
 
-    # Subclasses: host-only input checks, the agreed options, the per-element terms.
+    def extra_repr(self) -> str:
+        shown = [o.name for o in self.options if o.name != "process_group"]
+        return ", ".join(f"{n}={getattr(self, n)!r}" for n in shown)
+
+    # Subclasses: host-only input checks and the per-element terms.
     def _static_problem(self, inputs: Any, targets: Any, sample_weight: Any) -> str | None:
         raise NotImplementedError
 
-    def _config(self) -> dict[str, float]:
-        raise NotImplementedError
+    def _config(self) -> list[Agreed]:
+        """The values every rank must hold: the agreed options of the table."""
+        return [o.agreed(getattr(self, o.name)) for o in self.options if o.agree]
 
     def _elements(
         self, inputs: Tensor, targets: Tensor, sample_weight: Tensor | None
@@ -121,7 +153,7 @@ class _FocalBase(nn.Module):
         group = self.process_group
         distributed = _distributed.should_gather(self.gather_distributed, group)
         problem = self._static_problem(inputs, targets, sample_weight)
-        config = {**self._config(), "sample_weight passed": float(sample_weight is not None)}
+        config = {"sample_weight passed": float(sample_weight is not None)}
         check = _exchange.Check(problem)
         if problem is None:
             num, den, bad_targets, trailing = self._elements(inputs, targets, sample_weight)
@@ -141,7 +173,7 @@ class _FocalBase(nn.Module):
             config.update({"dtype": -1.0, "elements per row": -1.0, "trailing shape": -1.0})
         agreed = _exchange.agree(
             check,
-            [_exchange.Agreed(name, value) for name, value in config.items()],
+            self._config() + [Agreed(name, value) for name, value in config.items()],
             flags={
                 "targets": lambda: self._describe_bad_targets(inputs, targets),
                 "weights": lambda: _validation.describe_bad_weights(sample_weight),
@@ -203,7 +235,14 @@ class SigmoidFocalLoss(_FocalBase):
     ``inputs`` (dim 0 exactly ``N``), finite and non-negative.
     """
 
-    SUPPORTED_REDUCTIONS = ("none", "mean", "sum")
+    options = (
+        Option("alpha", _sigmoid_alpha, 0.25),
+        GAMMA,
+        _reduction(("none", "mean", "sum")),
+        *GATHER,
+    )
+    alpha: float
+    gamma: float
 
     def __init__(
         self,
@@ -214,24 +253,7 @@ class SigmoidFocalLoss(_FocalBase):
         *,
         process_group: Any = None,
     ) -> None:
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not (0.0 <= alpha <= 1.0 or alpha == -1)
-        ):
-            raise ValueError(
-                f"Invalid alpha value: {alpha!r}. alpha must be in [0, 1] or -1 for ignore."
-            )
-        super().__init__(reduction, gather_distributed, process_group)
-        self.alpha = float(alpha)
-        self.gamma = _check_gamma(gamma)
-
-    def _config(self) -> dict[str, float]:
-        return {
-            "reduction": float(self.SUPPORTED_REDUCTIONS.index(self.reduction)),
-            "alpha": self.alpha,
-            "gamma": self.gamma,
-        }
+        super().__init__(**arguments(locals()))
 
     def _static_problem(self, inputs: Any, targets: Any, sample_weight: Any) -> str | None:
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() == 0:
@@ -309,8 +331,21 @@ class SoftmaxFocalLoss(_FocalBase):
     targets' shape, finite and non-negative.
     """
 
-    SUPPORTED_REDUCTIONS = ("none", "mean", "mean_positive", "sum")
+    options = (
+        # A tensor: its length and values are agreed through a code computed once (below).
+        Option("alpha", _class_weights, None, agree=False),
+        GAMMA,
+        _reduction(("none", "mean", "mean_positive", "sum")),
+        real("label_smoothing", lambda x: 0.0 <= x <= 1.0, "in [0, 1]", default=0.0),
+        integer("ignore_index", default=-100),
+        integer("background_class", default=0),
+        *GATHER,
+    )
     alpha: Tensor | None
+    gamma: float
+    label_smoothing: float
+    ignore_index: int
+    background_class: int
 
     def __init__(
         self,
@@ -324,45 +359,16 @@ class SoftmaxFocalLoss(_FocalBase):
         *,
         process_group: Any = None,
     ) -> None:
-        super().__init__(reduction, gather_distributed, process_group)
-        self.gamma = _check_gamma(gamma)
-        if (
-            isinstance(label_smoothing, bool)
-            or not isinstance(label_smoothing, (int, float))
-            or not 0.0 <= label_smoothing <= 1.0
-        ):
-            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-        for name, value in (("ignore_index", ignore_index), ("background_class", background_class)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an int, got {value!r}")
-        self.label_smoothing = float(label_smoothing)
-        self.ignore_index = ignore_index
-        self.background_class = background_class
-        if alpha is None:
-            self.alpha = None
-            self._alpha_code = 0.0
-        else:
-            weights = torch.as_tensor(alpha, dtype=torch.float32)
-            if weights.ndim != 1:
-                raise ValueError(
-                    f"alpha must be a 1-D tensor of shape (C,), got shape {tuple(weights.shape)}"
-                )
-            if not (torch.isfinite(weights).all() and (weights >= 0).all()):
-                raise ValueError(f"alpha must be finite and non-negative, got {weights.tolist()}")
-            self.register_buffer("alpha", weights)
-            self._alpha_code = _alpha_code(weights)
+        super().__init__(**arguments(locals()))
+        # Computed once, on the host: reading the buffer at each step could sync on CUDA.
+        self._alpha_code = 0.0 if self.alpha is None else _alpha_code(self.alpha)
+        self._alpha_length = -1.0 if self.alpha is None else float(len(self.alpha))
 
-    def _config(self) -> dict[str, float]:
-        alpha = self.alpha
-        return {
-            "reduction": float(self.SUPPORTED_REDUCTIONS.index(self.reduction)),
-            "gamma": self.gamma,
-            "label_smoothing": self.label_smoothing,
-            "ignore_index": float(self.ignore_index),
-            "background_class": float(self.background_class),
-            "alpha": -1.0 if alpha is None else _shape_code([len(alpha)]),
-            "alpha values": self._alpha_code,
-        }
+    def _config(self) -> list[Agreed]:
+        return super()._config() + [
+            Agreed("alpha (number of entries, -1: None)", self._alpha_length),
+            Agreed("alpha values", self._alpha_code),
+        ]
 
     def _static_problem(self, inputs: Any, targets: Any, sample_weight: Any) -> str | None:
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 2:

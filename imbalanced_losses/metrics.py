@@ -114,16 +114,3 @@ def _static_problem(scores: object, targets: object) -> str | None:
     if targets.device != scores.device:
         return f"targets are on {targets.device} but scores are on {scores.device}"
     return None
-
-
-def _input_problem(scores: object, targets: object, ignore_index: int) -> str | None:
-    """Everything wrong with one rank's inputs, values included (one host read), or ``None``."""
-    problem = _static_problem(scores, targets)
-    if problem is not None:
-        return problem
-    assert isinstance(scores, Tensor) and isinstance(targets, Tensor)
-    num_classes = 1 if scores.dim() == 1 else scores.shape[1]
-    tgt = targets.reshape(-1).long()
-    if _validation.bad_targets(tgt, num_classes, ignore_index):
-        return _validation.describe_bad_targets(tgt, num_classes, ignore_index)
-    return None

@@ -13,12 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from imbalanced_losses import QueuedRankingLoss, RecallAtQuantileLoss, SmoothAPLoss, _exchange
+from imbalanced_losses import (
+    QueuedRankingLoss,
+    RecallAtQuantileLoss,
+    SigmoidFocalLoss,
+    SmoothAPLoss,
+    SoftmaxFocalLoss,
+    _exchange,
+)
 from imbalanced_losses.options import BASE_OPTIONS, TEMPERATURE, arguments
 from imbalanced_losses.testing._example_loss import TopQuantileHingeLoss
 
 ROOT = Path(__file__).resolve().parent.parent
-LOSSES = [RecallAtQuantileLoss, SmoothAPLoss, TopQuantileHingeLoss]
+RANKING_LOSSES = [RecallAtQuantileLoss, SmoothAPLoss, TopQuantileHingeLoss]
+LOSSES = [*RANKING_LOSSES, SigmoidFocalLoss, SoftmaxFocalLoss]
 
 
 def undeclared_options(cls: type) -> list[str]:
@@ -95,6 +103,13 @@ def test_disagreement_messages_show_option_values_not_codes():
     assert "max_pool_size (rank 0: None, rank 1: 64)" in message
 
 
+def test_the_focal_losses_agree_on_their_table_options_with_readable_messages():
+    message = _disagreement(SoftmaxFocalLoss(reduction="mean"), SoftmaxFocalLoss(reduction="sum"))
+    assert message.startswith("ranks disagree on reduction (rank 0: 'mean', rank 1: 'sum')")
+    message = _disagreement(SigmoidFocalLoss(alpha=0.25), SigmoidFocalLoss(alpha=-1))
+    assert message.startswith("ranks disagree on alpha (rank 0: 0.25, rank 1: -1)")
+
+
 def test_an_options_own_option_takes_part_in_the_agreement():
     message = _disagreement(
         TopQuantileHingeLoss(2, margin=0.1), TopQuantileHingeLoss(2, margin=0.5)
@@ -104,7 +119,7 @@ def test_an_options_own_option_takes_part_in_the_agreement():
 
 @pytest.mark.parametrize("cls", LOSSES, ids=lambda c: c.__name__)
 def test_the_repr_shows_every_option_but_the_process_group(cls):
-    text = repr(cls(3, queue_size=4))
+    text = repr(cls(3, queue_size=4) if cls in RANKING_LOSSES else cls())
     for option in cls.options:
         assert (f"{option.name}=" in text) == (option.name != "process_group"), option.name
 

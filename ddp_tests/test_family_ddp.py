@@ -7,18 +7,14 @@ padding, weights, eval steps, a wrapping queue, a subsampled pool, checkpoints a
 
 from __future__ import annotations
 
-import sys
 from functools import partial
-from pathlib import Path
 
 import pytest
 from test_ddp_exactness import SIZES, assert_all_pass, mixed_plan
 
 from imbalanced_losses import LossWarmupWrapper, RecallAtQuantileLoss, SmoothAPLoss
 from imbalanced_losses.testing import Case, Step, check_many
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _smooth_ap_reference import ReferenceSmoothAPLoss  # noqa: E402
+from imbalanced_losses.testing.reference import ReferenceSmoothAPLoss
 
 # The warm-up loss of the wrapper cases is the recall loss on tiny pools: its warning is noise.
 pytestmark = pytest.mark.filterwarnings("ignore:the pool holds .* too few for quantile")

@@ -307,7 +307,7 @@ class QueuedRankingLoss(nn.Module):
         live, num_finite = self._validated_live_rows(
             logits, targets, sample_weight, update_queue, writes_queue
         )
-        pool = self._pool(live)
+        pool = self._pool(live, advance=self._updates_state(update_queue))
         anchor = live.scores if live.own is None else live.own
         if pool.size == 0:
             # Nothing to rank; still connected to the (empty) graph, so backward() works
@@ -348,10 +348,14 @@ class QueuedRankingLoss(nn.Module):
             "--multi_gpu` and a script that calls Accelerator() first.",
         )
 
-    def _writes_queue(self, update_queue: bool | None) -> bool:
+    def _updates_state(self, update_queue: bool | None) -> bool:
+        """A training step: it writes the queue and moves the subsample stream on."""
         if update_queue is None:
             update_queue = self.training or self.update_queue_in_eval
-        return self.queue.capacity > 0 and update_queue is True
+        return update_queue is True
+
+    def _writes_queue(self, update_queue: bool | None) -> bool:
+        return self.queue.capacity > 0 and self._updates_state(update_queue)
 
     def _agreement(self, sample_weight: Any, writes_queue: bool) -> dict[str, float]:
         """What every rank must agree on this step: the configuration and this call's options."""
@@ -499,7 +503,7 @@ class QueuedRankingLoss(nn.Module):
             torch.promote_types(logits.dtype, self.queue.scores.dtype), torch.float32
         )
 
-    def _pool(self, live: Rows) -> Pool:
+    def _pool(self, live: Rows, advance: bool) -> Pool:
         q_scores, q_targets, q_weights = self.queue.rows()
         dtype = live.scores.dtype
         pool = Pool(
@@ -510,6 +514,8 @@ class QueuedRankingLoss(nn.Module):
         )
         if self.max_pool_size is not None and pool.size > self.max_pool_size:
             pool.threshold_rows = _to_device(self._subsample(pool.size), live.scores.device)
+            # Only training steps move the stream on: validating must not change it (§17).
+            self.subsample_step += int(advance)
         return pool
 
     def _subsample(self, size: int) -> Tensor:
@@ -517,7 +523,6 @@ class QueuedRankingLoss(nn.Module):
         # torch's CPU generator keeps only 32 bits of its seed: hash both parts into them.
         digest = hashlib.blake2b(f"{self.seed},{self.subsample_step}".encode(), digest_size=4)
         generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
-        self.subsample_step += 1
         assert self.max_pool_size is not None
         return torch.randperm(size, generator=generator)[: self.max_pool_size]
 

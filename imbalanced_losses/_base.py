@@ -514,7 +514,7 @@ class QueuedRankingLoss(nn.Module):
         )
         if self.max_pool_size is not None and pool.size > self.max_pool_size:
             pool.threshold_rows = _to_device(self._subsample(pool.size), live.scores.device)
-            # Only training steps move the stream on: validating must not change it (§17).
+            # Only training steps move the stream on: validating must not change it.
             self.subsample_step += int(advance)
         return pool
 

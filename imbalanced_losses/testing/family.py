@@ -1,7 +1,7 @@
 """The family of queued ranking losses, one line per loss, for tests that run every loss.
 
 A :class:`LossSpec` names a loss, its typical options, its plain reference and the options it
-has beyond the base's (with values each must refuse). The family contract tests
+has beyond the base's (with values each must refuse). The family tests
 (``tests/test_family_contract.py``) and the DDP scenarios (``ddp_tests/test_family_ddp.py``)
 are parametrized over :data:`LOSS_SPECS`: adding a loss adds one entry here.
 """

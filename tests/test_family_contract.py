@@ -10,6 +10,7 @@ Smooth-AP's chunked kernel) is tested in that loss's own module.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import math
 import pickle
@@ -26,7 +27,8 @@ from _support import (
     random_batch,
 )
 
-from imbalanced_losses.testing.family import LOSS_SPECS, LossSpec
+import imbalanced_losses
+from imbalanced_losses.testing.family import BASE_OPTIONS, LOSS_SPECS, LossSpec
 
 # The recall loss's pool-size and positive-fraction warnings are its own (test_recall_warnings).
 pytestmark = pytest.mark.filterwarnings("ignore:.*pool.*:UserWarning")
@@ -61,6 +63,28 @@ def filled(spec: LossSpec, num_classes=3, **overrides):
         loss_fn(logits, targets)
     assert loss_fn.queue.count > 0
     return loss_fn
+
+
+# ------------------------------------------------------------------ the list itself
+def test_every_loss_the_package_exports_is_in_the_family_list():
+    """A new loss that is not added to ``LOSS_SPECS`` would silently skip every check here."""
+    exported = {
+        obj
+        for name, obj in vars(imbalanced_losses).items()
+        if not name.startswith("_")
+        and isinstance(obj, type)
+        and issubclass(obj, imbalanced_losses.QueuedRankingLoss)
+        and obj is not imbalanced_losses.QueuedRankingLoss
+    }
+    assert exported == {spec.loss for spec in LOSS_SPECS}
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_the_spec_lists_every_option_the_loss_has_beyond_the_base(spec):
+    """So each new option gets its bad values refused below (and a reference, or a note)."""
+    parameters = set(inspect.signature(spec.loss).parameters) - {"num_classes"}
+    assert parameters - set(BASE_OPTIONS) == set(spec.own_options)
+    assert set(BASE_OPTIONS) <= parameters
 
 
 # ------------------------------------------------------------------ value, gradient, queue

@@ -457,14 +457,18 @@ def test_a_second_call_with_update_queue_false_does_not_enqueue_the_batch_twice(
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_update_queue_false_in_train_mode_leaves_the_whole_state_alone(spec):
+def test_validation_passes_leave_the_whole_state_alone_the_sample_stream_included(spec):
+    """How often one validates must not change the training run (queue nor subsample draws)."""
     loss_fn = spec.make(3, queue_size=64, max_pool_size=5).double()
     gen = torch.Generator().manual_seed(1)
     loss_fn(*random_batch(gen, 8, 3)[:2])
     before, step = queue_state(loss_fn), loss_fn.subsample_step
+    assert step == 1  # a training step draws a sample and moves the stream on
     with torch.no_grad():
         for _ in range(3):  # a validation pass with the loss still in train mode
             loss_fn(*random_batch(gen, 8, 3)[:2], update_queue=False)
+        loss_fn.eval()
+        loss_fn(*random_batch(gen, 8, 3)[:2])  # and one in eval mode
     assert_queue_unchanged(loss_fn, before)
     assert loss_fn.subsample_step == step
 

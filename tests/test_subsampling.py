@@ -194,9 +194,13 @@ def test_threshold_sample_covers_queue_rows_too():
     positives = pool[torch.cat([live_targets, queued_targets]) == 1]
     simulated = uniform_sample_thresholds(pool, m, quantile, gen)
     sim_mean, sim_sd = simulated.mean(), simulated.std()
-    thetas = torch.stack(
-        [recover_theta(loss_fn(live, live_targets), positives, pool) for _ in range(15)]
-    )
+
+    def theta_at(step: int) -> torch.Tensor:
+        # Eval forwards never move the sample stream on: put it where training step `step` is.
+        loss_fn.subsample_step = step
+        return recover_theta(loss_fn(live, live_targets), positives, pool)
+
+    thetas = torch.stack([theta_at(step) for step in range(15)])
     assert len(set(thetas.tolist())) > 1
     assert (thetas - sim_mean).abs().max() < 6 * sim_sd, (thetas, sim_mean, sim_sd)
     assert abs(thetas.mean() - sim_mean) < 5 * sim_sd / len(thetas) ** 0.5

@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from imbalanced_losses import RecallAtQuantileLoss, SmoothAPLoss
-from imbalanced_losses._base import QueuedRankingLoss
+from imbalanced_losses import QueuedRankingLoss, RecallAtQuantileLoss, SmoothAPLoss
 from imbalanced_losses.testing.reference import (
     QueuedReference,
     ReferenceRecallAtQuantileLoss,

@@ -226,14 +226,10 @@ def speed_inputs(
         # Pre-fill both queues with the same rows (the reference keeps its queue where it is
         # told: move its buffers to the device as well).
         q_scores, q_targets = make_batch(gen, queue, num_classes)
-        ref.scores, ref.targets, ref.weights = (
-            ref.scores.to(device),
-            ref.targets.to(device),
-            ref.weights.to(device),
-        )
+        ref.queue.to(device)
         ones = torch.ones(queue, device=device)
         ours.queue.push(q_scores.to(device), q_targets.to(device), ones)
-        ref.push(q_scores.to(device), q_targets.to(device), ones)
+        ref.queue.push(q_scores.to(device), q_targets.to(device), ones)
     batches = [tuple(t.to(device) for t in make_batch(gen, batch, num_classes)) for _ in range(4)]
     return ours, ref, batches
 
@@ -692,7 +688,7 @@ def run_ddp_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
 def smooth_ap_child(impl: str, rows: int, positives: int, repeats: int) -> dict[str, Any]:
     """Runs in a fresh process: forward+backward times and peak extra RSS of one implementation.
 
-    ``impl`` is ``ours`` (SmoothAPLoss, chunked) or ``plain`` (the tests' full-matrix oracle in
+    ``impl`` is ``ours`` (SmoothAPLoss, chunked) or ``plain`` (the full-matrix reference in
     float32). Binary, no queue, temperature 0.01, float32 logits.
     """
 
@@ -705,8 +701,7 @@ def smooth_ap_child(impl: str, rows: int, positives: int, repeats: int) -> dict[
 
         loss_fn = SmoothAPLoss(1, queue_size=0, temperature=0.01)
     else:
-        sys.path.insert(0, os.path.join(REPO, "tests"))
-        from _smooth_ap_reference import reference_smooth_ap_loss
+        from imbalanced_losses.testing.reference import reference_smooth_ap_loss
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return reference_smooth_ap_loss(

@@ -70,13 +70,17 @@ def _thresholds_on_rank(rank: int, world_size: int) -> list[dict]:
                 _distributed.reset_traffic()
                 # Live rows and a queue shard as two blocks, as the sharded loss will pass them.
                 half = mine.shape[0] // 2
-                theta = sharded_quantile_threshold([mine[:half], mine[half:]], quantile, interpolation)
+                theta = sharded_quantile_threshold(
+                    [mine[:half], mine[half:]], quantile, interpolation
+                )
                 traffic = _distributed.traffic()
                 out.append({"theta": theta, "bytes": list(traffic.recent)})
     return out
 
 
-def _expected_bytes(columns: int, dtype: torch.dtype, fractional: bool, world_size: int) -> list[int]:
+def _expected_bytes(
+    columns: int, dtype: torch.dtype, fractional: bool, world_size: int
+) -> list[int]:
     """One check, 4 (float64: 8) rounds of C x 256 int32 counts (+ C NaN counts), C int64 minima."""
     if world_size == 1:
         return []

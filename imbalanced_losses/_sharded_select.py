@@ -95,7 +95,9 @@ def _check_locally(
     return None
 
 
-def _agree(blocks: Sequence[Tensor], quantile: float, interpolation: str, bits: int, group: Group) -> int:
+def _agree(
+    blocks: Sequence[Tensor], quantile: float, interpolation: str, bits: int, group: Group
+) -> int:
     """Check the arguments on every rank at once; return the global row count.
 
     One fixed-size SUM: each rank adds its row count, a failure flag, and the settings that must
@@ -142,8 +144,9 @@ def sharded_quantile_threshold(
     of such blocks (e.g. live rows and the queue shard). Every rank of ``group`` must call it
     with the same ``C``, dtype width, ``quantile``, ``interpolation`` and ``bits``; every rank
     returns the same value, that of ``functional.quantile_threshold`` on the rank-ordered
-    concatenation of all rows. Collectives: one check (13 int64: 104 bytes), ``key width / bits`` rounds of
-    ``C * 2**bits`` counts (int32 below 2**31 global rows), plus ``C`` int64 minima for
+    concatenation of all rows. Collectives (none without a group of 2+ ranks): one check (13
+    int64: 104 bytes), ``key width / bits`` rounds of ``C * 2**bits`` counts (int32 below 2**31
+    global rows; the first round also carries C NaN counts), plus ``C`` int64 minima for
     "linear"/"midpoint" when the position is fractional. No gradient: a stop-gradient target.
     """
     blocks = [scores] if isinstance(scores, Tensor) else list(scores)

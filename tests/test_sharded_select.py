@@ -95,7 +95,10 @@ def test_without_a_process_group_nothing_is_sent_and_no_gradient_flows():
         (lambda: sharded_quantile_threshold(torch.randn(4), 0.1), ["[n, C]", "(4,)"]),
         (lambda: sharded_quantile_threshold(torch.ones(4, 2, dtype=torch.long), 0.1), ["floating"]),
         (lambda: sharded_quantile_threshold(torch.randn(4, 2), -0.5), ["quantile", "-0.5"]),
-        (lambda: sharded_quantile_threshold(torch.randn(4, 2), 0.1, "mean"), ["interpolation", "'mean'"]),
+        (
+            lambda: sharded_quantile_threshold(torch.randn(4, 2), 0.1, "mean"),
+            ["interpolation", "'mean'"],
+        ),
         (lambda: sharded_quantile_threshold(torch.randn(4, 2), 0.1, bits=5), ["bits", "5"]),
         (lambda: sharded_quantile_threshold(torch.empty(0, 2), 0.1), ["at least one row"]),
         (lambda: sharded_quantile_threshold([], 0.1), ["[n, C]"]),

@@ -158,25 +158,30 @@ def sharded_quantile_threshold(
     keys = [ordered_keys(b.detach()) for b in blocks]
     codes = [_unsigned(k, width) for k in keys]
     bins = 1 << bits
-    bin_of_column = torch.arange(columns, device=device)[None, :] * bins
+    dump = columns * bins  # the slot that counts the rows off the prefix, dropped before sending
+    bin_of_column = torch.arange(columns, device=device) * bins
+    ones = torch.ones(max(c.numel() for c in codes), dtype=torch.int64, device=device)
+    alive: list[Tensor | None] = [None] * len(codes)  # rows whose digits so far are the prefix
     count_dtype = torch.int32 if total < (1 << 31) else torch.int64
     prefix = torch.zeros(columns, dtype=torch.int64, device=device)  # digits found so far
     rank = torch.full((columns,), below, dtype=torch.int64, device=device)  # within the prefix
     for step in range(width // bits):
         shift = width - bits * (step + 1)
-        local = torch.zeros(columns * bins, dtype=torch.int64, device=device)
-        for code in codes:
-            digit = (code >> shift) & (bins - 1)
-            if step == 0:
-                match = torch.ones_like(digit)
-            else:
-                high = (code >> (shift + bits)) & ((1 << (bits * step)) - 1)
-                match = (high == prefix).long()
-            local.index_add_(0, (digit + bin_of_column).flatten(), match.flatten())
-        local = local.view(columns, bins)
-        if step == 0:  # NaN count rides along with the first round
-            nans = sum(torch.isnan(b).sum(0) for b in blocks)
-            local = torch.cat([local, torch.as_tensor(nans, device=device).view(columns, 1)], 1)
+        local = torch.zeros(dump + 1, dtype=torch.int64, device=device)
+        digits = []
+        for code, live in zip(codes, alive):
+            digits.append((code >> shift) & (bins - 1))
+            slot = digits[-1] + bin_of_column
+            if live is not None:
+                slot.masked_fill_(~live, dump)
+            local.index_add_(0, slot.flatten(), ones[: slot.numel()])
+        local = local[:dump].view(columns, bins)
+        if step == 0:  # whether a rank holds a NaN in a column rides along with the first round
+            nans = torch.zeros(columns, dtype=torch.int64, device=device)
+            for b in blocks:
+                if b.shape[0]:
+                    nans += torch.isnan(b.detach().amax(0)).long()  # max propagates NaN
+            local = torch.cat([local, nans[:, None]], 1)
         counts = all_reduce_sum(local.to(count_dtype), group).long()
         if step == 0:
             has_nan, counts = counts[:, -1] > 0, counts[:, :-1]
@@ -185,6 +190,7 @@ def sharded_quantile_threshold(
         rank = rank - below_bin.gather(1, digit[:, None]).squeeze(1)
         ties = counts.gather(1, digit[:, None]).squeeze(1)  # rows with this prefix
         prefix = (prefix << bits) | digit
+        alive = [d == digit if a is None else a & (d == digit) for a, d in zip(alive, digits)]
     low_key = _signed(prefix, width)
     high_key = low_key
     if above != below:

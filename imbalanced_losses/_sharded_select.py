@@ -68,8 +68,14 @@ def keys_to_floats(keys: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _unsigned(keys: Tensor, width: int) -> Tensor:
-    """The keys' bit patterns in unsigned order (digits are read off these)."""
-    return keys ^ _INT64_MIN if width == 64 else keys + (1 << 31)
+    """The keys' bit patterns in unsigned order (digits are read off these).
+
+    32-bit keys stay in int32 (their flipped sign bit wraps, digits only read bits): half the
+    memory traffic of int64 in every round.
+    """
+    if width == 64:
+        return keys ^ _INT64_MIN
+    return keys.to(torch.int32) ^ -(1 << 31)
 
 
 def _signed(prefix: Tensor, width: int) -> Tensor:
@@ -159,7 +165,8 @@ def sharded_quantile_threshold(
     codes = [_unsigned(k, width) for k in keys]
     bins = 1 << bits
     dump = columns * bins  # the slot that counts the rows off the prefix, dropped before sending
-    bin_of_column = torch.arange(columns, device=device) * bins
+    slot_dtype = torch.int32 if dump < (1 << 31) - 1 else torch.int64
+    bin_of_column = torch.arange(columns, dtype=slot_dtype, device=device) * bins
     ones = torch.ones(max(c.numel() for c in codes), dtype=torch.int64, device=device)
     alive: list[Tensor | None] = [None] * len(codes)  # rows whose digits so far are the prefix
     count_dtype = torch.int32 if total < (1 << 31) else torch.int64
@@ -190,7 +197,8 @@ def sharded_quantile_threshold(
         rank = rank - below_bin.gather(1, digit[:, None]).squeeze(1)
         ties = counts.gather(1, digit[:, None]).squeeze(1)  # rows with this prefix
         prefix = (prefix << bits) | digit
-        alive = [d == digit if a is None else a & (d == digit) for a, d in zip(alive, digits)]
+        chosen = digit.to(codes[0].dtype)
+        alive = [d == chosen if a is None else a & (d == chosen) for a, d in zip(alive, digits)]
     low_key = _signed(prefix, width)
     high_key = low_key
     if above != below:

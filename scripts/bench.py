@@ -19,6 +19,12 @@ size (memory ratios, collective counts), showing the speed targets as "n/a (full
   <= 2x the pooled scores. The reference's backward costs O(C^2 * batch) here (each class's
   column gradient is a dense [batch, C] tensor), so it runs once in a subprocess with a time
   limit; when it runs out, the table shows the limit as a lower bound.
+* ``c1000_q16k_rss`` C=1,000, batch 1024, queue 16384, quantile 0.3 (the k-th value path): a
+  fresh process (default malloc, what a user's process gets) builds the loss, trains on fresh
+  batches until the queue is full, then takes one more step.   target: peak RSS growth <= 2x
+  the pooled scores, queue included (baseline after one tiny warm-up step of another loss:
+  torch's one-time start-up is not the loss's). Its growth depends on size, so ``--quick``
+  runs it at full size.
 * ``c1_1m``      C=1,   batch 1,000,000, no queue               target: no slower
 * ``c1_20m``     C=1,   20,000,000 rows in one call, no queue   target: runs (the reference
   raises past 2**24 rows: shown) with peak extra memory <= 4x the logits' bytes.
@@ -118,6 +124,9 @@ CASES: dict[str, dict[str, Any]] = {
         warmup=0,
         max_syncs=(2, 0),
     ),
+    "c1000_q16k_rss": dict(
+        kind="rss", C=1000, quantile=0.3, full=(1024, 16384), quick=(1024, 16384), max_growth=2.0
+    ),
     "c1_1m": dict(kind="speed", C=1, full=(1_000_000, 0), quick=(50_000, 0), speedup=1.0),
     # --quick runs ours on 1M rows; the reference is still shown to refuse > 2**24 rows.
     "c1_20m": dict(kind="memory", C=1, full=20_000_000, quick=1_000_000, max_extra=4.0),
@@ -148,6 +157,7 @@ DEFAULT_CASES = [
     "c100_q64k",
     "c100_q64k_q03",
     "c10k_q16k",
+    "c1000_q16k_rss",
     "c1_1m",
     "c1_20m",
     "ddp_gloo_2",
@@ -500,6 +510,81 @@ def run_pool_memory(name: str, batch: int, queue: int, calls: int) -> dict[str, 
         "pool_mb": child["pool_mb"],
         "peak_extra_mb": child["peak_extra_mb"],
         "peak_extra_over_pool": peak / child["pool_mb"],
+    }
+
+
+def rss_child(num_classes: int, quantile: float, batch: int, queue: int) -> dict[str, Any]:
+    """Runs in a fresh process: resident-memory growth of filling the queue and one more step.
+
+    A user's process: the loss is built (its queue included), trained on fresh batches until
+    the queue is full, then takes one more step; default malloc. The baseline is taken after
+    one tiny warm-up step of another loss, so torch's one-time start-up is not counted.
+    """
+    import gc
+
+    warnings.filterwarnings("ignore", message=".*positives make up")
+    tiny = RecallAtQuantileLoss(2, quantile=quantile, queue_size=8)
+    tiny(torch.randn(16, 2, requires_grad=True), torch.arange(16) % 2).backward()
+    del tiny
+    gc.collect()
+    start_up_mb = _rss_mb()[0]
+    _reset_peak()
+    rss0, _ = _rss_mb()
+    loss_fn = RecallAtQuantileLoss(num_classes, quantile=quantile, queue_size=queue)
+    gen = torch.Generator().manual_seed(5)
+    marks = {}
+    for _ in range(-(-queue // batch) + 1):
+        logits, targets = make_batch(gen, batch, num_classes)
+        start = time.perf_counter()
+        loss_fn(logits.requires_grad_(True), targets).backward()
+        seconds = time.perf_counter() - start
+        if loss_fn.queue.count == queue and "queue_full_mb" not in marks:
+            marks["queue_full_mb"] = _rss_mb()[1] - rss0
+    rss, peak = _rss_mb()
+    return {
+        "pool_mb": (batch + queue) * num_classes * 4 / 2**20,
+        "queue_mb": queue * num_classes * 4 / 2**20,
+        "peak_growth_mb": peak - rss0,
+        "final_growth_mb": rss - rss0,
+        "start_up_rss_mb": start_up_mb,
+        "last_step_ms": seconds * 1e3,
+        **marks,
+    }
+
+
+def run_rss_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS growth of a fresh process (default malloc) that fills the queue and steps."""
+    batch, queue = spec["quick"] if args.quick else spec["full"]
+    code = (
+        f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+        f"import torch; torch.set_num_threads({torch.get_num_threads()}); import bench; "
+        f"print(json.dumps(bench.rss_child({spec['C']}, {spec['quantile']}, {batch}, {queue})))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=1800, cwd=REPO
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"rss subprocess failed:\n{proc.stderr[-4000:]}")
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    ratio = child["peak_growth_mb"] / child["pool_mb"]
+    return {
+        "kind": "rss",
+        "num_classes": spec["C"],
+        "quantile": spec["quantile"],
+        "batch": batch,
+        "queue": queue,
+        **child,
+        "peak_growth_over_pool": ratio,
+        "ours_median_ms": child["last_step_ms"],
+        "reference_median_ms": None,
+        "method": (
+            "fresh subprocess, default malloc (what a user's process gets); baseline RSS after "
+            "one tiny warm-up step of another loss; the loss is built, trained on fresh batches "
+            "until its queue is full, then one more step; growth = VmHWM - baseline, queue "
+            "included; pooled scores = (batch + queue) * C float32"
+        ),
+        "target": f"peak RSS growth <= {spec['max_growth']:g}x pooled scores (queue included)",
+        "met": bool(ratio <= spec["max_growth"]),
     }
 
 
@@ -859,6 +944,19 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                     _verdict(r),
                 ]
             )
+        elif r["kind"] == "rss":
+            rows.append(
+                [
+                    f"{name} (C={r['num_classes']:,}, batch {r['batch']:,}, queue "
+                    f"{r['queue']:,}, quantile {r['quantile']:g}: fill the queue, one more step)",
+                    fmt_ms(r["ours_median_ms"]),
+                    "—",
+                    f"peak RSS growth {r['peak_growth_mb']:,.0f} MiB = "
+                    f"{r['peak_growth_over_pool']:.2f}x pool ({r['pool_mb']:,.0f} MiB)",
+                    r["target"],
+                    _verdict(r),
+                ]
+            )
         elif r["kind"] == "smooth_ap":
             rows += smooth_ap_rows(name, r)
         elif r["kind"] == "ddp":
@@ -892,7 +990,8 @@ def print_report(info: dict[str, Any], results: dict[str, Any], quick: bool) -> 
         *(
             [
                 "--quick: small sizes. Speed targets and the 20M-row memory ratio are set for the "
-                "full sizes and are not judged here; the pool-memory and collective targets are."
+                "full sizes and are not judged here; the pool-memory, fresh-process RSS (run at "
+                "full size) and collective targets are."
             ]
             if quick
             else []
@@ -913,6 +1012,7 @@ RUNNERS = {
     "memory": run_memory_case,
     "ddp": run_ddp_case,
     "smooth_ap": run_smooth_ap_case,
+    "rss": run_rss_case,
 }
 
 

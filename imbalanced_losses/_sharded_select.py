@@ -1,4 +1,4 @@
-"""Exact per-class quantile thresholds over rows that stay on their rank (sharded mode, §18).
+"""Exact per-class quantile thresholds over rows that stay on their rank (sharded mode).
 
 Why: gathering every rank's rows to find each class's threshold costs ``W·N·C`` numbers per
 step, yet a threshold is an order statistic, and an order statistic can be found from counts

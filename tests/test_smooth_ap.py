@@ -11,12 +11,12 @@ from _support import REDUCTIONS, TIGHT, assert_same_queue, objective, random_bat
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imbalanced_losses import SmoothAPLoss, smooth_ap
+from imbalanced_losses import SmoothAPLoss, _pair_tiles
 from imbalanced_losses.testing.reference import ReferenceSmoothAPLoss, reference_smooth_ap_loss
 
 # Tile sizes (elements): one pair, tiles that straddle row and column boundaries, several rows
 # of a whole block, and the default (every pair of these small pools in one tile).
-BUFFERS = [1, 3, 7, 40, smooth_ap._TILE_ELEMENTS]
+BUFFERS = [1, 3, 7, 40, _pair_tiles.TILE_ELEMENTS]
 
 
 @st.composite
@@ -73,7 +73,7 @@ def run_history(h):
         ref.train(train)
         x_lib = logits.clone().requires_grad_()
         x_ref = logits.clone().requires_grad_()
-        with mock.patch.object(smooth_ap, "_TILE_ELEMENTS", h["buffer"]):
+        with mock.patch.object(_pair_tiles, "TILE_ELEMENTS", h["buffer"]):
             got = lib(x_lib, targets, sample_weight=weights, return_per_class=True)
             want = ref(x_ref, targets, sample_weight=weights, return_per_class=True)
             assert torch.equal(got[2], want[2]), f"step {step}: valid classes differ"
@@ -141,7 +141,7 @@ def test_subsampled_sums_are_the_sample_scaled_to_the_pool(
         drawn.clear()
         with (
             mock.patch.object(lib, "_subsample", recording),
-            mock.patch.object(smooth_ap, "_TILE_ELEMENTS", buffer),
+            mock.patch.object(_pair_tiles, "TILE_ELEMENTS", buffer),
         ):
             got = lib(x_lib, targets, sample_weight=weights)
         sample = drawn[0] if drawn else None

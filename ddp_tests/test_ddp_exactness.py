@@ -1,4 +1,6 @@
-"""Contract §5 under real DDP: every step equals one process fed the concatenated global batch.
+"""Contract §5 under real DDP for the recall loss's own cases: every step equals one process fed
+the concatenated global batch. The scenarios every loss runs (queues, padding, weights, eval
+steps, checkpoints across world sizes, disagreeing ranks) are in ``test_family_ddp.py``.
 
 Each test hands a batch of cases to the harness (one spawned world per world size, since
 spawning costs seconds); every case is checked per step against a float64 oracle: the loss on
@@ -23,12 +25,9 @@ from imbalanced_losses.testing import (
     Case,
     DdpMismatch,
     Step,
-    check_ddp_exactness,
     check_many,
-    queue_state,
     run_ranks,
 )
-from imbalanced_losses.testing.reference import ReferenceRecallAtQuantileLoss
 
 # Tiny worlds with empty ranks make tiny pools on purpose; the loss's warning about them is noise.
 pytestmark = pytest.mark.filterwarnings("ignore:the pool holds .* too few for quantile")
@@ -81,31 +80,6 @@ def assert_all_pass(cases: dict[str, Case], **kw) -> None:
 # ---------------------------------------------------------------------------------- gloo
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_every_step_matches_the_single_process_oracle_on_gloo(world_size):
-    plan = mixed_plan(world_size)
-    global_rows = max(sum(s.sizes) for s in plan)
-    assert_all_pass(
-        {
-            "binary, queue off": Case(partial(RAQ, 1, queue_size=0), plan),
-            "binary, queue smaller than a global batch": Case(partial(RAQ, 1, queue_size=5), plan),
-            "multi-class, queue off": Case(partial(RAQ, 3, queue_size=0), plan),
-            "multi-class, queue smaller than a global batch": Case(
-                partial(RAQ, 3, queue_size=global_rows - 2), plan
-            ),
-            "multi-class, queue wraps around over many steps": Case(
-                partial(RAQ, 4, queue_size=7), plan + plan
-            ),
-            "multi-class, max_pool_size": Case(
-                partial(RAQ, 3, queue_size=12, max_pool_size=6), plan
-            ),
-            "multi-class, update_queue_in_eval": Case(
-                partial(RAQ, 3, queue_size=8, update_queue_in_eval=True), plan
-            ),
-        }
-    )
-
-
 def test_every_reduction_and_return_per_class():
     plan = mixed_plan(2)
     per_class = [Step(s.sizes, s.pad_frac, s.weighted, s.train, RETURN_PER_CLASS) for s in plan]
@@ -144,49 +118,19 @@ def test_ranking_loss_plus_local_cross_entropy_matches_single_process_sum():
     assert_all_pass(cases)
 
 
-def test_ddp_matches_the_plain_reference_implementation():
-    """Oracle = the plain loop-over-classes reference, not the library itself."""
-    plan = mixed_plan(3)
-    cases = {}
-    for classes, reduction in ((1, "mean"), (3, "sum"), (3, "none")):
-        options = dict(quantile=0.3, temperature=0.5, queue_size=6, reduction=reduction)
-        cases[f"C={classes}, {reduction}"] = Case(
-            partial(RecallAtQuantileLoss, classes, **options),
-            plan,
-            oracle_factory=partial(
-                ReferenceRecallAtQuantileLoss, classes, dtype=torch.float64, **options
-            ),
-            state=queue_state,  # the reference's state is its queue alone
-        )
-    assert_all_pass(cases)
-
-
-def test_checkpoint_saved_at_world_size_2_resumes_at_4_and_at_1_on_the_oracle_trajectory():
-    plan = (
-        [Step((5, 3)), Step((0, 7), pad_frac=0.3), Step((4, 4), weighted=True)]
-        + [Step((3, 0, 2, 4)), Step((1, 1, 1, 1), train=False), Step((2, 3, 4, 1))]
-        + [Step((6,)), Step((5,), weighted=True)]
-    )
-    loss = partial(RAQ, 3, queue_size=9, max_pool_size=8)
-    report = check_ddp_exactness(loss, plan)
-    report.raise_if_failed()
-    checked = {(c.step, c.world_size) for c in report.checks if c.name == "state vs oracle"}
-    assert checked == {(i, len(s.sizes)) for i, s in enumerate(plan)}
-    assert "loss" in report.final_state  # the serialised loss state_dict that was resumed from
-
-
 # ------------------------------------------------------------- disagreeing configurations
 
 
 def _rank_with_its_own_config(rank: int) -> dict:
     """Each case builds a loss whose setting differs on rank 1; every rank must raise."""
     gen = torch.Generator().manual_seed(rank)
+    # The options every loss has are in test_family_ddp.py; this is the recall loss's own.
     cases = {
         "quantile": ({"quantile": 0.1}, {"quantile": 0.2}),
-        "num_classes": ({"num_classes": 2}, {"num_classes": 3}),
-        "queue_size": ({"queue_size": 8}, {"queue_size": 16}),
-        "ignore_index": ({"ignore_index": -100}, {"ignore_index": -1}),
-        "sample_weight": ({}, {}),
+        "quantile_interpolation": (
+            {"quantile_interpolation": "higher"},
+            {"quantile_interpolation": "linear"},
+        ),
     }
     outcome = {}
     for name, per_rank in cases.items():
@@ -194,11 +138,8 @@ def _rank_with_its_own_config(rank: int) -> dict:
         loss = RecallAtQuantileLoss(**options).double()
         logits = torch.randn(4, options["num_classes"], generator=gen, dtype=torch.float64)
         targets = torch.tensor([0, 1, 1, 0])
-        weight = (
-            torch.ones(4, dtype=torch.float64) if name == "sample_weight" and rank == 0 else None
-        )
         try:
-            loss(logits, targets, sample_weight=weight)
+            loss(logits, targets)
             outcome[name] = (None, loss.queue.count)
         except ValueError as exc:
             outcome[name] = (str(exc), loss.queue.count)
@@ -206,7 +147,7 @@ def _rank_with_its_own_config(rank: int) -> dict:
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_that_disagree_on_config_all_raise_a_clear_error(world_size):
+def test_ranks_that_disagree_on_a_recall_option_all_raise_a_clear_error(world_size):
     results = run_ranks(_rank_with_its_own_config, world_size, timeout_s=120)
     for rank, outcome in enumerate(results):
         for name, (message, queue_count) in outcome.items():

@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _docs_blocks import (  # noqa: E402
+from _docs_blocks import (
     DOC_FILES,
     ROOT,
     Block,

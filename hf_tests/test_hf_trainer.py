@@ -6,16 +6,12 @@ Runs in the ``hf`` tox env, the only one with transformers installed.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers", reason="the Trainer example needs transformers installed")
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-import hf_trainer_alerts  # noqa: E402
+import hf_trainer_alerts  # noqa: E402  (scripts/ is on pytest's pythonpath)
 
 STEPS, BATCH = 20, 256
 

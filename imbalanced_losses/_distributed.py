@@ -26,6 +26,8 @@ gloo) is moved for the collective and back.
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -239,3 +241,56 @@ def all_gather_no_grad(tensor: Tensor, *, process_group: Group = None) -> Tensor
         return tensor.detach()
     with torch.no_grad():
         return _gather_padded(tensor.detach(), gather_sizes(tensor, process_group), process_group)
+
+
+# --------------------------------------------------------------------------- statistics, not rows
+# The sharded mode exchanges fixed-size statistics. Each call is counted here: ``bytes`` is the
+# size of the reduced tensor each rank receives (the logical payload; a ring all-reduce moves
+# about twice that over the wire), so a benchmark reads it per step without a profiler.
+
+
+@dataclass
+class Traffic:
+    """Collectives issued by this process through the counted helpers, and their bytes."""
+
+    calls: int = 0
+    bytes: int = 0
+    recent: deque[int] = field(default_factory=lambda: deque(maxlen=64))  # bytes of each call
+
+
+_TRAFFIC = Traffic()
+
+
+def traffic() -> Traffic:
+    """A copy of the counters since the last :func:`reset_traffic`."""
+    return Traffic(_TRAFFIC.calls, _TRAFFIC.bytes, deque(_TRAFFIC.recent, maxlen=64))
+
+
+def reset_traffic() -> None:
+    _TRAFFIC.calls, _TRAFFIC.bytes = 0, 0
+    _TRAFFIC.recent.clear()
+
+
+def _all_reduce(tensor: Tensor, op: Any, group: Group) -> Tensor:
+    """A reduced copy of ``tensor`` on its own device (``tensor`` itself is left alone)."""
+    if world(group)[1] == 1:
+        return tensor.clone()
+    reduced = _on_backend(tensor.contiguous(), group)
+    if reduced is tensor:
+        reduced = tensor.clone()
+    dist.all_reduce(reduced, op=op, group=group)
+    size = reduced.numel() * reduced.element_size()
+    _TRAFFIC.calls += 1
+    _TRAFFIC.bytes += size
+    _TRAFFIC.recent.append(size)
+    return reduced.to(tensor.device)
+
+
+def all_reduce_sum(tensor: Tensor, group: Group = None) -> Tensor:
+    """Element-wise sum over the ranks of ``group`` (one counted collective, none alone)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_min(tensor: Tensor, group: Group = None) -> Tensor:
+    """Element-wise minimum over the ranks of ``group`` (one counted collective, none alone)."""
+    return _all_reduce(tensor, dist.ReduceOp.MIN, group)

@@ -21,11 +21,18 @@ INTERPOLATIONS: tuple[str, ...] = ("linear", "lower", "higher", "nearest", "midp
 _TOPK_MAX_FRACTION = 0.05
 _TOPK_CHUNK_ROWS = 1 << 20
 # The quickselect path copies columns into a contiguous [columns, P] chunk, and
-# torch.kthvalue allocates a clone and int64 indices of its input: about 4x the
-# chunk. At most 1/8 of the columns (and 2**22 elements) per chunk keeps that
-# near half the pool or less once C >= 8.
-_KTH_MIN_CHUNKS = 8
-_KTH_CHUNK_ELEMENTS = 1 << 22
+# torch.kthvalue allocates a clone and int64 indices of it: 4x the chunk. On the
+# CPU, glibc keeps freed blocks of that size in its heap, and a block no later
+# request fits (a bigger chunk as the queue fills, or one split by a small
+# tensor) stays in the process's memory: filling a 16k-row queue at C=1000 grew
+# the resident memory by over 3x the pool (scripts/bench.py). So on the CPU a
+# chunk is one buffer of about 2**18 values whatever the pool size, reused for
+# every chunk of a call, and the results go into tensors allocated beforehand.
+_KTH_CHUNK_ELEMENTS = 1 << 18
+# Other devices have a caching allocator and pay a kernel launch per chunk: at
+# most 1/8 of the columns (and 2**22 values) per chunk.
+_KTH_DEVICE_MIN_CHUNKS = 8
+_KTH_DEVICE_CHUNK_ELEMENTS = 1 << 22
 
 
 def _order_statistic_positions(
@@ -101,24 +108,31 @@ def _select_by_quickselect(
     """One quickselect per position, over contiguous chunks of columns.
 
     Each chunk holds a few columns of every block, transposed, so the selection
-    runs along contiguous memory and its scratch stays a fraction of the pool.
+    runs along contiguous memory and its scratch stays a small, fixed size.
     """
-    num_columns = blocks[0].shape[1]
-    width = max(1, min(-(-num_columns // _KTH_MIN_CHUNKS), _KTH_CHUNK_ELEMENTS // num_rows))
-    found: list[list[Tensor]] = [[] for _ in positions]
-    has_nan = []
+    first = blocks[0]
+    num_columns = first.shape[1]
+    if first.device.type == "cpu":
+        width = _KTH_CHUNK_ELEMENTS // num_rows
+    else:
+        width = min(
+            -(-num_columns // _KTH_DEVICE_MIN_CHUNKS), _KTH_DEVICE_CHUNK_ELEMENTS // num_rows
+        )
+    width = max(1, min(width, num_columns))
+    found = [first.new_empty(num_columns) for _ in positions]
+    has_nan = torch.empty(num_columns, dtype=torch.bool, device=first.device)
+    buffer = first.new_empty(width, num_rows)
     for start in range(0, num_columns, width):
         stop = min(start + width, num_columns)
-        chunk = blocks[0].new_empty(stop - start, num_rows)
+        chunk = buffer[: stop - start]
         offset = 0
         for block in blocks:
             chunk[:, offset : offset + block.shape[0]] = block[:, start:stop].T
             offset += block.shape[0]
         for values, p in zip(found, positions):
-            values.append(torch.kthvalue(chunk, p + 1, dim=1).values)
-        has_nan.append(torch.isnan(chunk.amax(dim=1)))  # max propagates NaN
-        del chunk
-    return [torch.cat(values) for values in found], torch.cat(has_nan)
+            values[start:stop] = torch.kthvalue(chunk, p + 1, dim=1).values
+        has_nan[start:stop] = torch.isnan(chunk.amax(dim=1))  # max propagates NaN
+    return found, has_nan
 
 
 def quantile_threshold(

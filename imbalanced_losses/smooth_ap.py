@@ -8,146 +8,14 @@ import torch
 from torch import Tensor
 
 from . import _device
-from ._autograd import once_differentiable
 from ._base import BASE_OPTIONS, TEMPERATURE, QueuedRankingLoss
 from ._options import arguments
+from ._pair_tiles import pair_sigmoid_row_sums
 from ._pool import Pool, Rows
 from .functional import positive_columns
 
-# Pairs are computed in tiles of at most this many elements (x64 on CUDA) in one buffer
-# that a forward or backward allocates once and reuses: small enough to stay in the CPU's
-# cache, and never a per-tile allocation (glibc keeps freed mid-sized blocks on its heap,
-# so allocate-and-free loops make the resident memory climb).
-_TILE_ELEMENTS = 1 << 18
-_TILE_COLUMNS = 1 << 14
-
-
-class _Block:
-    """Columns the positives are ranked against: ``cols [C_b, m]``, already divided by tau.
-
-    ``has_self [P]`` says whether positive ``i`` is itself one of the columns (its
-    pair ``j == i`` contributes ``sigmoid(0)`` and is taken out again). With
-    ``j_class [m]`` only columns that are positives of the row's class count;
-    ``cols`` then has one row: each column's own-class score.
-    """
-
-    def __init__(self, cols: Tensor, has_self: Tensor, j_class: Tensor | None = None) -> None:
-        self.cols, self.has_self, self.j_class = cols, has_self, j_class
-
-
-def _tiles(num_pos: int, width: int, device: torch.device) -> list[tuple[slice, slice]]:
-    scale = 64 if device.type == "cuda" else 1
-    cols = max(1, min(width, _TILE_ELEMENTS * scale, _TILE_COLUMNS * scale))
-    rows = max(1, _TILE_ELEMENTS * scale // cols)
-    return [
-        (slice(a, min(a + rows, num_pos)), slice(b, min(b + cols, width)))
-        for a in range(0, num_pos, rows)
-        for b in range(0, width, cols)
-    ]
-
-
-def _pair_sigmoids(
-    block: _Block, own: Tensor, own_class: Tensor, tile: tuple[slice, slice], buffer: Tensor
-) -> Tensor:
-    """``sigmoid(s_j / tau - s_i / tau)`` for one tile of (positives, columns), in ``buffer``."""
-    rows, columns = tile
-    own_k, cls_k = own[rows], own_class[rows]
-    cols = block.cols[:, columns]
-    pairs = buffer[: own_k.shape[0] * cols.shape[1]].view(own_k.shape[0], cols.shape[1])
-    if cols.shape[0] == 1:
-        torch.sub(cols, own_k[:, None], out=pairs)
-    else:
-        torch.index_select(cols, 0, cls_k, out=pairs)
-        pairs.sub_(own_k[:, None])
-    pairs.sigmoid_()
-    if block.j_class is not None:
-        pairs.mul_(block.j_class[None, columns] == cls_k[:, None])
-    return pairs
-
-
-class _SmoothAPRatios(torch.autograd.Function):
-    """``R+(i) / R(i)`` of every positive without materialising the ``[P, M]`` pair matrix.
-
-    Tiles of (positives x columns) of each block are computed in one reused buffer;
-    the backward recomputes the sigmoids tile by tile instead of saving them, so
-    memory is ``O(P + M)`` plus the buffer. The pair ``j == i`` is included in the
-    tiles and its exact contribution removed afterwards (``sigmoid(0) = 1/2`` in the
-    sums; in the gradient its two halves land on the same score and cancel).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        own: Tensor,
-        live_cols: Tensor,
-        queued_cols: Tensor,
-        pos_cols: Tensor,
-        own_class: Tensor,
-        pos_class: Tensor,
-        self_in_live: Tensor,
-        self_in_queued: Tensor,
-        self_in_pos: Tensor,
-        scale: float,
-        tau: float,
-    ) -> Tensor:
-        inputs = (own, live_cols, queued_cols, pos_cols, own_class, pos_class,
-                  self_in_live, self_in_queued, self_in_pos)  # fmt: skip
-        ctx.save_for_backward(*inputs)
-        ctx.scale, ctx.tau = scale, tau
-        own_t, blocks = _blocks(inputs, tau)
-        buffer = own.new_empty(_TILE_ELEMENTS * (64 if own.is_cuda else 1))
-        sums = []
-        for block in blocks:
-            total = torch.zeros_like(own)
-            for tile in _tiles(own.shape[0], block.cols.shape[1], own.device):
-                total[tile[0]] += _pair_sigmoids(block, own_t, own_class, tile, buffer).sum(1)
-            sums.append(total - 0.5 * block.has_self)
-        rank = 1 + scale * (sums[0] + sums[1])  # R(i): every pooled row above i, softly
-        rank_pos = 1 + scale * sums[2]  # R+(i): the positives of i's class above it
-        ctx.ranks = rank, rank_pos
-        return rank_pos / rank
-
-    @staticmethod
-    @once_differentiable("SmoothAPLoss (its gradient is computed tile by tile, in place)")
-    def backward(ctx: Any, grad_ratio: Tensor) -> tuple[Tensor | None, ...]:
-        own, live_cols, queued_cols, pos_cols, own_class = ctx.saved_tensors[:5]
-        rank, rank_pos = ctx.ranks
-        own_t, blocks = _blocks(ctx.saved_tensors, ctx.tau)
-        # d ratio / d sigmoid_ij, over tau: every pooled j moves R, same-class positives R+.
-        coef_all = -grad_ratio * ctx.scale * rank_pos / rank.square() / ctx.tau
-        coef_pos = grad_ratio * ctx.scale / rank / ctx.tau
-        needs = ctx.needs_input_grad
-        grads: list[Tensor | None] = [
-            torch.zeros_like(c) if needs[k + 1] else None
-            for k, c in enumerate((live_cols, queued_cols, pos_cols))
-        ]
-        grad_own = torch.zeros_like(own)
-        buffer = own.new_empty(_TILE_ELEMENTS * (64 if own.is_cuda else 1))
-        for block, coef, grad_cols in zip(blocks, (coef_all, coef_all, coef_pos), grads):
-            for tile in _tiles(own.shape[0], block.cols.shape[1], own.device):
-                rows, columns = tile
-                pairs = _pair_sigmoids(block, own_t, own_class, tile, buffer)
-                pairs.addcmul_(pairs, pairs, value=-1)  # sigmoid' = s (1 - s)
-                grad_own[rows] -= coef[rows] * pairs.sum(1)
-                if grad_cols is None:
-                    continue
-                if grad_cols.shape[0] == 1:  # one score per column (binary, or R+)
-                    grad_cols[0, columns].addmv_(pairs.t(), coef[rows])
-                else:  # each row's weight lands on its own class's scores
-                    weights = coef.new_zeros(pairs.shape[0], grad_cols.shape[0])
-                    weights.scatter_(1, own_class[rows, None], coef[rows, None])
-                    grad_cols[:, columns].addmm_(weights.t(), pairs)
-        return (grad_own, *grads) + (None,) * 8
-
-
-def _blocks(inputs: tuple[Tensor, ...], tau: float) -> tuple[Tensor, list[_Block]]:
-    """``own / tau`` and the three blocks: live rows, queued rows (for R), positives (for R+)."""
-    own, live_cols, queued_cols, pos_cols, _, pos_class, *has_self = inputs
-    return own / tau, [
-        _Block(live_cols / tau, has_self[0]),
-        _Block(queued_cols / tau, has_self[1]),
-        _Block(pos_cols / tau, has_self[2], pos_class),
-    ]
+# Names the loss in the error a second derivative raises (the pair kernel is once differentiable).
+_ONCE = "SmoothAPLoss (its gradient is computed tile by tile, in place)"
 
 
 class SmoothAPLoss(QueuedRankingLoss):
@@ -164,9 +32,10 @@ class SmoothAPLoss(QueuedRankingLoss):
 
     Unlike a loss with a detached threshold, the gradient reaches every live row:
     positives are pushed up and the negatives ranked above them pushed down
-    (queued rows carry no gradient). Value and gradient are computed in chunks of
-    positives by a custom autograd function, so memory grows with ``P + M``, not
-    ``P * M``: a pool of 1,000,000 rows with 5,000 positives fits in well under 1 GB.
+    (queued rows carry no gradient). Value and gradient are computed tile by tile
+    by a custom autograd function (the package's tiled pair kernel), so memory grows
+    with ``P + M``, not ``P * M``: a pool of 1,000,000 rows with 5,000 positives fits
+    in well under 1 GB.
     Time is still ``O(P * M)``. The loss is differentiable once: differentiating its
     gradient again (a gradient penalty, ``create_graph=True``) raises. A forward
     makes one host sync (multi-class) or two (binary with queued rows or
@@ -272,11 +141,26 @@ class SmoothAPLoss(QueuedRankingLoss):
             self_pos = _position_in(
                 sampled_pos, torch.arange(own.shape[0], device=own.device), own.shape[0]
             )
-        ratio = _SmoothAPRatios.apply(
-            own, live_cols, queued_cols, pos_cols, own_class, pos_class,
-            *((i >= 0).to(own.dtype) for i in (self_live, self_queued, self_pos)),
-            scale, self.temperature,
-        )  # fmt: skip
+        # sigmoid((s_j - s_i) / tau), "row j ranked above positive i": the kernel with -tau. Each
+        # sum includes the pair j == i when i is among the keys: sigmoid(0) = 1/2, taken out.
+        tau = -self.temperature
+        has_self = [(i >= 0).to(own.dtype) for i in (self_live, self_queued, self_pos)]
+        above = (
+            pair_sigmoid_row_sums(own, own_class, tau, live_cols, what=_ONCE) - 0.5 * has_self[0]
+        )
+        if queued_cols.shape[1] > 0:
+            above = above + (
+                pair_sigmoid_row_sums(own, own_class, tau, queued_cols, what=_ONCE)
+                - 0.5 * has_self[1]
+            )
+        # R+ counts only the positives of i's own class (binary: every positive).
+        key_class = pos_class if num_classes > 1 else None
+        above_pos = pair_sigmoid_row_sums(
+            own, own_class, tau, pos_cols, key_class=key_class, what=_ONCE
+        )
+        rank = 1 + scale * above  # R(i): every pooled row above i, softly
+        rank_pos = 1 + scale * (above_pos - 0.5 * has_self[2])  # R+(i): same-class positives
+        ratio = rank_pos / rank
         ap = zeros.index_add(0, own_class, weight * ratio) / mass.clamp_min(
             torch.finfo(mass.dtype).tiny
         )

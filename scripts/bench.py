@@ -19,6 +19,12 @@ size (memory ratios, collective counts), showing the speed targets as "n/a (full
   <= 2x the pooled scores. The reference's backward costs O(C^2 * batch) here (each class's
   column gradient is a dense [batch, C] tensor), so it runs once in a subprocess with a time
   limit; when it runs out, the table shows the limit as a lower bound.
+* ``c1000_q16k_rss`` C=1,000, batch 1024, queue 16384, quantile 0.3 (the k-th value path): a
+  fresh process (default malloc, what a user's process gets) builds the loss, trains on fresh
+  batches until the queue is full, then takes one more step.   target: peak RSS growth <= 2x
+  the pooled scores, queue included (baseline after one tiny warm-up step of another loss:
+  torch's one-time start-up is not the loss's). Its growth depends on size, so ``--quick``
+  runs it at full size.
 * ``c1_1m``      C=1,   batch 1,000,000, no queue               target: no slower
 * ``c1_20m``     C=1,   20,000,000 rows in one call, no queue   target: runs (the reference
   raises past 2**24 rows: shown) with peak extra memory <= 4x the logits' bytes.
@@ -65,6 +71,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,81 +84,58 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUANTILE = 0.005  # the library default
 BINARY_POS_RATE = 0.002  # below the quantile, as the loss's rule of use asks
 TORCH_QUANTILE_LIMIT = 2**24
+# Every allocation >= 64 KiB its own mmap, returned when freed: RSS follows live memory.
+MMAP_EVERY_BLOCK = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
-# name -> full sizes, quick sizes, target
-CASES: dict[str, dict[str, Any]] = {
-    "c16_q64k": dict(
-        kind="speed",
-        C=16,
-        full=(4096, 65536),
-        quick=(512, 4096),
-        speedup=10.0,
-        max_syncs=(2, 0),
-    ),
-    "c100_q64k": dict(
-        kind="speed",
-        C=100,
-        full=(8192, 65536),
-        quick=(2048, 16384),
-        speedup=4.0,
-        max_extra_pool=2.0,
-    ),
-    "c100_q64k_q03": dict(
-        kind="speed",
-        C=100,
-        quantile=0.3,
-        full=(8192, 65536),
-        quick=(2048, 16384),
-        speedup=None,
-        max_extra_pool=2.0,
-    ),
-    "c10k_q16k": dict(
-        kind="speed",
-        C=10_000,
-        quantile=0.3,
-        full=(1024, 16384),
-        quick=(64, 256),
-        speedup=None,
-        max_extra_pool=2.0,
-        reference_limit_s=(60.0, 5.0),
-        repeats=3,
-        warmup=0,
-        max_syncs=(2, 0),
-    ),
-    "c1_1m": dict(kind="speed", C=1, full=(1_000_000, 0), quick=(50_000, 0), speedup=1.0),
-    # --quick runs ours on 1M rows; the reference is still shown to refuse > 2**24 rows.
-    "c1_20m": dict(kind="memory", C=1, full=20_000_000, quick=1_000_000, max_extra=4.0),
-    "ddp_gloo_2": dict(
-        kind="ddp",
-        C=16,
-        full=(4096, 3072, 65536, 8),
-        quick=(512, 384, 4096, 4),
-        max_forward=2,
-        max_backward=0,
-    ),
-    "c100_pool1m": dict(
-        kind="speed", C=100, full=(8192, 1_000_000 - 8192), quick=(1024, 16384), speedup=None
-    ),
-    # (rows, positives): ours alone at full size, ours and the plain full-matrix Smooth-AP
-    # side by side at a size the plain one can hold.
-    "sap_1m": dict(
-        kind="smooth_ap",
-        full=(1_000_000, 5000),
-        quick=(20_000, 100),
-        side_by_side=(100_000, 500),
-        quick_side_by_side=(5_000, 25),
-        max_extra_mb=1024,
-    ),
-}
-DEFAULT_CASES = [
-    "c16_q64k",
-    "c100_q64k",
-    "c100_q64k_q03",
-    "c10k_q16k",
-    "c1_1m",
-    "c1_20m",
-    "ddp_gloo_2",
-]
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: its sizes, its targets, how it is measured and shown."""
+
+    name: str
+    measure: Callable[[Case, argparse.Namespace], dict[str, Any]]
+    rows: Callable[[str, dict[str, Any]], list[list[str]]]
+    full: tuple[int, ...]
+    quick: tuple[int, ...]
+    num_classes: int = 1
+    quantile: float = QUANTILE
+    speedup: float | None = None  # ours / reference, judged at full sizes only
+    max_syncs: tuple[int, int] | None = None  # host syncs (per forward, in backward)
+    max_collectives: tuple[int, int] | None = None  # (per forward, in backward)
+    max_extra: float | None = None  # the memory limit, in the unit its target names
+    reference_limit_s: tuple[float, float] | None = None  # (full, quick): one call, stopped
+    repeats: int | None = None  # caps --repeats
+    warmup: int | None = None  # caps --warmup
+    side_by_side: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))  # (full, quick)
+    default: bool = True  # in the default --cases
+    cpu_only: bool = True
+
+    def sizes(self, quick: bool) -> tuple[int, ...]:
+        return self.quick if quick else self.full
+
+
+def run_child(
+    function: str, *args: Any, timeout: float = 1800, env: dict[str, str] | None = None
+) -> Any:
+    """``bench.<function>(*args)`` in a fresh process (same torch threads): its JSON result."""
+    code = (
+        f"import sys, json; sys.path.insert(0, {SCRIPTS!r}); import torch; "
+        f"torch.set_num_threads({torch.get_num_threads()}); import bench; "
+        f"print(json.dumps(bench.{function}(*json.loads(sys.argv[1]))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{function} failed in its subprocess:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------- machine
@@ -215,10 +199,9 @@ def step(
 
 # --------------------------------------------------------------------------- speed cases
 def speed_inputs(
-    spec: dict[str, Any], batch: int, queue: int, device: str
+    num_classes: int, quantile: float, batch: int, queue: int, device: str
 ) -> tuple[RecallAtQuantileLoss, ReferenceRecallAtQuantileLoss, list[tuple[torch.Tensor, ...]]]:
     """Both losses with the same pre-filled queue, and four batches (the same in every process)."""
-    num_classes, quantile = spec["C"], spec.get("quantile", QUANTILE)
     gen = torch.Generator().manual_seed(1234)
     ours = RecallAtQuantileLoss(num_classes, quantile=quantile, queue_size=queue).to(device)
     ref = ReferenceRecallAtQuantileLoss(num_classes, quantile=quantile, queue_size=queue)
@@ -226,50 +209,26 @@ def speed_inputs(
         # Pre-fill both queues with the same rows (the reference keeps its queue where it is
         # told: move its buffers to the device as well).
         q_scores, q_targets = make_batch(gen, queue, num_classes)
-        ref.scores, ref.targets, ref.weights = (
-            ref.scores.to(device),
-            ref.targets.to(device),
-            ref.weights.to(device),
-        )
+        ref.queue.to(device)
         ones = torch.ones(queue, device=device)
         ours.queue.push(q_scores.to(device), q_targets.to(device), ones)
-        ref.push(q_scores.to(device), q_targets.to(device), ones)
+        ref.queue.push(q_scores.to(device), q_targets.to(device), ones)
     batches = [tuple(t.to(device) for t in make_batch(gen, batch, num_classes)) for _ in range(4)]
     return ours, ref, batches
 
 
-def reference_child(name: str, batch: int, queue: int) -> dict[str, Any]:
+def reference_child(num_classes: int, quantile: float, batch: int, queue: int) -> dict[str, Any]:
     """Runs in a subprocess: one reference forward + backward on the case's first batch."""
-    _, ref, batches = speed_inputs(CASES[name], batch, queue, "cpu")
+    _, ref, batches = speed_inputs(num_classes, quantile, batch, queue, "cpu")
     seconds, loss = step(ref, *batches[0], "cpu")
     return {"ms": seconds * 1e3, "loss": loss}
 
 
-def time_reference_once(name: str, batch: int, queue: int, limit_s: float) -> dict[str, Any]:
-    """One reference call in a subprocess, stopped after ``limit_s`` (then a lower bound)."""
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--_reference-child",
-        f"{name},{batch},{queue}",
-        "--threads",
-        str(torch.get_num_threads()),
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        return {"ms": None, "at_least_ms": limit_s * 1e3, "loss": None}
-    if proc.returncode != 0:
-        raise RuntimeError(f"reference subprocess failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def run_speed_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    batch, queue = spec["quick"] if args.quick else spec["full"]
-    num_classes, device = spec["C"], args.device
-    quantile = spec.get("quantile", QUANTILE)
-    repeats = min(args.repeats, spec.get("repeats", args.repeats))
-    ours, ref, batches = speed_inputs(spec, batch, queue, device)
+def run_speed_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    batch, queue = case.sizes(args.quick)
+    num_classes, quantile, device = case.num_classes, case.quantile, args.device
+    repeats = min(args.repeats, case.repeats or args.repeats)
+    ours, ref, batches = speed_inputs(num_classes, quantile, batch, queue, device)
     module = ours
     if device != "cpu":
         # The reference builds default weights on the CPU; on another device give both losses
@@ -282,14 +241,18 @@ def run_speed_case(name: str, spec: dict[str, Any], args: argparse.Namespace) ->
     times: dict[str, list[float]] = {"ours": [], "reference": []}
     reference_at_least_ms = None
     _, loss_ours = step(ours, *batches[0], device)
-    if "reference_limit_s" in spec:
-        # Too slow to interleave: one call in a subprocess, from the same state and batch.
-        limit = spec["reference_limit_s"][1 if args.quick else 0]
-        once = time_reference_once(name, batch, queue, limit)
-        loss_ref, reference_at_least_ms = once["loss"], once.get("at_least_ms")
-        if once["ms"] is not None:
+    if case.reference_limit_s is not None:
+        # Too slow to interleave: one call in a subprocess, from the same state and batch,
+        # stopped after the limit (then a lower bound).
+        limit = case.reference_limit_s[1 if args.quick else 0]
+        try:
+            once = run_child("reference_child", num_classes, quantile, batch, queue, timeout=limit)
+            loss_ref = once["loss"]
             times["reference"].append(once["ms"] / 1e3)
-        for b in batches[1 : 1 + min(args.warmup, spec.get("warmup", args.warmup))]:
+        except subprocess.TimeoutExpired:
+            loss_ref, reference_at_least_ms = None, limit * 1e3
+        warmup = args.warmup if case.warmup is None else min(args.warmup, case.warmup)
+        for b in batches[1 : 1 + warmup]:
             step(ours, *b, device)
         for i in range(repeats):
             times["ours"].append(step(ours, *batches[i % len(batches)], device)[0])
@@ -339,23 +302,26 @@ def run_speed_case(name: str, spec: dict[str, Any], args: argparse.Namespace) ->
         "loss_abs_diff": None if loss_ref is None else abs(loss_ours - loss_ref),
     }
     targets, met = [], []
-    if spec["speedup"] is not None:
-        target = spec["speedup"]
+    if case.speedup is not None:
+        target = case.speedup
         targets.append("no slower than baseline" if target == 1.0 else f">= {target:g}x faster")
         met.append(None if args.quick else bool(speedup >= target))
-    if "max_syncs" in spec:
+    if case.max_syncs is not None:
         forward, backward = count_host_syncs(module, batches[-1], device)
         result.update(host_syncs_per_forward=forward, host_syncs_per_backward=backward)
-        max_forward, max_backward = spec["max_syncs"]
+        max_forward, max_backward = case.max_syncs
         targets.append(f"<= {max_forward} host syncs/forward, {max_backward} in backward")
         met.append(
             bool(sum(forward.values()) <= max_forward and sum(backward.values()) <= max_backward)
         )
-    if "max_extra_pool" in spec and device == "cpu":
-        memory = run_pool_memory(name, batch, queue, spec.get("memory_calls", 2))
+    if case.max_extra is not None and device == "cpu":
+        memory = run_child(
+            "pool_memory_child", num_classes, quantile, batch, queue, 2, env=MMAP_EVERY_BLOCK
+        )
+        memory["peak_extra_over_pool"] = max(memory["peak_extra_mb"]) / memory["pool_mb"]
         result.update(memory)
-        targets.append(f"peak extra <= {spec['max_extra_pool']:g}x pooled scores")
-        met.append(bool(memory["peak_extra_over_pool"] <= spec["max_extra_pool"]))
+        targets.append(f"peak extra <= {case.max_extra:g}x pooled scores")
+        met.append(bool(memory["peak_extra_over_pool"] <= case.max_extra))
     result["target"] = "; ".join(targets) or "informational"
     judged = [m for m in met if m is not None]
     result["met"] = all(judged) if judged else None
@@ -460,12 +426,14 @@ def memory_child(rows: int, repeats: int) -> dict[str, Any]:
     }
 
 
-def pool_memory_child(name: str, batch: int, queue: int, calls: int) -> dict[str, Any]:
+def pool_memory_child(
+    num_classes: int, quantile: float, batch: int, queue: int, calls: int
+) -> dict[str, Any]:
     """Runs in a fresh process: peak extra memory of ours on a speed case's pool."""
     import gc
 
-    ours, _, batches = speed_inputs(CASES[name], batch, queue, "cpu")
-    pool_mb = (batch + queue) * CASES[name]["C"] * 4 / 2**20
+    ours, _, batches = speed_inputs(num_classes, quantile, batch, queue, "cpu")
+    pool_mb = (batch + queue) * num_classes * 4 / 2**20
     extras = []
     for i in range(calls):
         logits, targets = batches[i % len(batches)]
@@ -480,56 +448,88 @@ def pool_memory_child(name: str, batch: int, queue: int, calls: int) -> dict[str
     return {"pool_mb": pool_mb, "peak_extra_mb": extras}
 
 
-def run_pool_memory(name: str, batch: int, queue: int, calls: int) -> dict[str, Any]:
-    """Peak extra memory of a speed case, in a fresh subprocess (max over ``calls`` calls)."""
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--_pool-memory-child",
-        f"{name},{batch},{queue},{calls}",
-        "--threads",
-        str(torch.get_num_threads()),
-    ]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory subprocess failed:\n{proc.stderr[-4000:]}")
-    child = json.loads(proc.stdout.strip().splitlines()[-1])
-    peak = max(child["peak_extra_mb"])
+def rss_child(num_classes: int, quantile: float, batch: int, queue: int) -> dict[str, Any]:
+    """Runs in a fresh process: resident-memory growth of filling the queue and one more step.
+
+    A user's process: the loss is built (its queue included), trained on fresh batches until
+    the queue is full, then takes one more step; default malloc. The baseline is taken after
+    one tiny warm-up step of another loss, so torch's one-time start-up is not counted.
+    """
+    import gc
+
+    warnings.filterwarnings("ignore", message=".*positives make up")
+    tiny = RecallAtQuantileLoss(2, quantile=quantile, queue_size=8)
+    tiny(torch.randn(16, 2, requires_grad=True), torch.arange(16) % 2).backward()
+    del tiny
+    gc.collect()
+    start_up_mb = _rss_mb()[0]
+    _reset_peak()
+    rss0, _ = _rss_mb()
+    loss_fn = RecallAtQuantileLoss(num_classes, quantile=quantile, queue_size=queue)
+    gen = torch.Generator().manual_seed(5)
+    marks = {}
+    for _ in range(-(-queue // batch) + 1):
+        logits, targets = make_batch(gen, batch, num_classes)
+        start = time.perf_counter()
+        loss_fn(logits.requires_grad_(True), targets).backward()
+        seconds = time.perf_counter() - start
+        if loss_fn.queue.count == queue and "queue_full_mb" not in marks:
+            marks["queue_full_mb"] = _rss_mb()[1] - rss0
+    rss, peak = _rss_mb()
     return {
-        "pool_mb": child["pool_mb"],
-        "peak_extra_mb": child["peak_extra_mb"],
-        "peak_extra_over_pool": peak / child["pool_mb"],
+        "pool_mb": (batch + queue) * num_classes * 4 / 2**20,
+        "queue_mb": queue * num_classes * 4 / 2**20,
+        "peak_growth_mb": peak - rss0,
+        "final_growth_mb": rss - rss0,
+        "start_up_rss_mb": start_up_mb,
+        "last_step_ms": seconds * 1e3,
+        **marks,
     }
 
 
-def run_memory_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    rows = spec["quick"] if args.quick else spec["full"]
+def run_rss_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS growth of a fresh process (default malloc) that fills the queue and steps."""
+    batch, queue = case.sizes(args.quick)
+    child = run_child("rss_child", case.num_classes, case.quantile, batch, queue)
+    ratio = child["peak_growth_mb"] / child["pool_mb"]
+    return {
+        "kind": "rss",
+        "num_classes": case.num_classes,
+        "quantile": case.quantile,
+        "batch": batch,
+        "queue": queue,
+        **child,
+        "peak_growth_over_pool": ratio,
+        "ours_median_ms": child["last_step_ms"],
+        "reference_median_ms": None,
+        "method": (
+            "fresh subprocess, default malloc (what a user's process gets); baseline RSS after "
+            "one tiny warm-up step of another loss; the loss is built, trained on fresh batches "
+            "until its queue is full, then one more step; growth = VmHWM - baseline, queue "
+            "included; pooled scores = (batch + queue) * C float32"
+        ),
+        "target": f"peak RSS growth <= {case.max_extra:g}x pooled scores (queue included)",
+        "met": bool(case.max_extra is not None and ratio <= case.max_extra),
+    }
+
+
+def run_memory_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    (rows,) = case.sizes(args.quick)
     repeats = 1 if args.quick else min(args.repeats, 3)
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--_memory-child",
-        str(rows),
-        "--repeats",
-        str(repeats),
-        "--threads",
-        str(torch.get_num_threads()),
-    ]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
-    if proc.returncode != 0:
+    try:
+        child = run_child("memory_child", rows, repeats, env=MMAP_EVERY_BLOCK)
+    except RuntimeError as exc:
         return {
             "kind": "memory",
             "rows": rows,
-            "error": proc.stderr[-4000:],
+            "error": str(exc),
             "met": False,
-            "target": "runs with peak extra <= 4x logits",
+            "target": f"runs with peak extra <= {case.max_extra:g}x logits",
         }
-    child = json.loads(proc.stdout.strip().splitlines()[-1])
     peak = max(child["peak_extra_mb"])
     ratio = peak / child["logits_mb"]
-    limit = spec["max_extra"]
+    limit = case.max_extra
+    assert limit is not None
     ref_raised = child["reference_error"] is not None
     return {
         "kind": "memory",
@@ -608,10 +608,11 @@ def _install_counters() -> list[str]:
     return log
 
 
-def ddp_rank(rank: int, sizes: tuple[int, int], queue: int, steps: int) -> dict[str, Any]:
+def ddp_rank(
+    rank: int, num_classes: int, sizes: tuple[int, int], queue: int, steps: int
+) -> dict[str, Any]:
     """One rank: uneven batches, counted collectives in forward and in backward."""
     log = _install_counters()
-    num_classes = CASES["ddp_gloo_2"]["C"]
     loss_fn = RecallAtQuantileLoss(num_classes, quantile=QUANTILE, queue_size=queue)
     gen = torch.Generator().manual_seed(100 + rank)
     per_step = []
@@ -638,16 +639,18 @@ def ddp_rank(rank: int, sizes: tuple[int, int], queue: int, steps: int) -> dict[
     return {"rank": rank, "steps": per_step}
 
 
-def run_ddp_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def run_ddp_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     from imbalanced_losses.testing import run_ranks
 
-    size0, size1, queue, steps = spec["quick"] if args.quick else spec["full"]
+    size0, size1, queue, steps = case.sizes(args.quick)
+    assert case.max_collectives is not None
+    max_forward, max_backward = case.max_collectives
     results = run_ranks(
         ddp_rank,
         2,
         backend="gloo",
         timeout_s=300.0,
-        args=((size0, size1), queue, steps),
+        args=(case.num_classes, (size0, size1), queue, steps),
         threads_per_rank=max(1, torch.get_num_threads() // 2),
     )
     steady = [s for r in results for s in r["steps"][1:]]
@@ -662,7 +665,7 @@ def run_ddp_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
         "kind": "ddp",
         "backend": "gloo",
         "world_size": 2,
-        "num_classes": spec["C"],
+        "num_classes": case.num_classes,
         "per_rank_batch": [size0, size1],
         "queue": queue,
         "steps": steps,
@@ -681,10 +684,8 @@ def run_ddp_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
             "public torch.distributed collective with a counter (outermost call only); "
             "every 3rd step rank 1 has an empty batch; steady state = steps after the first"
         ),
-        "target": (
-            f"<= {spec['max_forward']} collectives/forward, {spec['max_backward']} in backward"
-        ),
-        "met": bool(fwd <= spec["max_forward"] and bwd <= spec["max_backward"]),
+        "target": (f"<= {max_forward} collectives/forward, {max_backward} in backward"),
+        "met": bool(fwd <= max_forward and bwd <= max_backward),
     }
 
 
@@ -692,7 +693,7 @@ def run_ddp_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
 def smooth_ap_child(impl: str, rows: int, positives: int, repeats: int) -> dict[str, Any]:
     """Runs in a fresh process: forward+backward times and peak extra RSS of one implementation.
 
-    ``impl`` is ``ours`` (SmoothAPLoss, chunked) or ``plain`` (the tests' full-matrix oracle in
+    ``impl`` is ``ours`` (SmoothAPLoss, chunked) or ``plain`` (the full-matrix reference in
     float32). Binary, no queue, temperature 0.01, float32 logits.
     """
 
@@ -705,8 +706,7 @@ def smooth_ap_child(impl: str, rows: int, positives: int, repeats: int) -> dict[
 
         loss_fn = SmoothAPLoss(1, queue_size=0, temperature=0.01)
     else:
-        sys.path.insert(0, os.path.join(REPO, "tests"))
-        from _smooth_ap_reference import reference_smooth_ap_loss
+        from imbalanced_losses.testing.reference import reference_smooth_ap_loss
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return reference_smooth_ap_loss(
@@ -724,10 +724,10 @@ def smooth_ap_child(impl: str, rows: int, positives: int, repeats: int) -> dict[
     }
 
 
-def run_smooth_ap_case(name: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def run_smooth_ap_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     """Each measurement in a fresh process (default glibc malloc: what a user's process gets)."""
-    full = spec["quick"] if args.quick else spec["full"]
-    side = spec["quick_side_by_side"] if args.quick else spec["side_by_side"]
+    full = case.sizes(args.quick)
+    side = case.side_by_side[1 if args.quick else 0]
     repeats = 1 if args.quick else min(args.repeats, 3)
     runs: dict[str, Any] = {}
     for key, impl, (rows, positives) in (
@@ -735,23 +735,15 @@ def run_smooth_ap_case(name: str, spec: dict[str, Any], args: argparse.Namespace
         ("ours_side", "ours", side),
         ("plain_side", "plain", side),
     ):
-        code = (
-            f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-            f"import torch; torch.set_num_threads({torch.get_num_threads()}); import bench; "
-            f"print(json.dumps(bench.smooth_ap_child({impl!r}, {rows}, {positives}, "
-            f"{repeats})))"
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, cwd=REPO
-        )
-        if proc.returncode != 0:
-            runs[key] = {"error": proc.stderr[-2000:]}
+        try:
+            runs[key] = run_child("smooth_ap_child", impl, rows, positives, repeats, timeout=3600)
+        except RuntimeError as exc:
+            runs[key] = {"error": str(exc)[-2000:]}
             continue
-        runs[key] = json.loads(proc.stdout.strip().splitlines()[-1])
         runs[key]["median_ms"] = statistics.median(runs[key]["ms"])
         runs[key]["max_peak_extra_mb"] = max(runs[key]["peak_extra_mb"])
     ok = all("error" not in r for r in runs.values())
-    limit = spec["max_extra_mb"]
+    limit = case.max_extra
     agree = ok and math.isclose(runs["ours_side"]["loss"], runs["plain_side"]["loss"], rel_tol=1e-4)
     return {
         "kind": "smooth_ap",
@@ -801,83 +793,166 @@ def _verdict(r: dict[str, Any]) -> str:
     return "n/a" if r["met"] is None else ("yes" if r["met"] else "NO")
 
 
+def speed_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
+    what = f"C={r['num_classes']:,}, batch {r['batch']:,}, queue {r['queue']:,}"
+    if r["quantile"] != QUANTILE:
+        what += f", quantile {r['quantile']:g}"
+    if r["reference_median_ms"] is None:
+        ref = f"> {r['reference_at_least_ms'] / 1e3:,.0f} s (stopped)"
+        measured = f"> {r['speedup']:,.0f}x"
+    else:
+        ref, measured = fmt_ms(r["reference_median_ms"]), f"{r['speedup']:.1f}x"
+    if "host_syncs_per_forward" in r:
+        measured += (
+            f"; host syncs {sum(r['host_syncs_per_forward'].values())} per "
+            f"forward, {sum(r['host_syncs_per_backward'].values())} in backward"
+        )
+    if "peak_extra_over_pool" in r:
+        measured += (
+            f"; peak extra {max(r['peak_extra_mb']):,.0f} MiB = "
+            f"{r['peak_extra_over_pool']:.2f}x pool ({r['pool_mb']:,.0f} MiB)"
+        )
+    return [
+        [f"{name} ({what})", fmt_ms(r["ours_median_ms"]), ref, measured, r["target"], _verdict(r)]
+    ]
+
+
+def memory_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
+    ref = f"raises at {r['reference_rows']:,} rows" if r["reference_raises"] else "did not raise"
+    measured = (
+        f"peak extra {max(r['peak_extra_mb']):,.0f} MiB = "
+        f"{r['peak_extra_over_logits']:.2f}x logits ({r['logits_mb']:,.0f} MiB)"
+    )
+    what = f"{name} (C=1, {r['rows']:,} rows, one call)"
+    return [[what, fmt_ms(r["ours_median_ms"]), ref, measured, r["target"], _verdict(r)]]
+
+
+def rss_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
+    what = (
+        f"{name} (C={r['num_classes']:,}, batch {r['batch']:,}, queue {r['queue']:,}, "
+        f"quantile {r['quantile']:g}: fill the queue, one more step)"
+    )
+    measured = (
+        f"peak RSS growth {r['peak_growth_mb']:,.0f} MiB = "
+        f"{r['peak_growth_over_pool']:.2f}x pool ({r['pool_mb']:,.0f} MiB)"
+    )
+    return [[what, fmt_ms(r["ours_median_ms"]), "—", measured, r["target"], _verdict(r)]]
+
+
+def ddp_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
+    what = f"{name} (C={r['num_classes']}, batches {r['per_rank_batch']}, queue {r['queue']:,})"
+    measured = (
+        f"{r['collectives_per_forward_steady_max']} per forward, "
+        f"{r['collectives_per_backward_steady_max']} in backward"
+    )
+    return [[what, fmt_ms(r["ours_median_ms"]), "—", measured, r["target"], _verdict(r)]]
+
+
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, r in results.items():
-        if "error" in r and r["kind"] != "memory":
-            rows.append([name, "error", "", "", r.get("target", ""), "no"])
-            continue
-        if r["kind"] == "speed":
-            what = f"C={r['num_classes']:,}, batch {r['batch']:,}, queue {r['queue']:,}"
-            if r["quantile"] != QUANTILE:
-                what += f", quantile {r['quantile']:g}"
-            if r["reference_median_ms"] is None:
-                ref = f"> {r['reference_at_least_ms'] / 1e3:,.0f} s (stopped)"
-                measured = f"> {r['speedup']:,.0f}x"
-            else:
-                ref, measured = fmt_ms(r["reference_median_ms"]), f"{r['speedup']:.1f}x"
-            if "host_syncs_per_forward" in r:
-                measured += (
-                    f"; host syncs {sum(r['host_syncs_per_forward'].values())} per "
-                    f"forward, {sum(r['host_syncs_per_backward'].values())} in backward"
-                )
-            if "peak_extra_over_pool" in r:
-                measured += (
-                    f"; peak extra {max(r['peak_extra_mb']):,.0f} MiB = "
-                    f"{r['peak_extra_over_pool']:.2f}x pool ({r['pool_mb']:,.0f} MiB)"
-                )
-            rows.append(
-                [
-                    f"{name} ({what})",
-                    fmt_ms(r["ours_median_ms"]),
-                    ref,
-                    measured,
-                    r["target"],
-                    _verdict(r),
-                ]
-            )
-        elif r["kind"] == "memory":
-            if "error" in r:
-                rows.append([name, "error", "", "", r["target"], "NO"])
-                continue
-            ref = (
-                f"raises at {r['reference_rows']:,} rows"
-                if r["reference_raises"]
-                else "did not raise"
-            )
-            measured = (
-                f"peak extra {max(r['peak_extra_mb']):,.0f} MiB = "
-                f"{r['peak_extra_over_logits']:.2f}x logits ({r['logits_mb']:,.0f} MiB)"
-            )
-            rows.append(
-                [
-                    f"{name} (C=1, {r['rows']:,} rows, one call)",
-                    fmt_ms(r["ours_median_ms"]),
-                    ref,
-                    measured,
-                    r["target"],
-                    _verdict(r),
-                ]
-            )
-        elif r["kind"] == "smooth_ap":
-            rows += smooth_ap_rows(name, r)
-        elif r["kind"] == "ddp":
-            measured = (
-                f"{r['collectives_per_forward_steady_max']} per forward, "
-                f"{r['collectives_per_backward_steady_max']} in backward"
-            )
-            rows.append(
-                [
-                    f"{name} (C={r['num_classes']}, batches {r['per_rank_batch']}, "
-                    f"queue {r['queue']:,})",
-                    fmt_ms(r["ours_median_ms"]),
-                    "—",
-                    measured,
-                    r["target"],
-                    "yes" if r["met"] else "NO",
-                ]
-            )
+        if "error" in r:
+            rows.append([name, "error", "", "", r.get("target", ""), "NO"])
+        else:
+            rows += CASES[name].rows(name, r)
     return rows
+
+
+# --------------------------------------------------------------------------- the cases
+# quantile=0.3 takes the k-th value path of the threshold.
+def _speed(name: str, full: tuple[int, ...], quick: tuple[int, ...], **options: Any) -> Case:
+    return Case(name, run_speed_case, speed_rows, full, quick, cpu_only=False, **options)
+
+
+_CASES = [
+    _speed(
+        "c16_q64k",
+        full=(4096, 65536),
+        quick=(512, 4096),
+        num_classes=16,
+        speedup=10.0,
+        max_syncs=(2, 0),
+    ),
+    _speed(
+        "c100_q64k",
+        full=(8192, 65536),
+        quick=(2048, 16384),
+        num_classes=100,
+        speedup=4.0,
+        max_extra=2.0,
+    ),
+    _speed(
+        "c100_q64k_q03",
+        full=(8192, 65536),
+        quick=(2048, 16384),
+        num_classes=100,
+        quantile=0.3,
+        max_extra=2.0,
+    ),
+    _speed(
+        "c10k_q16k",
+        full=(1024, 16384),
+        quick=(64, 256),
+        num_classes=10_000,
+        quantile=0.3,
+        max_extra=2.0,
+        reference_limit_s=(60.0, 5.0),
+        repeats=3,
+        warmup=0,
+        max_syncs=(2, 0),
+    ),
+    # Its growth depends on size: --quick runs it at full size.
+    Case(
+        "c1000_q16k_rss",
+        run_rss_case,
+        rss_rows,
+        full=(1024, 16384),
+        quick=(1024, 16384),
+        num_classes=1000,
+        quantile=0.3,
+        max_extra=2.0,
+    ),
+    _speed("c1_1m", full=(1_000_000, 0), quick=(50_000, 0), speedup=1.0),
+    # --quick runs ours on 1M rows; the reference is still shown to refuse > 2**24 rows.
+    Case(
+        "c1_20m",
+        run_memory_case,
+        memory_rows,
+        full=(20_000_000,),
+        quick=(1_000_000,),
+        max_extra=4.0,
+    ),
+    # (rank 0 batch, rank 1 batch, queue, steps)
+    Case(
+        "ddp_gloo_2",
+        run_ddp_case,
+        ddp_rows,
+        full=(4096, 3072, 65536, 8),
+        quick=(512, 384, 4096, 4),
+        num_classes=16,
+        max_collectives=(2, 0),
+    ),
+    _speed(
+        "c100_pool1m",
+        full=(8192, 1_000_000 - 8192),
+        quick=(1024, 16384),
+        num_classes=100,
+        default=False,
+    ),
+    # (rows, positives): ours alone at full size, ours and the plain full-matrix Smooth-AP
+    # side by side at a size the plain one can hold; limit in MiB.
+    Case(
+        "sap_1m",
+        run_smooth_ap_case,
+        smooth_ap_rows,
+        full=(1_000_000, 5000),
+        quick=(20_000, 100),
+        side_by_side=((100_000, 500), (5_000, 25)),
+        max_extra=1024,
+        default=False,
+    ),
+]
+CASES = {case.name: case for case in _CASES}
 
 
 def print_report(info: dict[str, Any], results: dict[str, Any], quick: bool) -> str:
@@ -892,7 +967,8 @@ def print_report(info: dict[str, Any], results: dict[str, Any], quick: bool) -> 
         *(
             [
                 "--quick: small sizes. Speed targets and the 20M-row memory ratio are set for the "
-                "full sizes and are not judged here; the pool-memory and collective targets are."
+                "full sizes and are not judged here; the pool-memory, fresh-process RSS (run at "
+                "full size) and collective targets are."
             ]
             if quick
             else []
@@ -908,14 +984,6 @@ def print_report(info: dict[str, Any], results: dict[str, Any], quick: bool) -> 
 
 
 # --------------------------------------------------------------------------- main
-RUNNERS = {
-    "speed": run_speed_case,
-    "memory": run_memory_case,
-    "ddp": run_ddp_case,
-    "smooth_ap": run_smooth_ap_case,
-}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -928,7 +996,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--cases",
-        default=",".join(DEFAULT_CASES),
+        default=",".join(name for name, case in CASES.items() if case.default),
         help=f"comma-separated subset of {', '.join(CASES)}",
     )
     p.add_argument(
@@ -942,9 +1010,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cap on the reference's timed seconds per case (>= 3 calls always)",
     )
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    p.add_argument("--_memory-child", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_pool-memory-child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_reference-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -958,17 +1023,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args._memory_child is not None:
-        print(json.dumps(memory_child(args._memory_child, args.repeats)))
-        return 0
-    if args._pool_memory_child is not None:
-        name, batch, queue, calls = args._pool_memory_child.split(",")
-        print(json.dumps(pool_memory_child(name, int(batch), int(queue), int(calls))))
-        return 0
-    if args._reference_child is not None:
-        name, batch, queue = args._reference_child.split(",")
-        print(json.dumps(reference_child(name, int(batch), int(queue))))
-        return 0
     if args.quick:
         args.repeats = min(args.repeats, 2)
         args.warmup = min(args.warmup, 1)
@@ -978,13 +1032,13 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(args.device)
     results: dict[str, Any] = {}
     for name in args.cases.split(","):
-        spec = CASES[name]
-        if spec["kind"] != "speed" and args.device != "cpu":
+        case = CASES[name]
+        if case.cpu_only and args.device != "cpu":
             print(f"[{name}] skipped: CPU-only case (device {args.device})", flush=True)
             continue
         print(f"[{name}] running...", flush=True)
         start = time.perf_counter()
-        results[name] = RUNNERS[spec["kind"]](name, spec, args)
+        results[name] = case.measure(case, args)
         results[name]["wall_s"] = time.perf_counter() - start
         print(f"[{name}] done in {results[name]['wall_s']:.1f} s", flush=True)
     print()

@@ -46,6 +46,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,15 +77,6 @@ try:
     from tqdm.auto import tqdm
 except ImportError:  # tqdm is optional
     tqdm = None
-
-ARMS = ("bce", "raq", "sap", "raq_wrapped")
-ARM_LABELS = {
-    "bce": "BCE alone",
-    "raq": "BCE warm-up -> RecallAtQuantile",
-    "sap": "BCE warm-up -> Smooth-AP",
-    "raq_wrapped": "RecallAtQuantile via LossWarmupWrapper",
-}
-RANKING_ARMS = ("raq", "sap")  # the hand-written schedule: ranking loss + bce_weight x BCE
 
 
 # --------------------------------------------------------------------------- distributed
@@ -359,7 +351,7 @@ def train_epochs(
     model: nn.Module,
     wrapped: nn.Module,
     opt: torch.optim.Optimizer,
-    arm: str,
+    name: str,
     epochs: range,
     data: Splits,
     args: argparse.Namespace,
@@ -369,8 +361,10 @@ def train_epochs(
     history: dict,
     progress: Progress,
 ) -> None:
-    """Train ``epochs``: BCE (arm ``bce``, or any arm before the end of the warm-up),
-    ``ranking + bce_weight * BCE`` (arms ``raq``/``sap``), or the wrapper (``raq_wrapped``)."""
+    """Train ``epochs``: BCE (no ranking loss, or before the end of the warm-up),
+    ``ranking + bce_weight * BCE``, or a ``LossWarmupWrapper``'s own schedule."""
+    arm = ARMS[name]
+    wrapper = isinstance(ranking, LossWarmupWrapper)
     gb = args.batch_size
     lb = gb // info.world_size
     n = len(data.y_train)
@@ -382,8 +376,8 @@ def train_epochs(
         if isinstance(ranking, LossWarmupWrapper):
             ranking.on_train_epoch_start(epoch)
         order = epoch_order(n, seed, epoch)
-        use_ranking = arm in RANKING_ARMS and epoch >= args.warmup_epochs
-        if use_ranking and arm == "raq" and args.temperature_final is not None:
+        use_ranking = ranking is not None and not wrapper and epoch >= args.warmup_epochs
+        if use_ranking and arm.anneals_per_epoch and args.temperature_final is not None:
             # geometric annealing over the ranking epochs: --temperature -> --temperature-final
             assert isinstance(ranking, RecallAtQuantileLoss)
             k, last = epoch - args.warmup_epochs, args.epochs - args.warmup_epochs - 1
@@ -400,21 +394,22 @@ def train_epochs(
             bce = F.binary_cross_entropy_with_logits(logits[:, 0], yb.float())
             if use_ranking:
                 assert ranking is not None
-                weight = args.bce_weight if arm == "raq" else args.sap_bce_weight
+                weight = arm.bce_weight(args)
                 loss = ranking(logits, yb)
                 if weight > 0:
                     loss = loss + weight * bce
-            elif isinstance(ranking, LossWarmupWrapper):
+            elif wrapper:
+                assert ranking is not None
                 # The wrapper's mix (1 - f) BCE + f RAQ with f = 1 / (1 + bce_weight), scaled
                 # by 1 + bce_weight, is the hand-written RAQ + bce_weight * BCE.
-                loss = (1 + args.bce_weight) * ranking(logits, yb)
+                loss = (1 + arm.bce_weight(args)) * ranking(logits, yb)
             else:
                 loss = bce
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach())
-            progress.update(1, seed=seed, arm=arm, epoch=epoch + 1)
+            progress.update(1, seed=seed, arm=name, epoch=epoch + 1)
         mean_loss = torch.tensor([total / max(1, steps)], dtype=torch.float64)
         if info.world_size > 1:  # log the global mean (BCE is a per-rank mean)
             mean_loss = mean_loss.to(info.device)
@@ -435,27 +430,29 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     return DDP(model, device_ids=ids)
 
 
-def ranking_loss(arm: str, args: argparse.Namespace) -> nn.Module:
-    """The loss an arm switches to after the warm-up."""
-    if arm == "sap":
-        return SmoothAPLoss(
-            num_classes=1, queue_size=args.sap_queue_size, temperature=args.sap_temperature
-        )
-    raq = RecallAtQuantileLoss(
+def _recall_loss(args: argparse.Namespace, steps_per_epoch: int) -> nn.Module:
+    return RecallAtQuantileLoss(
         num_classes=1,
         quantile=args.quantile,
         queue_size=args.queue_size,
         temperature=args.temperature,
     )
-    if arm == "raq":
-        return raq
-    # The same schedule as arm "raq", written with the wrapper: BCE for the warm-up epochs,
-    # then the fixed mix (1 - f) BCE + f RAQ; temperature constant, or decayed per step to
-    # --temperature-final over the ranking epochs (arm "raq" decays it per epoch).
-    steps = args.steps_per_epoch * (args.epochs - args.warmup_epochs)
+
+
+def _smooth_ap_loss(args: argparse.Namespace, steps_per_epoch: int) -> nn.Module:
+    return SmoothAPLoss(
+        num_classes=1, queue_size=args.sap_queue_size, temperature=args.sap_temperature
+    )
+
+
+def _wrapped_recall_loss(args: argparse.Namespace, steps_per_epoch: int) -> nn.Module:
+    """The schedule of arm ``raq``, written with the wrapper: BCE for the warm-up epochs, then
+    the fixed mix (1 - f) BCE + f RAQ; temperature constant, or decayed per step to
+    --temperature-final over the ranking epochs (arm ``raq`` decays it per epoch)."""
+    steps = steps_per_epoch * (args.epochs - args.warmup_epochs)
     return LossWarmupWrapper(
         BCEOnScores(),
-        raq,
+        _recall_loss(args, steps_per_epoch),
         warmup_epochs=args.warmup_epochs,
         final_main_weight=1 / (1 + args.bce_weight),
         temp_start=args.temperature,
@@ -464,15 +461,63 @@ def ranking_loss(arm: str, args: argparse.Namespace) -> nn.Module:
     )
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One recipe the demo compares; every arm but ``bce`` forks from the BCE warm-up."""
+
+    label: str
+    # Its tuning knobs: Adam's lr (after the warm-up, for a fork) and the weight of BCE
+    # beside the ranking loss.
+    lr: Callable[[argparse.Namespace], float]
+    bce_weight: Callable[[argparse.Namespace], float]
+    # The loss it switches to after the warm-up, from (args, steps per epoch); None: BCE.
+    # A LossWarmupWrapper runs the schedule itself; any other loss gets
+    # ``loss + bce_weight * BCE`` from the warm-up on.
+    ranking_loss: Callable[[argparse.Namespace, int], nn.Module] | None = None
+    anneals_per_epoch: bool = False  # --temperature-final, applied by this script per epoch
+
+
+ARMS = {
+    "bce": Arm("BCE alone", lambda a: a.lr, lambda a: 0.0),
+    "raq": Arm(
+        "BCE warm-up -> RecallAtQuantile",
+        lambda a: a.raq_lr,
+        lambda a: a.bce_weight,
+        _recall_loss,
+        anneals_per_epoch=True,
+    ),
+    "sap": Arm(
+        "BCE warm-up -> Smooth-AP", lambda a: a.sap_lr, lambda a: a.sap_bce_weight, _smooth_ap_loss
+    ),
+    "raq_wrapped": Arm(
+        "RecallAtQuantile via LossWarmupWrapper",
+        lambda a: a.raq_lr,
+        lambda a: a.bce_weight,
+        _wrapped_recall_loss,
+    ),
+}
+
+
+def arm_names(args: argparse.Namespace) -> list[str]:
+    """``bce`` (the others fork from its warm-up) and the ``--arms`` picked, in table order."""
+    return [name for name in ARMS if name == "bce" or name in args.arms]
+
+
+def _ranking_loss(name: str, args: argparse.Namespace, steps_per_epoch: int) -> nn.Module:
+    build = ARMS[name].ranking_loss
+    assert build is not None, f"arm {name} has no ranking loss"
+    return build(args, steps_per_epoch)
+
+
 def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
     data = build_splits(args, seed)
     n_feat = data.x_train.shape[1]
-    steps_per_epoch = args.steps_per_epoch = len(data.y_train) // args.batch_size
+    steps_per_epoch = len(data.y_train) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
             f"--batch-size {args.batch_size} exceeds the {len(data.y_train)} training rows"
         )
-    forks = [arm for arm in args.arms if arm != "bce"]
+    forks = arm_names(args)[1:]
     total_steps = steps_per_epoch * (args.epochs + len(forks) * (args.epochs - args.warmup_epochs))
     progress = Progress(info, total_steps, not args.no_progress, desc=f"seed {seed}")
     empty = lambda: {"epoch": [], "train_loss": [], "val_recall": [], "test_recall": []}  # noqa: E731
@@ -482,7 +527,7 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
     torch.manual_seed(seed)
     model = make_model(n_feat, args.hidden, prior).to(info.device)
     wrapped = wrap(model, info)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=ARMS["bce"].lr(args))
     hist_bce = empty()
     train_epochs(
         model,
@@ -521,8 +566,7 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
         model_r = make_model(n_feat, args.hidden, prior).to(info.device)
         model_r.load_state_dict(warm_state)
         wrapped_r = wrap(model_r, info)
-        lr = args.sap_lr if arm == "sap" else args.raq_lr
-        opt_r = torch.optim.Adam(model_r.parameters(), lr=lr)
+        opt_r = torch.optim.Adam(model_r.parameters(), lr=ARMS[arm].lr(args))
         hists[arm] = {k: list(v[: args.warmup_epochs]) for k, v in hist_bce.items()}
         train_epochs(
             model_r,
@@ -534,7 +578,7 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
             args,
             seed,
             info,
-            ranking_loss(arm, args).to(info.device),
+            _ranking_loss(arm, args, steps_per_epoch).to(info.device),
             hists[arm],
             progress,
         )
@@ -549,6 +593,7 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
         "n_test": len(data.y_test),
         "test_positives": int(data.y_test.sum()),
         "train_positive_rate": float(data.y_train.float().mean()),
+        "steps_per_epoch": steps_per_epoch,
         "arms": {},
     }
     for arm, hist in hists.items():
@@ -562,7 +607,7 @@ def run_seed(args: argparse.Namespace, seed: int, info: DistInfo) -> dict:
             arm: scores_of(m, data.x_test, info.device) for arm, m in models.items()
         }
         result["_y_test"] = data.y_test
-        for arm in args.arms:
+        for arm in arm_names(args):
             local = float(
                 recall_at_quantile(
                     result["_scores"][arm], data.y_test, args.quantile, gather_distributed=False
@@ -611,14 +656,15 @@ def print_table(results: list[dict], summary: dict, args: argparse.Namespace) ->
     seeds = [r["seed"] for r in results]
     head = ["arm"] + [f"seed {s}" for s in seeds] + ["mean ± std"]
     rows = []
-    for arm in args.arms:
+    names = arm_names(args)
+    for arm in names:
         vals = [r["arms"][arm]["test_recall"] for r in results]
         s = summary[arm]
         rows.append(
-            [ARM_LABELS[arm]] + [f"{v:.4f}" for v in vals] + [f"{s['mean']:.4f} ± {s['std']:.4f}"]
+            [ARMS[arm].label] + [f"{v:.4f}" for v in vals] + [f"{s['mean']:.4f} ± {s['std']:.4f}"]
         )
     wins = {}
-    for arm in args.arms[1:]:
+    for arm in names[1:]:
         d = summary[f"{arm}_minus_bce"]
         diffs = [r["arms"][arm]["test_recall"] - r["arms"]["bce"]["test_recall"] for r in results]
         wins[arm] = sum(v > 0 for v in diffs)
@@ -650,7 +696,8 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
     first = results[0]
     y = first["_y_test"].numpy().astype(bool)
     # One histogram per distinct training (raq_wrapped repeats raq exactly), then the curves.
-    shown = [arm for arm in args.arms if arm != "raq_wrapped" or "raq" not in args.arms]
+    names = arm_names(args)
+    shown = [arm for arm in names if arm != "raq_wrapped" or "raq" not in names]
     fig, axes = plt.subplots(1, len(shown) + 1, figsize=(5.7 * (len(shown) + 1), 4.8))
     for ax, arm in zip(axes[:-1], shown):
         s = first["_scores"][arm].numpy()
@@ -682,14 +729,14 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
         rec = first["arms"][arm]["test_recall"]
         ax.set_yscale("log")
         ax.set_title(
-            f"{ARM_LABELS[arm]}: test scores, seed {first['seed']}\nrecall at budget = {rec:.3f}"
+            f"{ARMS[arm].label}: test scores, seed {first['seed']}\nrecall at budget = {rec:.3f}"
         )
         ax.set_xlabel("logit")
         ax.set_ylabel("density (log scale)")
         ax.legend(loc="upper left", fontsize=8)
     ax = axes[-1]
     colors = {"bce": "tab:blue", "raq": "tab:orange", "sap": "tab:green", "raq_wrapped": "black"}
-    for arm in args.arms:
+    for arm in names:
         curves = np.array([r["arms"][arm]["history"]["test_recall"] for r in results])
         epochs = results[0]["arms"][arm]["history"]["epoch"]
         style = dict(ls=":", lw=1.5) if arm == "raq_wrapped" else dict(lw=2.2)
@@ -702,7 +749,7 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
             curves.mean(0),
             color=colors[arm],
             **style,
-            label=f"{ARM_LABELS[arm]}: {mean:.3f} ± {std:.3f}",
+            label=f"{ARMS[arm].label}: {mean:.3f} ± {std:.3f}",
         )
     ax.axvline(args.warmup_epochs + 0.5, color="gray", ls=":", lw=1.2, label="end of BCE warm-up")
     ax.set_xlabel("epoch")
@@ -814,9 +861,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="arms to run (bce always runs: the others fork from its warm-up)",
     )
     args = p.parse_args(argv)
-    if args.seeds is None:
-        args.seeds = [args.seed]
-    args.arms = ["bce"] + [arm for arm in ARMS[1:] if arm in args.arms]
     if not 0 <= args.warmup_epochs < args.epochs:
         p.error(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
     if args.bce_weight < 0 or args.sap_bce_weight < 0:
@@ -871,15 +915,16 @@ def main(argv: list[str] | None = None) -> dict | None:
                 f"--batch-size {args.batch_size} must be divisible by the world "
                 f"size {info.world_size}"
             )
+        seeds, names = args.seeds or [args.seed], arm_names(args)
         results = []
-        for seed in args.seeds:
+        for seed in seeds:
             ts = time.perf_counter()
             res = run_seed(args, seed, info)
             results.append(res)
             log(
                 info,
                 f"[train_alerts] seed {seed}: "
-                + ", ".join(f"{a}={res['arms'][a]['test_recall']:.4f}" for a in args.arms)
+                + ", ".join(f"{a}={res['arms'][a]['test_recall']:.4f}" for a in names)
                 + f"  ({time.perf_counter() - ts:.1f}s; {res['test_positives']} test "
                 f"positives, train positive rate {res['train_positive_rate']:.4%})",
             )
@@ -894,9 +939,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             _barrier()  # wait for rank 0's report, see below
             return None
         summary = {
-            arm: summarise([r["arms"][arm]["test_recall"] for r in results]) for arm in args.arms
+            arm: summarise([r["arms"][arm]["test_recall"] for r in results]) for arm in names
         }
-        for arm in args.arms[1:]:
+        for arm in names[1:]:
             summary[f"{arm}_minus_bce"] = summarise(
                 [r["arms"][arm]["test_recall"] - r["arms"]["bce"]["test_recall"] for r in results]
             )
@@ -914,7 +959,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             "torch": torch.__version__,
             "seconds": elapsed,
             "command": " ".join(sys.argv),
-            "config": {k: v for k, v in vars(args).items()},
+            "config": {
+                **vars(args),
+                "seeds": seeds,
+                "arms": names,
+                "steps_per_epoch": results[0]["steps_per_epoch"],
+            },
             "metric": f"recall_at_quantile(test scores, quantile={args.quantile}) "
             "at the final epoch",
             "summary": summary,

@@ -60,11 +60,12 @@ def queue_state(loss_fn):
 
 def assert_same_queue(lib, ref):
     """The library's queue holds exactly the reference's rows, slot for slot."""
-    assert (lib.queue.ptr, lib.queue.count) == (ref.ptr, ref.count)
-    n = ref.count
-    assert torch.equal(lib.queue.scores[:n], ref.scores[:n])
-    assert torch.equal(lib.queue.targets[:n], ref.targets[:n])
-    assert torch.equal(lib.queue.weights[:n], ref.weights[:n])
+    mine, theirs = lib.queue, ref.queue
+    assert (mine.ptr, mine.count) == (theirs.ptr, theirs.count)
+    n = theirs.count
+    assert torch.equal(mine.scores[:n], theirs.scores[:n])
+    assert torch.equal(mine.targets[:n], theirs.targets[:n])
+    assert torch.equal(mine.weights[:n], theirs.weights[:n])
 
 
 def assert_queue_unchanged(loss_fn, before):

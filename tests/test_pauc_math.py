@@ -393,11 +393,14 @@ def _dense(
     m=st.integers(1, 31),
     classes=st.sampled_from([1, 3]),
     tile=st.sampled_from([1, 2, 5, 8, 64, 10_000]),
-    shared_valid=st.booleans(),
+    mask=st.sampled_from(["shared valid", "per-class valid", "key_class", "none"]),
+    float_tau=st.sampled_from([None, 0.7, -0.3]),
 )
 def test_tiled_pair_sums_equal_the_dense_formula_in_value_and_gradient(
-    seed: int, n: int, m: int, classes: int, tile: int, shared_valid: bool
+    seed: int, n: int, m: int, classes: int, tile: int, mask: str, float_tau: float | None
 ) -> None:
+    """Every form of the arguments: a per-query or one float temperature (either sign), keys
+    masked by a shared or per-class ``valid``, by ``key_class``, or not at all."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=gen, dtype=torch.float64, requires_grad=True)
     keys = torch.randn(classes, m, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -405,15 +408,79 @@ def test_tiled_pair_sums_equal_the_dense_formula_in_value_and_gradient(
     tau = (torch.rand(n, generator=gen, dtype=torch.float64) + 0.1) * torch.where(
         torch.rand(n, generator=gen) < 0.3, -1.0, 1.0
     ).double()
-    valid = torch.rand(1 if shared_valid else classes, m, generator=gen) < 0.7
+    key_class = torch.randint(0, classes, (m,), generator=gen)
+    valid = torch.rand(1 if mask == "shared valid" else classes, m, generator=gen) < 0.7
     upstream = torch.randn(n, generator=gen, dtype=torch.float64)
-    got = pair_sigmoid_row_sums(x, cls, tau, keys, valid, tile_elements=tile)
+    if float_tau is not None:
+        tau = torch.full((n,), float_tau, dtype=torch.float64)
+    got = pair_sigmoid_row_sums(
+        x,
+        cls,
+        tau if float_tau is None else float_tau,
+        keys,
+        valid if mask.endswith("valid") else None,
+        key_class=key_class if mask == "key_class" else None,
+        tile_elements=tile,
+    )
+    if mask == "key_class":
+        valid = key_class[None, :] == torch.arange(classes)[:, None]
+    elif mask == "none":
+        valid = torch.ones(1, m, dtype=torch.bool)
     want = _dense(x, cls, tau, keys, valid)
     torch.testing.assert_close(got, want, **TOL)
     got_grads = torch.autograd.grad(got, (x, keys), upstream)
     want_grads = torch.autograd.grad(want, (x, keys), upstream)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_second_derivative_through_the_pair_kernel_raises_naming_the_caller(
+    masked: bool,
+) -> None:
+    """The backward is once differentiable (both its paths); ``create_graph=True`` leaves the
+    first derivative as it was."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(2, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    cls = torch.tensor([0, 1, 1, 0, 1])
+    key_class = torch.tensor([0, 1, 0, 0, 1, 1, 0]) if masked else None
+
+    def sums() -> torch.Tensor:
+        out = pair_sigmoid_row_sums(x, cls, 0.5, keys, key_class=key_class, what="MyPairLoss")
+        return out.pow(2).sum()
+
+    plain = torch.autograd.grad(sums(), (x, keys))
+    grads = torch.autograd.grad(sums(), (x, keys), create_graph=True)
+    for a, b in zip(grads, plain):
+        assert torch.equal(a.detach(), b)
+    with pytest.raises(RuntimeError, match="once_differentiable: MyPairLoss is not twice"):
+        (grads[0].square().sum() + grads[1].sum() + x.sum()).backward()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(tau=0.0), "tau must be a finite non-zero float or an \\[n\\] tensor, got 0.0"),
+        (dict(tau=math.nan), "tau must be a finite non-zero float or an \\[n\\] tensor, got nan"),
+        (dict(key_class=torch.zeros(3, dtype=torch.long)), "key_class must be \\[m\\] = \\[4\\]"),
+        (
+            dict(
+                key_class=torch.zeros(4, dtype=torch.long), valid=torch.ones(1, 4, dtype=torch.bool)
+            ),
+            "replaces valid \\(pass one of the two\\), got key_class \\(4,\\) with valid given",
+        ),
+    ],
+)
+def test_pair_kernel_rejects_a_zero_temperature_and_a_misshapen_or_doubled_key_mask(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    args: dict[str, Any] = dict(tau=1.0, valid=None, key_class=None) | kwargs
+    with pytest.raises(ValueError, match=message):
+        pair_sigmoid_row_sums(
+            torch.zeros(2), torch.zeros(2, dtype=torch.long), args["tau"], torch.zeros(1, 4),
+            args["valid"], key_class=args["key_class"],
+        )  # fmt: skip
 
 
 def test_void_keys_add_nothing_even_when_they_hold_inf_or_nan() -> None:

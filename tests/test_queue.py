@@ -60,8 +60,8 @@ def test_queue_writes_rows_circularly_and_big_pushes_replace_it(size, pushes, se
         weights = torch.rand(m, generator=gen, dtype=torch.float64)
         model.push(list(zip(scores, targets, weights)))
         lib.push(scores, targets, weights)
-        ref.push(scores, targets, weights)
-        for q in (lib, ref):
+        ref.queue.push(scores, targets, weights)
+        for q in (lib, ref.queue):
             assert (q.ptr, q.count) == (model.ptr, model.count)
             for slot in range(model.count):
                 s, t, w = model.slots[slot]
@@ -126,7 +126,7 @@ def test_non_finite_rows_never_take_a_slot_but_the_step_loss_is_nan(bad, reducti
     assert math.isnan(loss.item()), "a non-finite logit must show in the step's loss"
     good = torch.ones(8, dtype=torch.bool)
     good[4] = False
-    ref.push(logits[good], targets[good], torch.ones(7, dtype=torch.float64))
+    ref.queue.push(logits[good], targets[good], torch.ones(7, dtype=torch.float64))
     assert_same_queue(lib, ref)
     # The next step is not poisoned: it equals the reference that never saw the bad row.
     logits, targets, _ = random_batch(gen, 10, 3)

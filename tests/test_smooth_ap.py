@@ -7,16 +7,16 @@ from unittest import mock
 
 import pytest
 import torch
-from _smooth_ap_reference import ReferenceSmoothAPLoss, reference_smooth_ap_loss
 from _support import REDUCTIONS, TIGHT, assert_same_queue, objective, random_batch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imbalanced_losses import SmoothAPLoss, smooth_ap
+from imbalanced_losses import SmoothAPLoss, _pair_tiles
+from imbalanced_losses.testing.reference import ReferenceSmoothAPLoss, reference_smooth_ap_loss
 
 # Tile sizes (elements): one pair, tiles that straddle row and column boundaries, several rows
 # of a whole block, and the default (every pair of these small pools in one tile).
-BUFFERS = [1, 3, 7, 40, smooth_ap._TILE_ELEMENTS]
+BUFFERS = [1, 3, 7, 40, _pair_tiles.TILE_ELEMENTS]
 
 
 @st.composite
@@ -73,7 +73,7 @@ def run_history(h):
         ref.train(train)
         x_lib = logits.clone().requires_grad_()
         x_ref = logits.clone().requires_grad_()
-        with mock.patch.object(smooth_ap, "_TILE_ELEMENTS", h["buffer"]):
+        with mock.patch.object(_pair_tiles, "TILE_ELEMENTS", h["buffer"]):
             got = lib(x_lib, targets, sample_weight=weights, return_per_class=True)
             want = ref(x_ref, targets, sample_weight=weights, return_per_class=True)
             assert torch.equal(got[2], want[2]), f"step {step}: valid classes differ"
@@ -141,7 +141,7 @@ def test_subsampled_sums_are_the_sample_scaled_to_the_pool(
         drawn.clear()
         with (
             mock.patch.object(lib, "_subsample", recording),
-            mock.patch.object(smooth_ap, "_TILE_ELEMENTS", buffer),
+            mock.patch.object(_pair_tiles, "TILE_ELEMENTS", buffer),
         ):
             got = lib(x_lib, targets, sample_weight=weights)
         sample = drawn[0] if drawn else None
@@ -199,38 +199,6 @@ def test_reference_oracle_agrees_with_a_hand_computed_case():
     expected = 1 - (r0p / r0 + r1p / r1) / 2
     loss, _, _ = reference_smooth_ap_loss(s, y, num_classes=1, temperature=tau)
     assert float(loss) == pytest.approx(float(expected), abs=1e-15)
-
-
-def test_temperature_is_validated_saved_and_restored():
-    with pytest.raises(ValueError, match="temperature must be a finite float > 0, got 0"):
-        SmoothAPLoss(2, temperature=0)
-    loss_fn = SmoothAPLoss(2, temperature=0.2)
-    loss_fn.temperature = 0.05
-    restored = SmoothAPLoss(2, temperature=0.2)
-    with pytest.warns(UserWarning, match="checkpoint's temperature=0.05 replaces"):
-        restored.load_state_dict(loss_fn.state_dict())
-    assert restored.temperature == 0.05
-
-
-def test_empty_pool_and_no_positive_give_a_connected_zero():
-    loss_fn = SmoothAPLoss(2, queue_size=4)
-    logits = torch.randn(0, 2, requires_grad=True)
-    loss = loss_fn(logits, torch.zeros(0, dtype=torch.long))
-    loss.backward()
-    assert loss.item() == 0.0
-    logits = torch.randn(3, 1, requires_grad=True)
-    loss = SmoothAPLoss(1)(logits, torch.zeros(3, dtype=torch.long))
-    loss.backward()
-    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros(3, 1))
-
-
-def test_float32_logits_match_the_float64_reference_loosely():
-    gen = torch.Generator().manual_seed(1)
-    logits, targets, _ = random_batch(gen, 200, 3)
-    got = SmoothAPLoss(3, queue_size=0, temperature=0.3)(logits.float(), targets)
-    want, _, _ = reference_smooth_ap_loss(logits, targets, num_classes=3, temperature=0.3)
-    assert got.dtype == torch.float32
-    assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
 @pytest.mark.parametrize("max_pool_size", [None, 5])

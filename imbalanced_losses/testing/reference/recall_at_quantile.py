@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from imbalanced_losses.testing.reference._queue import QueuedReference
+
 __all__ = [
     "reference_recall_at_quantile_loss",
     "reference_recall_at_quantile",
@@ -147,15 +149,9 @@ def reference_recall_at_quantile(
     return result[0] if one_dim else result
 
 
-class ReferenceRecallAtQuantileLoss:
-    """Stateful reference: the functional reference plus a plain circular queue.
-
-    Rows are written one by one at ``ptr`` (advancing modulo ``queue_size``); a push of at
-    least ``queue_size`` rows instead replaces the queue with its last ``queue_size`` rows,
-    oldest in slot 0, and resets ``ptr`` to 0. Rows are written after the
-    loss, only in training mode (or with ``update_queue_in_eval``), and only rows that count:
-    target != ignore_index and every logit finite. Queue rows are kept in ``dtype``.
-    """
+class ReferenceRecallAtQuantileLoss(QueuedReference):
+    """Stateful reference: the functional reference plus the plain circular queue
+    (``self.queue``, a :class:`PlainQueue` kept in ``dtype``), written after the loss."""
 
     def __init__(
         self,
@@ -169,58 +165,11 @@ class ReferenceRecallAtQuantileLoss:
         quantile_interpolation: str = "higher",
         dtype: torch.dtype = torch.float32,
     ):
-        self.num_classes = num_classes
+        super().__init__(num_classes, queue_size, ignore_index, update_queue_in_eval, dtype)
         self.quantile = quantile
-        self.queue_size = queue_size
         self.temperature = temperature
         self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.update_queue_in_eval = update_queue_in_eval
         self.interpolation = quantile_interpolation
-        self.training = True
-        width = max(num_classes, 1)
-        self.scores = torch.zeros(queue_size, width, dtype=dtype)
-        self.targets = torch.zeros(queue_size, dtype=torch.long)
-        self.weights = torch.zeros(queue_size, dtype=dtype)
-        self.ptr = 0
-        self.count = 0
-
-    def train(self, mode: bool = True) -> ReferenceRecallAtQuantileLoss:
-        self.training = mode
-        return self
-
-    def eval(self) -> ReferenceRecallAtQuantileLoss:
-        return self.train(False)
-
-    def reset_queue(self) -> None:
-        self.ptr = 0
-        self.count = 0
-        self.scores.zero_()
-        self.targets.zero_()
-        self.weights.zero_()
-
-    def rows(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The filled slots, in slot order."""
-        n = self.count
-        return self.scores[:n], self.targets[:n], self.weights[:n]
-
-    def push(self, scores: Tensor, targets: Tensor, weights: Tensor) -> None:
-        """Replace the queue with the last ``queue_size`` rows, or write rows one at a time."""
-        q, m = self.queue_size, scores.shape[0]
-        if q == 0 or m == 0:
-            return
-        if m >= q:
-            self.scores[:] = scores[m - q :].detach().to(self.scores.dtype)
-            self.targets[:] = targets[m - q :].long()
-            self.weights[:] = weights[m - q :].detach().to(self.weights.dtype)
-            self.ptr, self.count = 0, q
-            return
-        for i in range(m):
-            self.scores[self.ptr] = scores[i].detach().to(self.scores.dtype)
-            self.targets[self.ptr] = targets[i].long()
-            self.weights[self.ptr] = weights[i].detach().to(self.weights.dtype)
-            self.ptr = (self.ptr + 1) % q
-            self.count = min(self.count + 1, q)
 
     def __call__(
         self,
@@ -229,8 +178,9 @@ class ReferenceRecallAtQuantileLoss:
         *,
         return_per_class: bool = False,
         sample_weight: Tensor | None = None,
-    ):
-        queue_scores, queue_targets, queue_weights = self.rows()
+        update_queue: bool | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        queue_scores, queue_targets, queue_weights = self.queue.rows()
         loss, per_class, valid = reference_recall_at_quantile_loss(
             logits,
             targets,
@@ -245,14 +195,7 @@ class ReferenceRecallAtQuantileLoss:
             queue_targets=queue_targets,
             queue_weights=queue_weights,
         )
-        if self.training or self.update_queue_in_eval:
-            flat_targets = targets.reshape(-1).long()
-            if sample_weight is None:
-                sample_weight = torch.ones(
-                    logits.shape[0], dtype=self.weights.dtype, device=logits.device
-                )
-            counts = (flat_targets != self.ignore_index) & torch.isfinite(logits).all(dim=1)
-            self.push(logits.detach()[counts], flat_targets[counts], sample_weight[counts])
+        self.write(logits, targets, sample_weight, update_queue)
         if return_per_class:
             return loss, per_class, valid
         return loss

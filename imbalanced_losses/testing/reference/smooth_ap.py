@@ -1,4 +1,5 @@
-"""Plain Smooth-AP (Brown et al., ECCV 2020): the oracle of the SmoothAPLoss tests.
+"""Plain Smooth-AP (Brown et al., ECCV 2020): the oracle of the SmoothAPLoss tests and the
+full-matrix baseline of ``scripts/bench.py``.
 
 Written from the formula, not from the library: a Python loop over classes, the full
 ``[P, M]`` pair matrix, autograd for the gradient. Per class ``c`` (binary: column 0,
@@ -19,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from imbalanced_losses.testing.reference import ReferenceRecallAtQuantileLoss
+from imbalanced_losses.testing.reference._queue import QueuedReference
+
+__all__ = ["ReferenceSmoothAPLoss", "reference_smooth_ap_loss"]
 
 
 def reference_smooth_ap_loss(
@@ -50,6 +53,8 @@ def reference_smooth_ap_loss(
     keep = targets != ignore_index
     scores, labels, weights = logits.to(dtype)[keep], targets[keep], weights[keep]
     if queue_scores is not None and queue_scores.shape[0] > 0:
+        if queue_targets is None or queue_weights is None:
+            raise ValueError("queue_targets and queue_weights must be given with queue_scores")
         scores = torch.cat([scores, queue_scores.detach().to(dtype)])
         labels = torch.cat([labels, queue_targets.long()])
         weights = torch.cat([weights, queue_weights.detach().to(dtype)])
@@ -90,8 +95,8 @@ def reference_smooth_ap_loss(
     return loss, per_class_t, valid_t
 
 
-class ReferenceSmoothAPLoss(ReferenceRecallAtQuantileLoss):
-    """The plain formula with the reference's plain circular queue (float64)."""
+class ReferenceSmoothAPLoss(QueuedReference):
+    """The plain formula with the plain circular queue (``self.queue``, kept in ``dtype``)."""
 
     def __init__(
         self,
@@ -101,19 +106,24 @@ class ReferenceSmoothAPLoss(ReferenceRecallAtQuantileLoss):
         reduction: str = "mean",
         ignore_index: int = -100,
         update_queue_in_eval: bool = False,
+        dtype: torch.dtype = torch.float64,
     ):
-        super().__init__(
-            num_classes,
-            queue_size=queue_size,
-            temperature=temperature,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            update_queue_in_eval=update_queue_in_eval,
-            dtype=torch.float64,
-        )
+        super().__init__(num_classes, queue_size, ignore_index, update_queue_in_eval, dtype)
+        self.temperature = temperature
+        self.reduction = reduction
+        self.dtype = dtype
 
-    def __call__(self, logits, targets, *, return_per_class=False, sample_weight=None, sample=None):
-        q_scores, q_targets, q_weights = self.rows()
+    def __call__(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        *,
+        return_per_class: bool = False,
+        sample_weight: Tensor | None = None,
+        update_queue: bool | None = None,
+        sample: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        q_scores, q_targets, q_weights = self.queue.rows()
         loss, per_class, valid = reference_smooth_ap_loss(
             logits,
             targets,
@@ -126,14 +136,7 @@ class ReferenceSmoothAPLoss(ReferenceRecallAtQuantileLoss):
             queue_targets=q_targets,
             queue_weights=q_weights,
             sample=sample,
+            dtype=self.dtype,
         )
-        if self.training or self.update_queue_in_eval:
-            flat = targets.reshape(-1).long()
-            w = (
-                torch.ones(logits.shape[0], dtype=torch.float64)
-                if sample_weight is None
-                else (sample_weight)
-            )
-            counts = (flat != self.ignore_index) & torch.isfinite(logits).all(dim=1)
-            self.push(logits.detach()[counts], flat[counts], w[counts])
+        self.write(logits, targets, sample_weight, update_queue)
         return (loss, per_class, valid) if return_per_class else loss

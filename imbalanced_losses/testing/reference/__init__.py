@@ -1,0 +1,27 @@
+"""Plain reference implementations of every loss of the package, written from the formulas.
+
+Each is a Python loop over classes that keeps the same plain circular queue (:class:`PlainQueue`)
+and does no validation, no subsampling of its own and no distributed gather: the oracles of the
+test-suite and of the DDP harness, and the baselines of ``scripts/bench.py``.
+"""
+
+from imbalanced_losses.testing.reference._queue import PlainQueue, QueuedReference
+from imbalanced_losses.testing.reference.recall_at_quantile import (
+    ReferenceRecallAtQuantileLoss,
+    reference_recall_at_quantile,
+    reference_recall_at_quantile_loss,
+)
+from imbalanced_losses.testing.reference.smooth_ap import (
+    ReferenceSmoothAPLoss,
+    reference_smooth_ap_loss,
+)
+
+__all__ = [
+    "PlainQueue",
+    "QueuedReference",
+    "ReferenceRecallAtQuantileLoss",
+    "ReferenceSmoothAPLoss",
+    "reference_recall_at_quantile",
+    "reference_recall_at_quantile_loss",
+    "reference_smooth_ap_loss",
+]

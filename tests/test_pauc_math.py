@@ -510,3 +510,42 @@ def test_grad_pos_count_counts_this_ranks_live_positives_without_padding() -> No
     targets = torch.tensor([0, 2, 2, -100, 1, 2])
     assert grad_pos_count(targets, 3).tolist() == [1, 1, 3]
     assert grad_pos_count(torch.tensor([1, 0, 1, -100]), 1).tolist() == [2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_half_precision_quantiles_rank_in_float32_like_their_exact_upcast(
+    dtype: torch.dtype, interpolation: str
+) -> None:
+    """Contract §17: ranks in float32 or wider. Scores and levels exact in both dtypes give
+    torch.quantile's float32 answer (rounded once to the dtype); a half-precision rank would
+    round ``level * (n - 1)`` onto another order statistic past 256 (bf16) / 2048 (fp16) rows."""
+    gen = torch.Generator().manual_seed(3)
+    rows, columns = 3000, 3
+    scores = (torch.randint(-255, 256, (rows, columns), generator=gen) / 8).to(dtype)
+    member = torch.rand(rows, columns, generator=gen) < torch.tensor([1.0, 0.8, 0.3])
+    levels = torch.tensor([0.995, 0.9, 0.7, 0.75, 0.25, 0.5, 0.0, 1.0], dtype=dtype)
+    got = masked_column_quantiles(scores, member, levels, interpolation)
+    assert got.dtype == dtype
+    for c in range(columns):
+        want = torch.quantile(
+            scores[member[:, c], c].float(), levels.float(), interpolation=interpolation
+        )
+        assert torch.equal(got[:, c], want.to(dtype)), (c, got[:, c], want)
+
+
+def test_a_float16_pool_of_70k_members_selects_like_its_float32_upcast() -> None:
+    """float16 cannot hold ``n - 1`` = 69,999 (it overflows to inf): ranks must be float32."""
+    gen = torch.Generator().manual_seed(4)
+    rows = 70_000
+    scores = (torch.randint(-1024, 1025, (rows, 2), generator=gen) / 64).to(torch.float16)
+    member = torch.ones(rows, 2, dtype=torch.bool)
+    member[: rows // 3, 1] = False
+    levels = torch.tensor([0.995, 0.75, 0.25], dtype=torch.float16)
+    for interpolation in ("higher", "linear"):
+        got = masked_column_quantiles(scores, member, levels, interpolation)
+        for c in range(2):
+            want = torch.quantile(
+                scores[member[:, c], c].float(), levels.float(), interpolation=interpolation
+            )
+            assert torch.equal(got[:, c], want.to(torch.float16)), (c, got[:, c], want)

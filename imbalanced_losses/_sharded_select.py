@@ -149,8 +149,8 @@ def _agree(
     size, failed, total, *sums = all_reduce_sum(local, group).tolist()  # the one host read
     if failed:
         raise ValueError(problem or f"{failed} other rank(s) of the group rejected their scores")
-    names = ("columns", "key width (float64 vs narrower)", "interpolation", "bits")
-    names += ("quantile",) * _QUANTILE_PARTS
+    names: tuple[str, ...] = ("columns", "key width (float64 vs narrower)", "interpolation", "bits")
+    names = names + ("quantile",) * _QUANTILE_PARTS
     half = len(shared)
     for name, s, sq in zip(names, sums[:half], sums[half:]):
         if size * sq != s * s:

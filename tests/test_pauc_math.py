@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from imbalanced_losses._pauc_math import (
     quantile_levels,
 )
 from imbalanced_losses.functional import INTERPOLATIONS, reduce_per_class
+from imbalanced_losses.testing import SyncCounter
+from imbalanced_losses.testing._host_syncs import DEVICE_TO_HOST
 from imbalanced_losses.testing._pauc_reference import PlainPAUCLoss, plain_pauc_per_class
 
 FROZEN = json.loads((Path(__file__).parent / "data" / "pauc_reference_0_6_0.json").read_text())
@@ -549,3 +552,24 @@ def test_a_float16_pool_of_70k_members_selects_like_its_float32_upcast() -> None
                 scores[member[:, c], c].float(), levels.float(), interpolation=interpolation
             )
             assert torch.equal(got[:, c], want.to(torch.float16)), (c, got[:, c], want)
+
+
+@pytest.mark.parametrize("surrogate,syncs", [("trapezoid", 1), ("pairwise", 2)])
+@pytest.mark.parametrize("num_classes", [1, 5])
+def test_the_math_reads_the_host_once_per_selection_and_once_for_the_band(
+    surrogate: str, syncs: int, num_classes: int
+) -> None:
+    """One read for the quantiles of every class; the pairwise band packing adds one more (its
+    sizes), not a nonzero, bincount and max each. Counted as they would be on CUDA."""
+    gen = torch.Generator().manual_seed(5)
+    rows = 300
+    scores = torch.randn(rows, num_classes, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, max(num_classes, 2), (rows,), generator=gen)
+    iid = torch.rand(rows, generator=gen) < 0.8
+    live = torch.rand(rows, generator=gen) < 0.5
+    options = PAUCOptions(alpha=0.05, beta=0.4, surrogate=surrogate, n_knots=3)
+    with SyncCounter(scores, targets, iid, live) as counter:
+        result = pauc_per_class(scores, targets, None, iid, live, options)
+    assert bool(result.valid.all())
+    assert counter.total == syncs, dict(counter.counts)
+    assert counter.counts == Counter({DEVICE_TO_HOST: syncs}), counter.counts

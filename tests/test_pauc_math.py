@@ -2,7 +2,7 @@
 
 Three independent oracles: values frozen from the reference library (imbalanced-losses 0.6.0,
 ``scripts/freeze_pauc_reference.py``), our plain float64 reference
-(``imbalanced_losses.testing._pauc_reference``) and ``torch.quantile`` / the dense pair matrix.
+(``imbalanced_losses.testing.reference.pauc``) and ``torch.quantile`` / the dense pair matrix.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from imbalanced_losses._pauc_math import (
 from imbalanced_losses.functional import INTERPOLATIONS, reduce_per_class
 from imbalanced_losses.testing import SyncCounter
 from imbalanced_losses.testing._host_syncs import DEVICE_TO_HOST
-from imbalanced_losses.testing._pauc_reference import PlainPAUCLoss, plain_pauc_per_class
+from imbalanced_losses.testing.reference.pauc import PlainPAUCLoss, plain_pauc_per_class
 
 FROZEN = json.loads((Path(__file__).parent / "data" / "pauc_reference_0_6_0.json").read_text())
 REPO = Path(__file__).resolve().parents[1]
@@ -155,9 +155,14 @@ def test_the_plain_reference_loss_equals_the_frozen_reference_library(case: dict
         iid = torch.tensor(step["iid_mask"]) if "iid_mask" in step else None
         weight = step.get("sample_weight")
         weight = None if weight is None else torch.tensor(weight, dtype=torch.float64)
-        loss, per_class, valid, diag = plain(
-            logits, torch.tensor(step["targets"]), iid, sample_weight=weight
+        loss, per_class, valid = plain(
+            logits,
+            torch.tensor(step["targets"]),
+            iid_mask=iid,
+            sample_weight=weight,
+            return_per_class=True,
         )
+        diag = plain.diagnostics
         assert valid.tolist() == expected["valid"], where
         torch.testing.assert_close(
             loss.detach().reshape(-1), _tensor(expected["loss"]), **TOL, equal_nan=True, msg=where

@@ -139,6 +139,7 @@ def _bad_input_on_rank(rank: int) -> list[str | None]:
         lambda: sharded_quantile_threshold(
             [ok, torch.empty(1, 2, device="meta")] if rank == 0 else ok, 0.1
         ),
+        lambda: sharded_quantile_threshold(torch.empty(3, 2, device="meta") if rank else ok, 0.1),
     ]
     for call in calls:
         try:
@@ -154,7 +155,7 @@ def _bad_input_on_rank(rank: int) -> list[str | None]:
 def test_bad_or_disagreeing_input_raises_on_every_rank_and_leaves_the_group_usable():
     results = run_ranks(_bad_input_on_rank, 3, timeout_s=300)
     words = ["columns", "quantile", "key width", "interpolation", "at least one row", "bits"]
-    words += ["quantile", "quantile", "one device"]
+    words += ["quantile", "quantile", "one device", "meta device"]
     for rank, messages in enumerate(results):
         for word, message in zip(words, messages):
             assert message is not None, f"rank {rank}: no error for the {word} case"

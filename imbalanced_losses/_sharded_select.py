@@ -102,6 +102,8 @@ def _check_locally(
     devices = {b.device for b in blocks}
     if len(devices) != 1:
         return f"scores must be blocks on one device, got {sorted(map(str, devices))}"
+    if blocks[0].device.type == "meta":
+        return "scores must hold data, got blocks on the meta device"
     if not isinstance(quantile, Real) or isinstance(quantile, bool):
         return f"quantile must be a real number in [0, 1], got {quantile!r}"
     if not 0.0 <= quantile <= 1.0:

@@ -114,6 +114,8 @@ def test_bad_input_names_the_argument_and_the_value(call, words):
 def test_blocks_on_two_devices_are_refused_before_any_collective():
     with pytest.raises(ValueError, match="one device"):
         sharded_quantile_threshold([torch.randn(3, 2), torch.empty(1, 2, device="meta")], 0.1)
+    with pytest.raises(ValueError, match="meta device"):
+        sharded_quantile_threshold(torch.empty(3, 2, device="meta"), 0.1)
 
 
 @pytest.mark.parametrize("quantile", [torch.tensor(0.1), "0.1", True])

@@ -1,5 +1,6 @@
 """Every plain reference lives in ``imbalanced_losses.testing.reference`` and keeps the one plain
-queue (issue 17): one ``__call__`` (``QueuedReference``), one ``PlainQueue``, no package loss code."""
+queue (issue 17): one ``__call__`` (``QueuedReference``), one ``PlainQueue``, none of the
+package's loss code."""
 
 from __future__ import annotations
 

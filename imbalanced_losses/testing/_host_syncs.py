@@ -88,10 +88,17 @@ class _PythonLevelReads(TorchFunctionMode):
             data = args[0] if args else kwargs.get("data", kwargs.get("obj"))
             if not (isinstance(data, torch.Tensor) and data in counter.on_device):
                 counter._count(counter.host_to_device, HOST_TO_DEVICE)
-        out = func(*args, **kwargs)
         if tracked and func in _HOST_READS:
+            # One read, however it is done inside (on CUDA ``tolist`` copies through the
+            # dispatcher, which would count it again).
             counter._count(counter.counts, DEVICE_TO_HOST)
-        elif tracked and func in _MOVES and out is this:
+            counter._inside_read += 1
+            try:
+                return func(*args, **kwargs)
+            finally:
+                counter._inside_read -= 1
+        out = func(*args, **kwargs)
+        if tracked and func in _MOVES and out is this:
             # A no-op on this build, a device-to-host copy on CUDA when the target is the host:
             # then hand back a fresh untracked copy, as CUDA would.
             target = "cpu" if func is torch.Tensor.cpu else _target_device(args, kwargs)
@@ -135,8 +142,11 @@ class SyncCounter(TorchDispatchMode):
         # ``file:line`` of every counted call, per reason (to find the call sites).
         self.where: defaultdict[str, list[str]] = defaultdict(list)
         self._python_level = _PythonLevelReads(self)
+        self._inside_read = 0  # > 0 while a counted Python-level read runs
 
     def _count(self, counter: Counter[str], reason: str) -> None:
+        if self._inside_read:
+            return
         counter[reason] += 1
         self.where[reason].append(_caller())
 

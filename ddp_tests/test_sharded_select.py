@@ -6,6 +6,8 @@ bad or disagreeing input raises on every rank instead of hanging."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from imbalanced_losses.functional import INTERPOLATIONS, quantile_threshold
 from imbalanced_losses.testing import run_ranks
 
 QUANTILES = (0.0, 1e-6, 1e-3, 0.3, 0.5, 0.999, 1 - 1e-6, 1.0)
-CHECK_BYTES = 104  # the agreement all_reduce: 13 int64
+CHECK_BYTES = 152  # the agreement all_reduce: 19 int64
 
 
 def _column_kinds(rows: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -130,6 +132,14 @@ def _bad_input_on_rank(rank: int) -> list[str | None]:
         lambda: sharded_quantile_threshold(ok, 0.1, "linear" if rank == 1 else "higher"),
         lambda: sharded_quantile_threshold(torch.empty(0, 2), 0.1),  # a class with no rows
         lambda: sharded_quantile_threshold(ok, 0.1, bits=3),
+        # Quantiles one float64 step apart (once equal as int(q * 2**20)) select differently.
+        lambda: sharded_quantile_threshold(ok, math.nextafter(0.3, 1.0) if rank == 1 else 0.3),
+        lambda: sharded_quantile_threshold(ok, 0.3 + 1e-7 if rank == 2 else 0.3),
+        # Blocks on two devices fail on this rank alone: it must say so before the collective.
+        lambda: sharded_quantile_threshold(
+            [ok, torch.empty(1, 2, device="meta")] if rank == 0 else ok, 0.1
+        ),
+        lambda: sharded_quantile_threshold(torch.empty(3, 2, device="meta") if rank else ok, 0.1),
     ]
     for call in calls:
         try:
@@ -145,6 +155,7 @@ def _bad_input_on_rank(rank: int) -> list[str | None]:
 def test_bad_or_disagreeing_input_raises_on_every_rank_and_leaves_the_group_usable():
     results = run_ranks(_bad_input_on_rank, 3, timeout_s=300)
     words = ["columns", "quantile", "key width", "interpolation", "at least one row", "bits"]
+    words += ["quantile", "quantile", "one device", "meta device"]
     for rank, messages in enumerate(results):
         for word, message in zip(words, messages):
             assert message is not None, f"rank {rank}: no error for the {word} case"

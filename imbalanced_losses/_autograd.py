@@ -7,13 +7,44 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch._C import _functions
+
+try:  # private: torch's own node for "differentiated twice"; may move in a future release
+    from torch._C import _functions as _torch_functions
+
+    _TorchDelayedError: Any = getattr(_torch_functions, "DelayedError", None)
+except ImportError:  # pragma: no cover - exercised by forcing the fallback in the tests
+    _TorchDelayedError = None
 
 _MESSAGE = (
     "trying to differentiate twice a function that was marked with @once_differentiable: "
     "{what} is not twice differentiable, so a gradient penalty or a second-order method "
     "(create_graph=True) cannot differentiate through it"
 )
+
+
+class _RaiseOnBackward(torch.autograd.Function):
+    """Pure-Python stand-in for ``DelayedError``: identity forward, a backward that raises."""
+
+    @staticmethod
+    def forward(ctx: Any, message: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.message = message
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(ctx.message)
+
+
+def _delayed_error(message: bytes, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``tensors`` tied to a node that raises ``message`` when differentiated through.
+
+    Uses torch's private ``DelayedError`` when it exists, else :class:`_RaiseOnBackward`, so
+    ``import imbalanced_losses`` never depends on the private API.
+    """
+    if _TorchDelayedError is not None:
+        out = _TorchDelayedError(message, len(tensors))(*tensors)
+        return out if isinstance(out, tuple) else (out,)
+    return _RaiseOnBackward.apply(message.decode(), *tensors)
 
 
 def once_differentiable(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -43,10 +74,9 @@ def once_differentiable(what: str) -> Callable[[Callable[..., Any]], Callable[..
             ]
             if not marked:
                 return outputs
-            raising = _functions.DelayedError(message, len(marked))(
-                *(outputs[i].detach().requires_grad_() for i in marked)
+            raising = _delayed_error(
+                message, [outputs[i].detach().requires_grad_() for i in marked]
             )
-            raising = raising if isinstance(raising, tuple) else (raising,)
             result = list(outputs)
             for i, out in zip(marked, raising):
                 result[i] = out

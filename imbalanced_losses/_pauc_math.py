@@ -38,8 +38,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._device import true_indices
 from ._pair_tiles import pair_sigmoid_row_sums
-from .functional import INTERPOLATIONS, _select_ascending, positive_columns
+from .functional import (
+    INTERPOLATIONS,
+    _fractional_ranks,
+    _select_ascending,
+    positive_columns,
+)
 
 SURROGATES = ("trapezoid", "pairwise")
 TAU_SCALES = ("iqr", "band")
@@ -137,16 +143,12 @@ def masked_column_quantiles(
     if num_rows == 0:
         return scores.new_full((len(levels), num_columns), float("nan"))
     count = member.sum(0)  # [C]
-    # The fractional rank exactly as torch.quantile computes it: level * (n - 1) in the dtype.
-    ranks = levels.to(dtype)[:, None] * (count - 1).clamp_min(0).to(dtype)[None, :]
-    if interpolation == "lower":
-        ranks = ranks.floor()
-    elif interpolation == "higher":
-        ranks = ranks.ceil()
-    elif interpolation == "nearest":
-        ranks = ranks.round()
-    below = ranks.floor().long()  # [L, C]
-    above = ranks.ceil().long().clamp_max((count - 1).clamp_min(0)[None, :])
+    # The fractional rank as torch.quantile computes it, level * (n - 1) with the level in the
+    # scores' dtype, but in float32 or wider (float16 cannot hold n - 1 past 65,504 rows).
+    ranks = _fractional_ranks(levels.to(dtype)[:, None], count[None, :], interpolation)
+    last = (count - 1).clamp_min(0)[None, :]
+    below = ranks.floor().long().clamp(min=0).minimum(last)  # [L, C]
+    above = ranks.ceil().long().clamp(min=0).minimum(last)
     # Column c gets shift_c = K - below_c leading -infs; the extra rows make room for them.
     common = below.amax(1)  # [L]
     shift = common[:, None] - below
@@ -172,12 +174,14 @@ def masked_column_quantiles(
         values, has_nan = _select_ascending(blocks, positions)
         low = values[0]
         if interpolation in ("linear", "midpoint"):
-            high = torch.where(above[level] > below[level], values[-1], low)
+            # In the ranks' (float32-or-wider) dtype, rounded once back to the scores' dtype.
+            wide = torch.promote_types(dtype, ranks.dtype)
+            high = torch.where(above[level] > below[level], values[-1], low).to(wide)
             if interpolation == "midpoint":
-                weight = torch.full_like(low, 0.5)
+                weight = torch.full_like(high, 0.5)
             else:
-                weight = ranks[level] - below[level].to(dtype)
-            low = torch.lerp(low, high, weight)
+                weight = ranks[level] - below[level].to(wide)
+            low = torch.lerp(low.to(wide), high, weight).to(dtype)
         out.append(low.masked_fill(has_nan, float("nan")))
     return torch.stack(out) if out else scores.new_empty(0, num_columns)
 
@@ -222,19 +226,23 @@ def _per_class_sum(values: Tensor, cls: Tensor, num_classes: int) -> Tensor:
     return values.new_zeros((num_classes, *values.shape[1:])).index_add(0, cls, values)
 
 
-def _band_keys(scores: Tensor, band: Tensor) -> tuple[Tensor, Tensor]:
+def _band_keys(
+    scores: Tensor, band: Tensor, count: Tensor, total: int, width: int
+) -> tuple[Tensor, Tensor]:
     """Each class's band scores packed left in a ``[C, B]`` matrix (with gradient) and its mask.
 
-    ``B`` is the largest band; packing costs one host sync (the band sizes) and makes the
-    pairs ``positives x B`` instead of ``positives x P`` (a band is a small slice of the pool).
+    ``count`` is the band size per class (on the device), ``total`` and ``width`` (``B``, the
+    largest band, at least 1) the same sizes already read on the host, so packing adds no
+    host sync of its own (``nonzero_static``). It makes the pairs ``positives x B`` instead
+    of ``positives x P`` (a band is a small slice of the pool).
     """
-    cls, row = band.t().nonzero(as_tuple=True)  # ordered by class, then row
-    count = torch.bincount(cls, minlength=band.shape[1])
-    width = max(1, int(count.max())) if cls.numel() else 1
+    num_rows, num_classes = band.shape
+    flat = true_indices(band.t().reshape(-1), total)  # ordered by class, then row
+    cls, row = flat // num_rows, flat % num_rows
     start = torch.cumsum(count, 0) - count
-    slot = torch.arange(cls.shape[0], device=cls.device) - start[cls]
-    keys = scores.new_zeros(band.shape[1], width).index_put((cls, slot), scores[row, cls])
-    valid = torch.zeros(band.shape[1], width, dtype=torch.bool, device=band.device)
+    slot = torch.arange(total, device=band.device) - start[cls]
+    keys = scores.new_zeros(num_classes, width).index_put((cls, slot), scores[row, cls])
+    valid = torch.zeros(num_classes, width, dtype=torch.bool, device=band.device)
     valid[cls, slot] = True
     return keys, valid
 
@@ -316,8 +324,14 @@ def pauc_per_class(
         band = band & valid[None, :]
         band_count = band.sum(0)
         valid = valid & (band_count > 0)
-        keys, key_valid = _band_keys(scores, band)
-        rows = (numerator & valid[cls]).nonzero().squeeze(1)  # invalid classes cost no pairs
+        counted = numerator & valid[cls]  # invalid classes cost no pairs
+        # The pairwise path's one host sync: the band sizes and the numerator row count.
+        sizes = torch.cat([band_count, counted.sum().reshape(1)]).tolist()
+        band_sizes, num_counted = sizes[:-1], sizes[-1]
+        keys, key_valid = _band_keys(
+            scores, band, band_count, sum(band_sizes), max(1, max(band_sizes, default=0))
+        )
+        rows = true_indices(counted, num_counted)
         row_cls = cls[rows]
         sums = pair_sigmoid_row_sums(
             own[rows], row_cls, safe_tau[row_cls], keys, key_valid, tile_elements=tile_elements

@@ -20,7 +20,9 @@ NaN, ±inf are ordinary keys, and float16/bfloat16 are ranked on their exact flo
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -85,13 +87,25 @@ def _signed(prefix: Tensor, width: int) -> Tensor:
 def _check_locally(
     blocks: Sequence[Tensor], quantile: float, interpolation: str, bits: int
 ) -> str | None:
-    """This rank's complaint about its arguments, if any (raised on every rank after agreeing)."""
+    """This rank's complaint about its arguments, if any (raised on every rank after agreeing).
+
+    Every check that could fail on one rank alone happens here, before the agreement
+    collective: an error raised after it on one rank would leave the others waiting in the
+    next round.
+    """
     if not blocks or any(b.dim() != 2 or b.shape[1] != blocks[0].shape[1] for b in blocks):
         shapes = [tuple(b.shape) for b in blocks]
         return f"scores must be [n, C] blocks with equal C, got shapes {shapes}"
     dtypes = {b.dtype for b in blocks}
     if len(dtypes) != 1 or not blocks[0].is_floating_point():
         return f"scores must be floating point blocks of one dtype, got {sorted(map(str, dtypes))}"
+    devices = {b.device for b in blocks}
+    if len(devices) != 1:
+        return f"scores must be blocks on one device, got {sorted(map(str, devices))}"
+    if blocks[0].device.type == "meta":
+        return "scores must hold data, got blocks on the meta device"
+    if not isinstance(quantile, Real) or isinstance(quantile, bool):
+        return f"quantile must be a real number in [0, 1], got {quantile!r}"
     if not 0.0 <= quantile <= 1.0:
         return f"quantile must be in [0, 1], got {quantile!r}"
     if interpolation not in INTERPOLATIONS:
@@ -99,6 +113,16 @@ def _check_locally(
     if bits not in RADIX_BITS:
         return f"bits must be one of {RADIX_BITS}, got {bits!r}"
     return None
+
+
+_QUANTILE_PARTS = 4  # 16-bit parts of the float64 bits: exact in int64 sums and squares
+
+
+def _quantile_parts(quantile: float) -> list[int]:
+    """The exact float64 bits of ``quantile`` as four 16-bit parts (two ranks whose quantiles
+    differ in the last bit differ here; a scaled ``int(quantile * 2**20)`` would not)."""
+    (bits,) = struct.unpack("<Q", struct.pack("<d", float(quantile)))
+    return [(bits >> (16 * i)) & 0xFFFF for i in range(_QUANTILE_PARTS)]
 
 
 def _agree(
@@ -112,14 +136,14 @@ def _agree(
     """
     problem = _check_locally(blocks, quantile, interpolation, bits)
     rows = 0 if problem else sum(b.shape[0] for b in blocks)
-    shared = [0, 0, 0, 0, 0]
+    shared = [0] * (4 + _QUANTILE_PARTS)
     if problem is None:
         shared = [
             blocks[0].shape[1],
             _key_width(blocks[0].dtype),
             INTERPOLATIONS.index(interpolation),
             bits,
-            int(quantile * (1 << 20)),
+            *_quantile_parts(quantile),
         ]
     local = torch.tensor(
         [1, int(problem is not None), rows, *shared, *(x * x for x in shared)], dtype=torch.int64
@@ -127,8 +151,10 @@ def _agree(
     size, failed, total, *sums = all_reduce_sum(local, group).tolist()  # the one host read
     if failed:
         raise ValueError(problem or f"{failed} other rank(s) of the group rejected their scores")
-    names = ("columns", "key width (float64 vs narrower)", "interpolation", "bits", "quantile")
-    for name, s, sq in zip(names, sums[:5], sums[5:]):
+    names: tuple[str, ...] = ("columns", "key width (float64 vs narrower)", "interpolation", "bits")
+    names = names + ("quantile",) * _QUANTILE_PARTS
+    half = len(shared)
+    for name, s, sq in zip(names, sums[:half], sums[half:]):
         if size * sq != s * s:
             raise ValueError(f"ranks disagree on the {name} of the sharded threshold")
     if total == 0:
@@ -150,8 +176,8 @@ def sharded_quantile_threshold(
     of such blocks (e.g. live rows and the queue shard). Every rank of ``group`` must call it
     with the same ``C``, dtype width, ``quantile``, ``interpolation`` and ``bits``; every rank
     returns the same value, that of ``functional.quantile_threshold`` on the rank-ordered
-    concatenation of all rows. Collectives (none without a group of 2+ ranks): one check (13
-    int64: 104 bytes), ``key width / bits`` rounds of ``C * 2**bits`` counts (int32 below 2**31
+    concatenation of all rows. Collectives (none without a group of 2+ ranks): one check (19
+    int64: 152 bytes), ``key width / bits`` rounds of ``C * 2**bits`` counts (int32 below 2**31
     global rows; the first round also carries C NaN counts), plus ``C`` int64 minima for
     "linear"/"midpoint" when the position is fractional. No gradient: a stop-gradient target.
     """

@@ -47,13 +47,11 @@ def _order_statistic_positions(
     in bfloat16 ``0.999`` is ``1.0`` (the top row instead of the budget) and in
     float16 ``n - 1`` overflows past 65,504 rows.
     """
-    rank = torch.tensor(prob, dtype=_at_least_float32(dtype)) * (num_rows - 1)
-    if interpolation == "lower":
-        rank = rank.floor()
-    elif interpolation == "higher":
-        rank = rank.ceil()
-    elif interpolation == "nearest":
-        rank = rank.round()
+    rank = _fractional_ranks(
+        torch.tensor(prob, dtype=_at_least_float32(dtype)),
+        torch.tensor(num_rows),
+        interpolation,
+    )
     below = int(rank.floor().item())
     above = int(rank.ceil().item())
     if interpolation == "midpoint":
@@ -61,6 +59,24 @@ def _order_statistic_positions(
     else:
         weight = float((rank - below).item())
     return below, min(above, num_rows - 1), weight
+
+
+def _fractional_ranks(prob: Tensor, num_rows: Tensor, interpolation: str) -> Tensor:
+    """Fractional ranks ``prob * (num_rows - 1)``, rounded as ``interpolation`` says, broadcast.
+
+    Always in float32 or wider whatever ``prob``'s dtype (``prob`` is upcast exactly): a
+    half-precision rank cannot even hold ``n - 1`` past 65,504 rows. Shared by the scalar
+    :func:`_order_statistic_positions` and the per-column ranks of the PAUC math.
+    """
+    wide = _at_least_float32(prob.dtype)
+    rank = prob.to(wide) * (num_rows - 1).clamp_min(0).to(wide)
+    if interpolation == "lower":
+        rank = rank.floor()
+    elif interpolation == "higher":
+        rank = rank.ceil()
+    elif interpolation == "nearest":
+        rank = rank.round()
+    return rank
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:

@@ -20,11 +20,12 @@ from unittest import mock
 
 import pytest
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
-from imbalanced_losses import RecallAtQuantileLoss, SmoothAPLoss, _device
+from imbalanced_losses import RecallAtQuantileLoss, SmoothAPLoss, _device, recall_loss
 from imbalanced_losses._exchange import Agreed, columns
 from imbalanced_losses.testing import SyncCounter, run_ranks
-from imbalanced_losses.testing._host_syncs import DEVICE_TO_HOST
+from imbalanced_losses.testing._host_syncs import DEVICE_TO_HOST, HOST_TO_DEVICE
 
 
 def _sample_on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -34,6 +35,17 @@ def _sample_on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     host-only and a sync that reads it would go uncounted.
     """
     return torch.empty_like(host, device=device).copy_(host)
+
+
+def _host_copy_as_on_cuda(self, values: torch.Tensor) -> None:
+    """``recall_loss._HostCopy`` as on CUDA: a pinned non-blocking copy read after its event.
+
+    On a CPU build it keeps the device tensor itself, so the counter would see its read as a
+    device read; the CUDA path never waits (``get`` returns None until the event fires).
+    """
+    self._event = None
+    with _disable_current_modes():  # the event-guarded async copy, invisible to the host
+        self._host = values.clone()
 
 
 def _count_steady_state_step(loss_fn, gen, num_classes: int, rows: int) -> tuple[Counter, Counter]:
@@ -48,6 +60,7 @@ def _count_steady_state_step(loss_fn, gen, num_classes: int, rows: int) -> tuple
     buffers = list(loss_fn.buffers())
     with (
         mock.patch.object(_device, "to_device", _sample_on_device),
+        mock.patch.object(recall_loss._HostCopy, "__init__", _host_copy_as_on_cuda),
         SyncCounter(logits, targets, weights, *buffers) as forward,
     ):
         loss = loss_fn(logits, targets, sample_weight=weights)
@@ -133,3 +146,52 @@ def test_agreed_state_held_in_device_tensors_is_not_read_on_the_host():
         row = columns(agreed, torch.device("cpu"))
     assert counter.counts == Counter(), counter.counts
     assert row.dtype == torch.float64 and row.tolist() == [7.0, 3.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda x: x.sum().tolist(),
+        lambda x: (x * 2).tolist(),
+        lambda x: x.tolist(),
+        lambda x: x.sum().numpy(),
+        lambda x: x.sum().cpu(),
+        lambda x: x.sum().to("cpu"),
+        lambda x: x.sum().cpu().tolist(),  # the copy is host memory: reading it is free
+        lambda x: x.sum().item(),
+        lambda x: int(x.sum()),
+        lambda x: float(x.sum()),
+        lambda x: bool(x.sum() > 0),
+    ],
+    ids=["sum-tolist", "tolist", "input-tolist", "numpy", "cpu", "to-cpu", "cpu-tolist", "item"]
+    + ["int", "float", "bool"],
+)
+def test_every_host_read_of_a_device_tensor_counts_once(read):
+    """A CPU build dispatches no op for ``.tolist()``/``.numpy()``/``.cpu()``: counted anyway."""
+    x = torch.randn(5)
+    with SyncCounter(x) as counter:
+        read(x)
+    assert counter.total == 1, dict(counter.counts)
+    assert counter.host_to_device == Counter()
+
+
+def test_host_reads_of_host_tensors_cost_nothing():
+    x, host = torch.randn(5), torch.arange(4)
+    with SyncCounter(x) as counter:
+        host.tolist(), host.sum().item(), int(host[0]), host.cpu().tolist()
+    assert counter.total == 0, dict(counter.counts)
+
+
+def test_host_data_built_on_a_device_is_counted_apart_with_its_call_site():
+    """``torch.as_tensor(False, device=dev)`` per forward is a blocking pageable copy on CUDA."""
+    x = torch.randn(5)
+    with SyncCounter(x) as counter:
+        flag = torch.as_tensor(False, device=x.device)
+        torch.tensor([1.0, 2.0], device=x.device)
+        torch.asarray([3], device=x.device)
+        torch.as_tensor(x, device=x.device)  # already on the device: no copy
+        torch.tensor([1.0])  # stays on the host: no copy
+        flag.tolist()  # the new tensor is a device tensor: reading it back is a sync
+    assert counter.host_to_device == Counter({HOST_TO_DEVICE: 3}), counter.host_to_device
+    assert counter.counts == Counter({DEVICE_TO_HOST: 1}), counter.counts
+    assert all(site.startswith(__file__) for site in counter.where[HOST_TO_DEVICE])

@@ -2,7 +2,7 @@
 
 Three independent oracles: values frozen from the reference library (imbalanced-losses 0.6.0,
 ``scripts/freeze_pauc_reference.py``), our plain float64 reference
-(``imbalanced_losses.testing._pauc_reference``) and ``torch.quantile`` / the dense pair matrix.
+(``imbalanced_losses.testing.reference.pauc``) and ``torch.quantile`` / the dense pair matrix.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from imbalanced_losses._pauc_math import (
     quantile_levels,
 )
 from imbalanced_losses.functional import INTERPOLATIONS, reduce_per_class
-from imbalanced_losses.testing._pauc_reference import PlainPAUCLoss, plain_pauc_per_class
+from imbalanced_losses.testing import SyncCounter
+from imbalanced_losses.testing._host_syncs import DEVICE_TO_HOST
+from imbalanced_losses.testing.reference.pauc import PlainPAUCLoss, plain_pauc_per_class
 
 FROZEN = json.loads((Path(__file__).parent / "data" / "pauc_reference_0_6_0.json").read_text())
 REPO = Path(__file__).resolve().parents[1]
@@ -152,9 +155,14 @@ def test_the_plain_reference_loss_equals_the_frozen_reference_library(case: dict
         iid = torch.tensor(step["iid_mask"]) if "iid_mask" in step else None
         weight = step.get("sample_weight")
         weight = None if weight is None else torch.tensor(weight, dtype=torch.float64)
-        loss, per_class, valid, diag = plain(
-            logits, torch.tensor(step["targets"]), iid, sample_weight=weight
+        loss, per_class, valid = plain(
+            logits,
+            torch.tensor(step["targets"]),
+            iid_mask=iid,
+            sample_weight=weight,
+            return_per_class=True,
         )
+        diag = plain.diagnostics
         assert valid.tolist() == expected["valid"], where
         torch.testing.assert_close(
             loss.detach().reshape(-1), _tensor(expected["loss"]), **TOL, equal_nan=True, msg=where
@@ -577,3 +585,63 @@ def test_grad_pos_count_counts_this_ranks_live_positives_without_padding() -> No
     targets = torch.tensor([0, 2, 2, -100, 1, 2])
     assert grad_pos_count(targets, 3).tolist() == [1, 1, 3]
     assert grad_pos_count(torch.tensor([1, 0, 1, -100]), 1).tolist() == [2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_half_precision_quantiles_rank_in_float32_like_their_exact_upcast(
+    dtype: torch.dtype, interpolation: str
+) -> None:
+    """Contract §17: ranks in float32 or wider. Scores and levels exact in both dtypes give
+    torch.quantile's float32 answer (rounded once to the dtype); a half-precision rank would
+    round ``level * (n - 1)`` onto another order statistic past 256 (bf16) / 2048 (fp16) rows."""
+    gen = torch.Generator().manual_seed(3)
+    rows, columns = 3000, 3
+    scores = (torch.randint(-255, 256, (rows, columns), generator=gen) / 8).to(dtype)
+    member = torch.rand(rows, columns, generator=gen) < torch.tensor([1.0, 0.8, 0.3])
+    levels = torch.tensor([0.995, 0.9, 0.7, 0.75, 0.25, 0.5, 0.0, 1.0], dtype=dtype)
+    got = masked_column_quantiles(scores, member, levels, interpolation)
+    assert got.dtype == dtype
+    for c in range(columns):
+        want = torch.quantile(
+            scores[member[:, c], c].float(), levels.float(), interpolation=interpolation
+        )
+        assert torch.equal(got[:, c], want.to(dtype)), (c, got[:, c], want)
+
+
+def test_a_float16_pool_of_70k_members_selects_like_its_float32_upcast() -> None:
+    """float16 cannot hold ``n - 1`` = 69,999 (it overflows to inf): ranks must be float32."""
+    gen = torch.Generator().manual_seed(4)
+    rows = 70_000
+    scores = (torch.randint(-1024, 1025, (rows, 2), generator=gen) / 64).to(torch.float16)
+    member = torch.ones(rows, 2, dtype=torch.bool)
+    member[: rows // 3, 1] = False
+    levels = torch.tensor([0.995, 0.75, 0.25], dtype=torch.float16)
+    for interpolation in ("higher", "linear"):
+        got = masked_column_quantiles(scores, member, levels, interpolation)
+        for c in range(2):
+            want = torch.quantile(
+                scores[member[:, c], c].float(), levels.float(), interpolation=interpolation
+            )
+            assert torch.equal(got[:, c], want.to(torch.float16)), (c, got[:, c], want)
+
+
+@pytest.mark.parametrize("surrogate,syncs", [("trapezoid", 1), ("pairwise", 2)])
+@pytest.mark.parametrize("num_classes", [1, 5])
+def test_the_math_reads_the_host_once_per_selection_and_once_for_the_band(
+    surrogate: str, syncs: int, num_classes: int
+) -> None:
+    """One read for the quantiles of every class; the pairwise band packing adds one more (its
+    sizes), not a nonzero, bincount and max each. Counted as they would be on CUDA."""
+    gen = torch.Generator().manual_seed(5)
+    rows = 300
+    scores = torch.randn(rows, num_classes, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, max(num_classes, 2), (rows,), generator=gen)
+    iid = torch.rand(rows, generator=gen) < 0.8
+    live = torch.rand(rows, generator=gen) < 0.5
+    options = PAUCOptions(alpha=0.05, beta=0.4, surrogate=surrogate, n_knots=3)
+    with SyncCounter(scores, targets, iid, live) as counter:
+        result = pauc_per_class(scores, targets, None, iid, live, options)
+    assert bool(result.valid.all())
+    assert counter.total == syncs, dict(counter.counts)
+    assert counter.counts == Counter({DEVICE_TO_HOST: syncs}), counter.counts

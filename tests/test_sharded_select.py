@@ -109,3 +109,16 @@ def test_bad_input_names_the_argument_and_the_value(call, words):
         call()
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_blocks_on_two_devices_are_refused_before_any_collective():
+    with pytest.raises(ValueError, match="one device"):
+        sharded_quantile_threshold([torch.randn(3, 2), torch.empty(1, 2, device="meta")], 0.1)
+    with pytest.raises(ValueError, match="meta device"):
+        sharded_quantile_threshold(torch.empty(3, 2, device="meta"), 0.1)
+
+
+@pytest.mark.parametrize("quantile", [torch.tensor(0.1), "0.1", True])
+def test_a_quantile_that_is_not_a_real_number_is_refused_by_name(quantile):
+    with pytest.raises(ValueError, match="quantile must be a real number"):
+        sharded_quantile_threshold(torch.randn(3, 2), quantile)

@@ -6,6 +6,7 @@ test-suite and of the DDP harness, and the baselines of ``scripts/bench.py``.
 """
 
 from imbalanced_losses.testing.reference._queue import PlainQueue, QueuedReference
+from imbalanced_losses.testing.reference.pauc import PlainPAUCLoss, plain_pauc_per_class
 from imbalanced_losses.testing.reference.recall_at_quantile import (
     ReferenceRecallAtQuantileLoss,
     reference_recall_at_quantile,
@@ -17,11 +18,13 @@ from imbalanced_losses.testing.reference.smooth_ap import (
 )
 
 __all__ = [
+    "PlainPAUCLoss",
     "PlainQueue",
     "QueuedReference",
     "ReferenceRecallAtQuantileLoss",
     "ReferenceSmoothAPLoss",
     "reference_recall_at_quantile",
     "reference_recall_at_quantile_loss",
+    "plain_pauc_per_class",
     "reference_smooth_ap_loss",
 ]

@@ -6,6 +6,8 @@ library's queue is compared with.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -14,7 +16,9 @@ class PlainQueue:
     """Rows ``(scores [C], target, weight)`` written one by one at ``ptr``, modulo ``size``.
 
     A push of at least ``size`` rows instead replaces the queue with its last ``size`` rows,
-    oldest in slot 0, and resets ``ptr`` to 0. Rows are kept in ``dtype``.
+    oldest in slot 0, and resets ``ptr`` to 0. Rows are kept in ``dtype``. Each row also keeps
+    an ``iid`` flag (drawn i.i.d. from the population; True unless the push says otherwise),
+    which the partial-AUC reference's band edges need.
     """
 
     def __init__(self, size: int, width: int, dtype: torch.dtype = torch.float64) -> None:
@@ -22,6 +26,7 @@ class PlainQueue:
         self.scores = torch.zeros(size, width, dtype=dtype)
         self.targets = torch.zeros(size, dtype=torch.long)
         self.weights = torch.zeros(size, dtype=dtype)
+        self.iid = torch.ones(size, dtype=torch.bool)
         self.ptr = 0
         self.count = 0
 
@@ -30,6 +35,7 @@ class PlainQueue:
         self.scores = self.scores.to(device)
         self.targets = self.targets.to(device)
         self.weights = self.weights.to(device)
+        self.iid = self.iid.to(device)
         return self
 
     def reset(self) -> None:
@@ -38,27 +44,38 @@ class PlainQueue:
         self.scores.zero_()
         self.targets.zero_()
         self.weights.zero_()
+        self.iid.fill_(True)
 
     def rows(self) -> tuple[Tensor, Tensor, Tensor]:
         """The filled slots, in slot order."""
         n = self.count
         return self.scores[:n], self.targets[:n], self.weights[:n]
 
-    def push(self, scores: Tensor, targets: Tensor, weights: Tensor) -> None:
+    def iid_rows(self) -> Tensor:
+        """The filled slots' iid flags, in slot order."""
+        return self.iid[: self.count]
+
+    def push(
+        self, scores: Tensor, targets: Tensor, weights: Tensor, iid: Tensor | None = None
+    ) -> None:
         """Replace the queue with the last ``size`` rows, or write rows one at a time."""
         q, m = self.size, scores.shape[0]
         if q == 0 or m == 0:
             return
+        if iid is None:
+            iid = torch.ones(m, dtype=torch.bool, device=scores.device)
         if m >= q:
             self.scores[:] = scores[m - q :].detach().to(self.scores.dtype)
             self.targets[:] = targets[m - q :].long()
             self.weights[:] = weights[m - q :].detach().to(self.weights.dtype)
+            self.iid[:] = iid[m - q :].bool()
             self.ptr, self.count = 0, q
             return
         for i in range(m):
             self.scores[self.ptr] = scores[i].detach().to(self.scores.dtype)
             self.targets[self.ptr] = targets[i].long()
             self.weights[self.ptr] = weights[i].detach().to(self.weights.dtype)
+            self.iid[self.ptr] = bool(iid[i])
             self.ptr = (self.ptr + 1) % q
             self.count = min(self.count + 1, q)
 
@@ -67,7 +84,8 @@ class QueuedReference:
     """What a stateful reference loss does around its formula: a ``PlainQueue`` written after
     the loss, only in training mode (or with ``update_queue_in_eval``, or when the call says
     ``update_queue=True``), and only with rows that count: target != ignore_index and every
-    logit finite. Not a loss itself; each reference loss composes its own formula with it."""
+    logit finite. Each reference loss supplies its formula (:meth:`formula`); calling it is the
+    same for all: the formula over the step and the queue's rows, then the write."""
 
     def __init__(
         self,
@@ -93,14 +111,43 @@ class QueuedReference:
     def reset_queue(self) -> None:
         self.queue.reset()
 
+    def formula(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, per_class, valid)`` of the step (subclasses), called with ``logits,
+        targets, sample_weight, queue_rows`` (the queue's ``(scores, targets, weights)``) and
+        the call's ``step_options``."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        *,
+        return_per_class: bool = False,
+        sample_weight: Tensor | None = None,
+        update_queue: bool | None = None,
+        **step_options: Any,
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """The loss (with ``per_class`` and ``valid`` if asked), then the queue write.
+
+        ``step_options`` go to the formula (e.g. SmoothAP's ``sample``); an ``iid_mask`` among
+        them also goes to the queue with the rows.
+        """
+        loss, per_class, valid = self.formula(
+            logits, targets, sample_weight, self.queue.rows(), **step_options
+        )
+        self.write(logits, targets, sample_weight, update_queue, step_options.get("iid_mask"))
+        return (loss, per_class, valid) if return_per_class else loss
+
     def write(
         self,
         logits: Tensor,
         targets: Tensor,
         sample_weight: Tensor | None,
         update_queue: bool | None = None,
+        iid: Tensor | None = None,
     ) -> None:
-        """The step's rows that count enter the queue, if this call writes."""
+        """The step's rows that count enter the queue (with their ``iid`` flags), if this call
+        writes."""
         writes = self.training or self.update_queue_in_eval
         if update_queue is not None:
             writes = update_queue
@@ -113,4 +160,9 @@ class QueuedReference:
             else sample_weight
         )
         counts = (flat != self.ignore_index) & torch.isfinite(logits).all(dim=1)
-        self.queue.push(logits.detach()[counts], flat[counts], weights[counts])
+        self.queue.push(
+            logits.detach()[counts],
+            flat[counts],
+            weights[counts],
+            None if iid is None else iid.reshape(-1).bool()[counts],
+        )

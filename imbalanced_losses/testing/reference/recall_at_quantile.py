@@ -171,17 +171,15 @@ class ReferenceRecallAtQuantileLoss(QueuedReference):
         self.reduction = reduction
         self.interpolation = quantile_interpolation
 
-    def __call__(
+    def formula(
         self,
         logits: Tensor,
         targets: Tensor,
-        *,
-        return_per_class: bool = False,
-        sample_weight: Tensor | None = None,
-        update_queue: bool | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        queue_scores, queue_targets, queue_weights = self.queue.rows()
-        loss, per_class, valid = reference_recall_at_quantile_loss(
+        sample_weight: Tensor | None,
+        queue_rows: tuple[Tensor, Tensor, Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        queue_scores, queue_targets, queue_weights = queue_rows
+        return reference_recall_at_quantile_loss(
             logits,
             targets,
             num_classes=self.num_classes,
@@ -195,7 +193,3 @@ class ReferenceRecallAtQuantileLoss(QueuedReference):
             queue_targets=queue_targets,
             queue_weights=queue_weights,
         )
-        self.write(logits, targets, sample_weight, update_queue)
-        if return_per_class:
-            return loss, per_class, valid
-        return loss

@@ -113,18 +113,16 @@ class ReferenceSmoothAPLoss(QueuedReference):
         self.reduction = reduction
         self.dtype = dtype
 
-    def __call__(
+    def formula(
         self,
         logits: Tensor,
         targets: Tensor,
-        *,
-        return_per_class: bool = False,
-        sample_weight: Tensor | None = None,
-        update_queue: bool | None = None,
+        sample_weight: Tensor | None,
+        queue_rows: tuple[Tensor, Tensor, Tensor],
         sample: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        q_scores, q_targets, q_weights = self.queue.rows()
-        loss, per_class, valid = reference_smooth_ap_loss(
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        q_scores, q_targets, q_weights = queue_rows
+        return reference_smooth_ap_loss(
             logits,
             targets,
             num_classes=self.num_classes,
@@ -138,5 +136,3 @@ class ReferenceSmoothAPLoss(QueuedReference):
             sample=sample,
             dtype=self.dtype,
         )
-        self.write(logits, targets, sample_weight, update_queue)
-        return (loss, per_class, valid) if return_per_class else loss

@@ -26,9 +26,10 @@ the edges). Diagnostics: ``t_alpha``, ``t_beta``, ``tau``, ``band_neg_count`` (i
 in the band), ``pauc_var`` (population variance of each numerator positive's unweighted
 contribution), NaN/0 where invalid, and ``grad_pos_count`` (live positives of this rank).
 
-:class:`PlainPAUCLoss` runs a sequence of steps with a plain circular queue (live rows,
-then the queue; after the step the live rows that count, i.e. target not ``ignore_index``
-and finite scores, are written to the queue with their iid flag and weight).
+:class:`PlainPAUCLoss` runs a sequence of steps with the plain circular queue every reference
+keeps (:class:`~imbalanced_losses.testing.reference.PlainQueue`; live rows, then the queue;
+after the step the live rows that count, i.e. target not ``ignore_index`` and finite scores,
+are written to the queue with their iid flag and weight).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from imbalanced_losses.testing.reference._queue import QueuedReference
 
 __all__ = ["plain_pauc_per_class", "PlainPAUCLoss"]
 
@@ -132,52 +135,48 @@ def plain_pauc_per_class(
     return torch.stack(losses), torch.tensor(valid), out
 
 
-class PlainPAUCLoss:
-    """A sequence of steps of the plain loss, with a plain circular queue of ``queue_size`` rows."""
+class PlainPAUCLoss(QueuedReference):
+    """Steps of the plain loss with the plain circular queue (``self.queue``, float64) that
+    every reference keeps: pooled live rows that count, then the queue's rows with their iid
+    flags. ``self.diagnostics`` holds the last step's diagnostics (``grad_pos_count`` too).
+
+    Call it as the other references: ``plain(logits, targets, iid_mask=..., sample_weight=...,
+    return_per_class=True)``.
+    """
 
     def __init__(self, num_classes: int, *, queue_size: int = 1024, reduction: str = "mean",
                  ignore_index: int = -100, **options: object) -> None:  # fmt: skip
-        self.num_classes, self.queue_size, self.reduction = num_classes, queue_size, reduction
-        self.ignore_index, self.options = ignore_index, options
-        self.rows: list[tuple[Tensor, int, bool, float]] = []  # (scores, target, iid, weight)
-        self.ptr = 0
+        super().__init__(num_classes, queue_size, ignore_index, False, torch.float64)
+        self.reduction, self.options = reduction, options
+        self.diagnostics: dict[str, Tensor] = {}
 
     def pool(
         self, logits: Tensor, targets: Tensor, iid: Tensor, weights: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(scores, targets, weights, iid, live)``: the live rows that count, then the queue."""
         keep = targets != self.ignore_index
-        parts_s, parts_t = [logits[keep]], [targets[keep]]
-        parts_w, parts_i = [weights[keep]], [iid[keep]]
-        if self.rows:
-            parts_s.append(torch.stack([r[0] for r in self.rows]))
-            parts_t.append(torch.tensor([r[1] for r in self.rows]))
-            parts_i.append(torch.tensor([r[2] for r in self.rows]))
-            parts_w.append(torch.tensor([r[3] for r in self.rows], dtype=logits.dtype))
-        live = torch.zeros(sum(t.shape[0] for t in parts_t), dtype=torch.bool)
+        q_scores, q_targets, q_weights = self.queue.rows()
+        scores = torch.cat([logits[keep], q_scores.to(logits.dtype)])
+        pooled_t = torch.cat([targets[keep], q_targets])
+        pooled_w = torch.cat([weights[keep], q_weights.to(logits.dtype)])
+        pooled_iid = torch.cat([iid[keep], self.queue.iid_rows()])
+        live = torch.zeros(pooled_t.shape[0], dtype=torch.bool)
         live[: int(keep.sum())] = True
-        return torch.cat(parts_s), torch.cat(parts_t), torch.cat(parts_w), torch.cat(parts_i), live
+        return scores, pooled_t, pooled_w, pooled_iid, live
 
     def enqueue(self, logits: Tensor, targets: Tensor, iid: Tensor, weights: Tensor) -> None:
-        for s, t, i, w in zip(logits.detach(), targets.tolist(), iid.tolist(), weights.tolist()):
-            if t == self.ignore_index or not bool(torch.isfinite(s).all()) or self.queue_size == 0:
-                continue
-            row = (s.clone(), t, i, w)
-            if len(self.rows) < self.queue_size:
-                self.rows.append(row)
-            else:
-                self.rows[self.ptr] = row
-            self.ptr = (self.ptr + 1) % self.queue_size
+        """Write the step's rows that count, whatever the mode (the reference library does)."""
+        self.write(logits, targets, weights, update_queue=True, iid=iid)
 
-    def __call__(
+    def formula(
         self,
         logits: Tensor,
         targets: Tensor,
+        sample_weight: Tensor | None,
+        queue_rows: tuple[Tensor, Tensor, Tensor],
         iid_mask: Tensor | None = None,
-        *,
-        sample_weight: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """``(loss, per_class, valid, diagnostics)`` of one step; then the queue is written."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, per_class, valid)`` of one step (diagnostics in ``self.diagnostics``)."""
         targets = targets.reshape(-1)
         n = logits.shape[0]
         iid = torch.ones(n, dtype=torch.bool) if iid_mask is None else iid_mask.bool()
@@ -211,7 +210,7 @@ class PlainPAUCLoss:
             diag["grad_pos_count"] = torch.stack(
                 [(kept == c).sum() for c in range(self.num_classes)]
             )
-        self.enqueue(logits, targets, iid, weights)
+        self.diagnostics = diag
         if self.reduction == "none":
             loss = per_class
         elif not bool(valid.any()):
@@ -220,4 +219,4 @@ class PlainPAUCLoss:
             loss = per_class[valid].sum()
             if self.reduction == "mean":
                 loss = loss / int(valid.sum())
-        return loss, per_class, valid, diag
+        return loss, per_class, valid

@@ -23,11 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _distributed, _validation
+from . import _distributed, _exchange, _validation
+from ._base import _caller_stacklevel
+from ._exchange import Agreed
+from ._group_copy import GroupCopyMixin
 from ._validation import Meta
 
 __all__ = ["SigmoidFocalLoss", "SoftmaxFocalLoss"]
 
+_DTYPE_FIX = (
+    "pass inputs of one dtype on every rank (the same model precision, autocast and "
+    ".to(dtype) on every rank)"
+)
+_ALPHA_FIX = (
+    "build the loss with the same alpha on every rank, and load a checkpoint on every rank "
+    "(load_state_dict on one rank only leaves the others behind)"
+)
 _HASH_BASE = 1_000_003.0
 _HASH_MOD = 2.0**52  # exact in float64
 
@@ -80,8 +91,8 @@ def _weight_problem(sample_weight: Any, inputs: Tensor, reference: str, like: Te
     return None
 
 
-class _FocalBase(nn.Module):
-    """The shared flow: validate and agree, per-element terms, gather, reduce."""
+class _FocalBase(GroupCopyMixin, nn.Module):
+    """The shared flow: validate (and, pooling, agree), per-element terms, gather, reduce."""
 
     SUPPORTED_REDUCTIONS: tuple[str, ...] = ()
     _zero_weight_warned = False
@@ -94,12 +105,19 @@ class _FocalBase(nn.Module):
         self.gather_distributed = _check_gather(gather_distributed)
         self.process_group = process_group
 
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}{self._group_repr()}"
+
     # Subclasses: host-only input checks, the agreed options, the per-element terms.
     def _static_problem(self, inputs: Any, targets: Any, sample_weight: Any) -> str | None:
         raise NotImplementedError
 
-    def _config(self) -> dict[str, float]:
+    def _agreed_options(self) -> list[Agreed]:
         raise NotImplementedError
+
+    def _agreed_shapes(self, inputs: Tensor) -> list[Agreed]:
+        """Input sizes beyond dim 0 that every rank must share (the gathered rows' width)."""
+        return []
 
     def _elements(
         self, inputs: Tensor, targets: Tensor, sample_weight: Tensor | None
@@ -115,30 +133,44 @@ class _FocalBase(nn.Module):
     ) -> Tensor:
         """The loss of ``inputs`` against ``targets`` (of every rank's, when pooling).
 
-        Every rank checks its inputs and agrees with the others on them and on the
-        options (one small collective) before any value is computed from another rank,
-        so bad input or disagreeing ranks raise the same error everywhere.
+        Pooling, every rank checks its inputs and agrees with the others on them and on the
+        options and dtype (one small collective, one host read) before any value is computed
+        from another rank, so bad input or disagreeing ranks raise the same error everywhere.
+        In one process the value checks cost no host sync (see :func:`_check_values_alone`).
         """
         group = self.process_group
         distributed = _distributed.should_gather(self.gather_distributed, group)
         problem = self._static_problem(inputs, targets, sample_weight)
-        if problem is not None and not distributed:
-            raise ValueError(problem)
-        config = {**self._config(), "sample_weight passed": float(sample_weight is not None)}
+        if not distributed:
+            if problem is not None:
+                raise ValueError(problem)
+            num, den, bad_targets, trailing = self._elements(inputs, targets, sample_weight)
+            self._check_values_alone(inputs, targets, sample_weight, bad_targets)
+            return self._reduce(num, den, trailing, inputs.dtype)
+        agreed = [
+            *self._agreed_options(),
+            Agreed("sample_weight passed", float(sample_weight is not None)),
+        ]
         if problem is None:
             num, den, bad_targets, trailing = self._elements(inputs, targets, sample_weight)
             weight = sample_weight if sample_weight is not None else num.new_zeros(0)
             bad_weights = _validation.bad_weights(weight.detach())
             zero_flag = (weight == 0).all() if weight.numel() else bad_weights & False
-            config["dtype"] = float(str(num.dtype) == "torch.float64")
-            config["elements per row"] = float(num.shape[1])
-            config["trailing shape"] = _shape_code(trailing)
             device, rows = num.device, num.shape[0]
+            agreed += [
+                Agreed(
+                    "inputs dtype",
+                    _exchange.dtype_code(inputs.dtype),
+                    _DTYPE_FIX,
+                    _exchange.dtype_name,
+                ),
+                *self._agreed_shapes(inputs),
+                Agreed("elements per row", float(num.shape[1])),
+                Agreed("trailing shape", _shape_code(trailing)),
+            ]
         else:
             device, rows = _device_of(inputs), 0
             bad_targets = bad_weights = zero_flag = torch.zeros((), dtype=torch.bool)
-            config.update({"dtype": -1.0, "elements per row": -1.0, "trailing shape": -1.0})
-        values = torch.tensor(list(config.values()), dtype=torch.float64, device=device)
         # The zero-weight flag rides after the agreed columns: informative, not agreed on.
         row = _validation.metadata_row(
             static_error=problem is not None,
@@ -146,10 +178,12 @@ class _FocalBase(nn.Module):
             finite_rows=rows,
             bad_targets=bad_targets,
             bad_weights=bad_weights,
-            config=torch.cat([values, zero_flag.to(device, torch.float64).reshape(1)]),
+            config=torch.cat(
+                [_exchange.columns(agreed, device), zero_flag.to(device, torch.float64).reshape(1)]
+            ),
         )
-        metas = _validation.exchange(row, distributed=distributed, group=group)
-        rank = _distributed.world(group)[0] if distributed else 0
+        metas = _validation.exchange(row, distributed=True, group=group)
+        rank = _distributed.world(group)[0]
         _validation.raise_on_any_problem(
             metas,
             rank,
@@ -158,32 +192,74 @@ class _FocalBase(nn.Module):
                 Meta.BAD_TARGETS: lambda: self._describe_bad_targets(inputs, targets),
                 Meta.BAD_WEIGHTS: lambda: _validation.describe_bad_weights(sample_weight),
             },
-            list(config),
+            agreed,
         )
-        if metas[rank][-1] and not self._zero_weight_warned:
-            self._zero_weight_warned = True
-            warnings.warn(
-                f"{type(self).__name__}: sample_weight is entirely zero for this call, a likely "
-                "misconfiguration: these rows contribute no loss and no gradient. "
-                "(This warning is shown once per instance.)",
-                UserWarning,
-                stacklevel=2,
-            )
-        if distributed:
-            sizes = [int(m[Meta.ROWS]) for m in metas]
-            width = num.shape[1]
-            if self.reduction == "none":
-                num = _distributed.gather_rows(num, sizes, group=group)
-            else:
-                packed = _distributed.gather_rows(torch.cat([num, den], 1), sizes, group=group)
-                num, den = packed[:, :width], packed[:, width:]
+        if metas[rank][-1]:
+            self._warn_zero_weight()
+        sizes = [int(m[Meta.ROWS]) for m in metas]
+        width = num.shape[1]
+        if self.reduction == "none":
+            num = _distributed.gather_rows(num, sizes, group=group)
+        else:
+            packed = _distributed.gather_rows(torch.cat([num, den], 1), sizes, group=group)
+            num, den = packed[:, :width], packed[:, width:]
+        return self._reduce(num, den, trailing, inputs.dtype)
+
+    def _reduce(self, num: Tensor, den: Tensor, trailing: torch.Size, dtype: torch.dtype) -> Tensor:
+        """Reduce the (global) elements; sums run in at least float32, the result is ``dtype``.
+
+        In float16 a count above 65,504 elements (or a sum above it) would overflow.
+        """
         if self.reduction == "none":
             return num.reshape(num.shape[0], *trailing)
-        total = num.sum()
+        acc = torch.promote_types(dtype, torch.float32)
+        total = num.sum(dtype=acc)
         if self.reduction == "sum":
-            return total
-        mass = den.sum()
-        return total / torch.where(mass > 0, mass, torch.ones_like(mass))
+            return total.to(dtype)
+        mass = den.sum(dtype=acc)
+        return (total / torch.where(mass > 0, mass, torch.ones_like(mass))).to(dtype)
+
+    def _check_values_alone(
+        self, inputs: Tensor, targets: Tensor, sample_weight: Tensor | None, bad_targets: Tensor
+    ) -> None:
+        """One process: target and weight values checked without a host sync.
+
+        On the CPU reading a flag costs nothing, so bad values raise the ``ValueError`` that
+        pooling ranks raise and an all-zero weight warns. On an accelerator a read would stall
+        the host every step, so the flags go to a device-side assert instead (what
+        ``cross_entropy`` does with an out-of-range target there) and the zero-weight warning
+        is only given when pooling.
+        """
+        weight = None if sample_weight is None else sample_weight.detach()
+        bad_weights = _validation.bad_weights(weight) if weight is not None else None
+        if not _reads_are_free(inputs.device):
+            torch._assert_async(~bad_targets, "focal loss: targets outside the class range")
+            if bad_weights is not None:
+                torch._assert_async(~bad_weights, "sample_weight must be finite and non-negative")
+            return
+        if bool(bad_targets):
+            raise ValueError(self._describe_bad_targets(inputs, targets))
+        if bad_weights is not None and bool(bad_weights):
+            raise ValueError(_validation.describe_bad_weights(sample_weight))
+        if weight is not None and weight.numel() and bool((weight == 0).all()):
+            self._warn_zero_weight()
+
+    def _warn_zero_weight(self) -> None:
+        if self._zero_weight_warned:
+            return
+        self._zero_weight_warned = True
+        warnings.warn(
+            f"{type(self).__name__}: sample_weight is entirely zero for this call, a likely "
+            "misconfiguration: these rows contribute no loss and no gradient. "
+            "(This warning is shown once per instance.)",
+            UserWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+
+
+def _reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value of ``device`` on the host costs no sync (the CPU)."""
+    return device.type == "cpu"
 
 
 def _device_of(inputs: Any) -> torch.device:
@@ -239,12 +315,12 @@ class SigmoidFocalLoss(_FocalBase):
         self.alpha = float(alpha)
         self.gamma = _check_gamma(gamma)
 
-    def _config(self) -> dict[str, float]:
-        return {
-            "reduction": float(self.SUPPORTED_REDUCTIONS.index(self.reduction)),
-            "alpha": self.alpha,
-            "gamma": self.gamma,
-        }
+    def _agreed_options(self) -> list[Agreed]:
+        return [
+            Agreed("reduction", float(self.SUPPORTED_REDUCTIONS.index(self.reduction))),
+            Agreed("alpha", self.alpha),
+            Agreed("gamma", self.gamma),
+        ]
 
     def _static_problem(self, inputs: Any, targets: Any, sample_weight: Any) -> str | None:
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() == 0:
@@ -353,7 +429,6 @@ class SoftmaxFocalLoss(_FocalBase):
         self.background_class = background_class
         if alpha is None:
             self.alpha = None
-            self._alpha_code = 0.0
         else:
             weights = torch.as_tensor(alpha, dtype=torch.float32)
             if weights.ndim != 1:
@@ -363,19 +438,22 @@ class SoftmaxFocalLoss(_FocalBase):
             if not (torch.isfinite(weights).all() and (weights >= 0).all()):
                 raise ValueError(f"alpha must be finite and non-negative, got {weights.tolist()}")
             self.register_buffer("alpha", weights)
-            self._alpha_code = _alpha_code(weights)
 
-    def _config(self) -> dict[str, float]:
+    def _agreed_options(self) -> list[Agreed]:
         alpha = self.alpha
-        return {
-            "reduction": float(self.SUPPORTED_REDUCTIONS.index(self.reduction)),
-            "gamma": self.gamma,
-            "label_smoothing": self.label_smoothing,
-            "ignore_index": float(self.ignore_index),
-            "background_class": float(self.background_class),
-            "alpha": -1.0 if alpha is None else _shape_code([len(alpha)]),
-            "alpha values": self._alpha_code,
-        }
+        return [
+            Agreed("reduction", float(self.SUPPORTED_REDUCTIONS.index(self.reduction))),
+            Agreed("gamma", self.gamma),
+            Agreed("label_smoothing", self.label_smoothing),
+            Agreed("ignore_index", float(self.ignore_index)),
+            Agreed("background_class", float(self.background_class)),
+            Agreed("alpha", -1.0 if alpha is None else _shape_code([len(alpha)])),
+            # From the buffer at each call (a loaded checkpoint changes it), on its device.
+            Agreed("alpha values", 0.0 if alpha is None else _alpha_code(alpha), _ALPHA_FIX),
+        ]
+
+    def _agreed_shapes(self, inputs: Tensor) -> list[Agreed]:
+        return [Agreed("number of classes (inputs.shape[1])", float(inputs.shape[1]))]
 
     def _static_problem(self, inputs: Any, targets: Any, sample_weight: Any) -> str | None:
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 2:
@@ -446,7 +524,7 @@ class SoftmaxFocalLoss(_FocalBase):
         return loss.reshape(shape), den.reshape(shape), bad, targets.shape[1:]
 
 
-def _alpha_code(alpha: Tensor) -> float:
-    """A number that differs for different per-class weights (agreed across ranks)."""
+def _alpha_code(alpha: Tensor) -> Tensor:
+    """A 0-d tensor, on ``alpha``'s device, that differs for different per-class weights."""
     index = torch.arange(1, len(alpha) + 1, dtype=torch.float64, device=alpha.device)
-    return float((alpha.double() * index.sqrt()).sum())
+    return (alpha.detach().double() * index.sqrt()).sum()

@@ -4,7 +4,10 @@ written here agrees in float64."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -125,3 +128,80 @@ def test_an_empty_batch_is_zero_with_a_zero_gradient_not_nan(make):
 def test_gather_distributed_true_without_a_process_group_is_an_error():
     with pytest.raises(RuntimeError, match="gather_distributed=True but torch.distributed"):
         SigmoidFocalLoss(gather_distributed=True)(torch.randn(2, 1), torch.zeros(2, 1))
+
+
+# ------------------------------------------------------------------ low precision, large batches
+def _large_batch(make, rows: int):
+    gen = torch.Generator().manual_seed(11)
+    if make is SigmoidFocalLoss:
+        return torch.randn(rows, 1, generator=gen), (
+            torch.rand(rows, 1, generator=gen) < 0.3
+        ).float()
+    return torch.randn(rows, 3, generator=gen), torch.randint(0, 3, (rows,), generator=gen)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("make", [SigmoidFocalLoss, SoftmaxFocalLoss])
+def test_half_precision_over_65504_elements_gives_the_float32_answer(make, dtype, reduction):
+    """fp16 holds no count above 65,504: the sums must run in float32, not the input dtype."""
+    x, t = _large_batch(make, 70_000)
+    want = make(reduction=reduction)(x, t)
+    got = make(reduction=reduction)(x.to(dtype), t)
+    assert got.dtype == dtype and torch.isfinite(got)
+    # The inputs' own rounding (fp16 ~1e-3, bf16 ~8e-3 relative) bounds the difference.
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=0)
+
+
+# ------------------------------------------------------------------ host syncs in one process
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("make", [SigmoidFocalLoss, SoftmaxFocalLoss])
+def test_one_process_forward_and_backward_make_no_host_sync_on_an_accelerator(make, weighted):
+    """Alone, a per-row loss needs nothing from the host: no exchange, value checks on device."""
+    from imbalanced_losses import focal_loss
+    from imbalanced_losses.testing import SyncCounter
+
+    x, t = _large_batch(make, 64)
+    x.requires_grad_(True)
+    w = torch.rand(t.shape[0], *([1] if make is SigmoidFocalLoss else [])) if weighted else None
+    loss_fn = make(alpha=[1.0, 2.0, 0.5]) if make is SoftmaxFocalLoss else make()
+    device_tensors = [x, t, *loss_fn.buffers(), *([w] if weighted else [])]
+    # On CPU a host read is free, so the loss reads its flags; pretend to be on an accelerator.
+    with mock.patch.object(focal_loss, "_reads_are_free", lambda device: False):
+        with SyncCounter(*device_tensors) as forward:
+            loss = loss_fn(x, t, sample_weight=w)
+        with SyncCounter(loss) as backward:
+            loss.backward()
+    assert forward.total == 0, dict(forward.counts)
+    assert backward.total == 0, dict(backward.counts)
+
+
+def test_on_an_accelerator_bad_values_in_one_process_stop_the_device_not_pass_silently():
+    """Off the CPU the value checks are device asserts (on CPU they raise at once)."""
+    from imbalanced_losses import focal_loss
+
+    x = torch.randn(4, 3)
+    with mock.patch.object(focal_loss, "_reads_are_free", lambda device: False):
+        with pytest.raises(RuntimeError, match="targets outside the class range"):
+            SoftmaxFocalLoss()(x, torch.tensor([0, 1, 3, -100]))
+        with pytest.raises(RuntimeError, match="sample_weight must be finite and non-negative"):
+            SoftmaxFocalLoss()(x, torch.tensor([0, 1, 2, 1]), sample_weight=-torch.ones(4))
+
+
+# ------------------------------------------------------------------ copies without a group
+@pytest.mark.parametrize(
+    "copier",
+    [
+        pytest.param(copy.deepcopy, id="deepcopy"),
+        pytest.param(lambda m: pickle.loads(pickle.dumps(m)), id="pickle"),
+    ],
+)
+def test_a_copy_without_a_process_group_runs_the_same_and_says_nothing(copier):
+    original = SoftmaxFocalLoss(alpha=[1.0, 2.0, 0.5], gamma=1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twin = copier(original)
+    assert repr(twin) == repr(original) and "process_group" not in repr(twin)
+    assert twin.alpha is not None and twin.alpha.data_ptr() != original.alpha.data_ptr()
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 1, 0, -100])
+    assert torch.equal(twin(x, y), original(x, y))

@@ -170,7 +170,7 @@ class _FocalBase(GroupCopyMixin, nn.Module):
             ]
         else:
             device, rows = _device_of(inputs), 0
-            bad_targets = bad_weights = zero_flag = torch.zeros((), dtype=torch.bool)
+            bad_targets = bad_weights = zero_flag = torch.zeros((), dtype=torch.bool, device=device)
         # The zero-weight flag rides after the agreed columns: informative, not agreed on.
         row = _validation.metadata_row(
             static_error=problem is not None,
@@ -179,7 +179,7 @@ class _FocalBase(GroupCopyMixin, nn.Module):
             bad_targets=bad_targets,
             bad_weights=bad_weights,
             config=torch.cat(
-                [_exchange.columns(agreed, device), zero_flag.to(device, torch.float64).reshape(1)]
+                [_exchange.columns(agreed, device), zero_flag.to(torch.float64).reshape(1)]
             ),
         )
         metas = _validation.exchange(row, distributed=True, group=group)

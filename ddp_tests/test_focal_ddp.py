@@ -25,6 +25,7 @@ from imbalanced_losses.testing import (
     run_ranks,
 )
 from imbalanced_losses.testing._host_syncs import DEVICE_TO_HOST
+from imbalanced_losses.testing.family import PER_ROW_LOSS_SPECS
 
 START_UP_S = 180.0  # also covers the ranks' start-up on a busy 2-core machine
 
@@ -170,13 +171,13 @@ def test_dtype_classes_or_alpha_on_one_rank_raise_the_same_error_on_every_rank()
 
 
 def _copies_with_a_group(rank: int) -> dict:
+    """Every per-row loss of the family list, built with a group, deep-copied and pickled."""
     group = dist.new_group([0, 1])
-    x, y = torch.randn(4 + rank, 3), torch.randint(0, 3, (4 + rank,))
     out: dict = {}
-    for make in (SoftmaxFocalLoss, SigmoidFocalLoss):
-        name = make.__name__
-        target = y if make is SoftmaxFocalLoss else F.one_hot(y, 3).float()
-        loss_fn = make(process_group=group)
+    for spec in PER_ROW_LOSS_SPECS:
+        name = spec.name
+        x, target = spec.batch(torch.Generator().manual_seed(rank), 4 + rank, torch.float32)
+        loss_fn = spec.make(process_group=group)
         twin = copy.deepcopy(loss_fn)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -195,6 +196,7 @@ def _copies_with_a_group(rank: int) -> dict:
 
 def test_a_focal_loss_with_a_process_group_deep_copies_and_pickles():
     for rank, by_loss in enumerate(run_ranks(_copies_with_a_group, 2, timeout_s=START_UP_S)):
+        assert set(by_loss) == {spec.name for spec in PER_ROW_LOSS_SPECS}
         for name, got in by_loss.items():
             where = f"rank {rank}, {name}"
             assert got["twin uses the group"] and got["twin loss equals the original's"], where

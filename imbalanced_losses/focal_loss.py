@@ -208,7 +208,8 @@ class _FocalBase(GroupCopyMixin, nn.Module):
     def _reduce(self, num: Tensor, den: Tensor, trailing: torch.Size, dtype: torch.dtype) -> Tensor:
         """Reduce the (global) elements; sums run in at least float32, the result is ``dtype``.
 
-        In float16 a count above 65,504 elements (or a sum above it) would overflow.
+        Summed in float16, a count above 65,504 elements would overflow; only a result
+        beyond the dtype's range (a float16 ``"sum"`` above 65,504) is ``inf``.
         """
         if self.reduction == "none":
             return num.reshape(num.shape[0], *trailing)
@@ -286,10 +287,18 @@ class SigmoidFocalLoss(_FocalBase):
             and DDP's gradient equals the single-process gradient exactly, also with
             uneven per-rank batches (a per-rank mean is only right for equal ones).
         process_group: the ranks to pool (default: all), e.g. the data-parallel group.
+            A deep copy shares it; pickling leaves it behind (the unpickled loss uses
+            the default group, warns, and its repr names the group it was pickled with).
 
     Forward: ``inputs`` logits of any shape ``[N, ...]``; ``targets`` the same shape, 0/1
     (or soft labels in ``[0, 1]``); ``sample_weight`` ``[N, ...]`` broadcastable to
     ``inputs`` (dim 0 exactly ``N``), finite and non-negative.
+
+    Sums and counts run in at least float32 (float16 holds no count above 65,504); the
+    loss comes back in the inputs' dtype. Bad values (targets, weights) raise a
+    ``ValueError`` on the CPU and on every rank when pooling; alone on an accelerator they
+    stop it with a device-side assert instead, as ``cross_entropy`` does, since a
+    ``ValueError`` would cost a host sync every step.
     """
 
     SUPPORTED_REDUCTIONS = ("none", "mean", "sum")
@@ -392,10 +401,18 @@ class SoftmaxFocalLoss(_FocalBase):
             single-process gradient exactly, with uneven batches, ignored positions and
             positives spread unevenly over the ranks.
         process_group: the ranks to pool (default: all), e.g. the data-parallel group.
+            A deep copy shares it; pickling leaves it behind (the unpickled loss uses
+            the default group, warns, and its repr names the group it was pickled with).
 
     Forward: ``inputs`` ``[N, C]`` or ``[N, C, ...]`` logits; ``targets`` ``[N]`` or
     ``[N, ...]`` class ids in ``[0, C)`` or ``ignore_index``; ``sample_weight`` of the
     targets' shape, finite and non-negative.
+
+    Sums and counts run in at least float32 (float16 holds no count above 65,504); the
+    loss comes back in the inputs' dtype. Bad values (targets, weights) raise a
+    ``ValueError`` on the CPU and on every rank when pooling; alone on an accelerator they
+    stop it with a device-side assert instead, as ``cross_entropy`` does, since a
+    ``ValueError`` would cost a host sync every step.
     """
 
     SUPPORTED_REDUCTIONS = ("none", "mean", "mean_positive", "sum")

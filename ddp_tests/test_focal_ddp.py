@@ -225,3 +225,36 @@ def test_pooled_forward_makes_one_host_read_and_backward_none():
     for got in run_ranks(_syncs_on_rank, 2, timeout_s=START_UP_S):
         assert got["forward"] == {DEVICE_TO_HOST: 1}, got  # the metadata row, nothing else
         assert got["backward"] == {}, got
+
+
+def _traffic_on_rank(rank: int) -> dict:
+    """Bytes all-reduced and row gathers per forward, for a small and a large batch."""
+    from unittest import mock
+
+    from imbalanced_losses import _distributed
+
+    gathers = []
+    real_gather = _distributed.gather_rows
+
+    def counting_gather(tensor, sizes, *, group=None):
+        gathers.append(sum(sizes))
+        return real_gather(tensor, sizes, group=group)
+
+    out = {}
+    with mock.patch.object(_distributed, "gather_rows", counting_gather):
+        for reduction in ("mean", "mean_positive", "sum", "none"):
+            for rows in (4 + rank, 400 + rank):
+                x, y = torch.randn(rows, 3), torch.randint(0, 3, (rows,))
+                gathers.clear()
+                _distributed.reset_traffic()
+                SoftmaxFocalLoss(reduction=reduction)(x, y)
+                out[reduction, rows - rank] = (_distributed.traffic().bytes, list(gathers))
+    return out
+
+
+def test_mean_and_sum_exchange_two_numbers_whatever_the_batch_and_none_gathers_rows():
+    for rank, got in enumerate(run_ranks(_traffic_on_rank, 2, timeout_s=START_UP_S)):
+        for reduction in ("mean", "mean_positive", "sum"):
+            # (sum of losses, mass) in float32: 8 bytes, no rows gathered, small or large batch.
+            assert got[reduction, 4] == got[reduction, 400] == (8, []), (rank, reduction, got)
+        assert got["none", 400][1] == [801], (rank, got)  # the global batch's rows

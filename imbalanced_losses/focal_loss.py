@@ -3,13 +3,15 @@
 Per-element losses, so unlike the queued ranking losses they need nothing from other rows,
 except for the normaliser of ``"mean"`` and ``"mean_positive"``. What
 ``gather_distributed`` means for them: each rank computes its own elements' losses, the
-ranks exchange them (one small metadata collective, then one gather of ``[rows, 2 x
-elements per row]``: the weighted loss and the denominator's share), and every rank reduces
-the *global* batch. The value is then the single-process value of the rank-ordered global
-batch on every rank, and the gather's backward (``group size x`` the local slice, see
-``_distributed``) makes DDP's gradient average equal the single-process gradient exactly,
-also with uneven or empty ranks, ignored positions and weights, where a per-rank mean is
-off. ``reduction="none"`` returns the global batch's per-element losses, as the reference does.
+ranks agree on inputs and options (one small metadata collective), then ``"mean"``,
+``"mean_positive"`` and ``"sum"`` all-reduce two numbers (the sum of the weighted losses and
+the denominator's mass, in at least float32), so the traffic does not grow with the batch.
+The value is the global batch's on every rank; the gradient of a rank's elements is ``group
+size x`` their single-process gradient (the gather's rule, see ``_distributed``), so DDP's
+average equals the single-process gradient exactly, also with uneven or empty ranks, ignored
+positions and weights, where a per-rank mean is off. ``reduction="none"`` gathers the global
+batch's per-element losses (``[rows, elements per row]``), as the reference does.
+Alone (no pooling) the forward makes no collective and no host sync.
 """
 
 from __future__ import annotations
@@ -196,14 +198,29 @@ class _FocalBase(GroupCopyMixin, nn.Module):
         )
         if metas[rank][-1]:
             self._warn_zero_weight()
+        if self.reduction != "none":
+            return self._reduce_pooled(num, den, inputs.dtype, group)
         sizes = [int(m[Meta.ROWS]) for m in metas]
-        width = num.shape[1]
-        if self.reduction == "none":
-            num = _distributed.gather_rows(num, sizes, group=group)
-        else:
-            packed = _distributed.gather_rows(torch.cat([num, den], 1), sizes, group=group)
-            num, den = packed[:, :width], packed[:, width:]
+        num = _distributed.gather_rows(num, sizes, group=group)
         return self._reduce(num, den, trailing, inputs.dtype)
+
+    def _reduce_pooled(self, num: Tensor, den: Tensor, dtype: torch.dtype, group: Any) -> Tensor:
+        """``"mean"``/``"sum"`` of every rank's elements from one all-reduce of two numbers.
+
+        The value is the global sum (over the global mass); the gradient of this rank's
+        elements is ``group size x`` theirs in the single process, so that DDP's average over
+        the ranks is the single-process gradient (the rule the gather's backward applies).
+        The traffic is two numbers per rank whatever the batch.
+        """
+        acc = torch.promote_types(dtype, torch.float32)
+        local = num.sum(dtype=acc)
+        sums = _distributed.all_reduce_sum(torch.stack([local.detach(), den.sum(dtype=acc)]), group)
+        replicated = local * _distributed.world(group)[1]
+        total = sums[0] + (replicated - replicated.detach())  # the value of sums[0] exactly
+        if self.reduction == "sum":
+            return total.to(dtype)
+        mass = sums[1]
+        return (total / torch.where(mass > 0, mass, torch.ones_like(mass))).to(dtype)
 
     def _reduce(self, num: Tensor, den: Tensor, trailing: torch.Size, dtype: torch.dtype) -> Tensor:
         """Reduce the (global) elements; sums run in at least float32, the result is ``dtype``.

@@ -150,3 +150,21 @@ def test_a_copy_runs_the_same_shares_nothing_and_says_nothing(spec, copier):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
     x, t, w = _batch(spec, 9, weighted=True)
     assert torch.equal(twin(x, t, sample_weight=w), original(x, t, sample_weight=w))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_compiled_loss_gives_the_eager_value_and_gradient(spec):
+    """``torch.compile`` may fuse the per-element terms (last-bit differences), never more."""
+    torch._dynamo.reset()
+    try:
+        x, t, w = _batch(spec, 12, torch.float32, weighted=True)
+        compiled_x, eager_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        loss_fn = spec.make()
+        compiled = torch.compile(loss_fn)(compiled_x, t, sample_weight=w)
+        eager = loss_fn(eager_x, t, sample_weight=w)
+        compiled.backward()
+        eager.backward()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad, rtol=1e-5, atol=1e-6)

@@ -381,7 +381,8 @@ class QueuedRankingLoss(ProcessGroupHandle):
                 "each training step, so it is a stochastic approximation. (This warning is "
                 "shown once per instance; reset_queue() re-arms it.)",
             )
-            pool.threshold_rows = _device.to_device(self._subsample(pool.size), live.scores.device)
+            rows = self._subsample(pool.size).sort().values  # on the host: no sync
+            pool.threshold_rows = _device.to_device(rows, live.scores.device)
             self.subsample_step += int(advance_sample)
         return pool
 

@@ -64,10 +64,11 @@ class Rows:
 class Pool:
     """The live rows (with gradient) and the queued rows a loss ranks this step.
 
-    ``threshold_rows`` indexes (live first, then queue) the ``max_pool_size`` sample when
-    the pool was capped (``None``: all rows); per-row terms such as recall still count
-    every positive. ``positives_from`` is ``"pool"`` (every pooled positive) or ``"live"``
-    (this step's positives only; the queue then only sets thresholds).
+    ``threshold_rows`` indexes (live first, then queue), in ascending order, the
+    ``max_pool_size`` sample when the pool was capped (``None``: all rows); per-row terms
+    such as recall still count every positive. ``positives_from`` is ``"pool"`` (every
+    pooled positive) or ``"live"`` (this step's positives only; the queue then only sets
+    thresholds).
     """
 
     live: Rows
@@ -90,8 +91,8 @@ class Pool:
     def blocks(self) -> list[Rows]:
         """The rows sums over the pool run over: ``[live, queued]``, or the sample as one block.
 
-        The sampled block is gathered from both blocks in sample order (live scores keep
-        their gradient), without concatenating the pool or a host sync.
+        The sampled block is gathered from both blocks in sample order (live rows first;
+        live scores keep their gradient), without concatenating the pool or a host sync.
         """
         rows = self.threshold_rows
         if rows is None:

@@ -91,8 +91,9 @@ class SmoothAPLoss(QueuedRankingLoss):
         num_classes = self.num_classes
         live, queued = pool.live, pool.queued
         n_live = live.scores.shape[0]
-        sample = None if pool.threshold_rows is None else pool.threshold_rows.sort().values
-        live_count, queued_count, sampled_count = _positive_counts(pool, sample)
+        sample = pool.threshold_rows  # ascending: live rows first
+        sampled = None if sample is None else pool.blocks()[0]  # applied by the pool
+        live_count, queued_count, sampled_count = _positive_counts(pool, sampled)
         parts = [
             _positives_of(rows, num_classes, count)
             for rows, count in ((live, live_count), (queued, queued_count))
@@ -123,10 +124,11 @@ class SmoothAPLoss(QueuedRankingLoss):
             self_pos = torch.arange(own.shape[0], device=own.device)
         else:
             scale = pool.size / sample.shape[0]
-            # One block of the sampled rows (sorted: live rows first, with their gradient,
-            # then queued ones), gathered from both blocks: splitting the sample by block
-            # would need its per-block sizes on the host.
-            live_cols = _take(live.scores, queued.scores, sample, n_live).t().contiguous()
+            # One block of the sampled rows (live rows first, with their gradient, then
+            # queued ones): splitting the sample by block would need its per-block sizes
+            # on the host.
+            assert sampled is not None
+            live_cols = sampled.scores.t().contiguous()
             queued_cols = live_cols.new_empty(live_cols.shape[0], 0)
             row_of_pos = torch.where(live_row >= 0, live_row, queued_row + n_live)
             self_live = _position_in(sample, row_of_pos, pool.size)
@@ -167,7 +169,7 @@ class SmoothAPLoss(QueuedRankingLoss):
         return 1.0 - ap, valid
 
 
-def _positive_counts(pool: Pool, sample: Tensor | None) -> tuple[int, int, int]:
+def _positive_counts(pool: Pool, sampled: Rows | None) -> tuple[int, int, int]:
     """How many live, queued and sampled rows are positives, as host ints.
 
     Multi-class: every pooled row is a positive of its class. Binary: the live
@@ -176,19 +178,19 @@ def _positive_counts(pool: Pool, sample: Tensor | None) -> tuple[int, int, int]:
     cannot know which queued rows are positives without reading them.
     """
     n_live, n_queued = pool.live.scores.shape[0], pool.queued.scores.shape[0]
-    n_sampled = 0 if sample is None else sample.shape[0]
+    n_sampled = 0 if sampled is None else sampled.targets.shape[0]
     if pool.num_classes > 1:
         return n_live, n_queued, n_sampled
     counts: list[int | None] = [
         pool.live.num_positives,
         0 if n_queued == 0 else None,
-        0 if sample is None else None,
+        0 if sampled is None else None,
     ]
     live_pos, queued_pos = (pool.live.targets == 1), (pool.queued.targets == 1)
     unknown = {0: live_pos, 1: queued_pos}
     pending = {k: unknown[k].sum() for k in (0, 1) if counts[k] is None}
-    if sample is not None:
-        pending[2] = _take(live_pos, queued_pos, sample, n_live).sum()
+    if sampled is not None:
+        pending[2] = (sampled.targets == 1).sum()
     if pending:
         values = _device.host_copy(torch.stack(list(pending.values()))).tolist()
         for k, value in zip(pending, values):
@@ -196,16 +198,6 @@ def _positive_counts(pool: Pool, sample: Tensor | None) -> tuple[int, int, int]:
     live_count, queued_count, sampled_count = counts
     assert live_count is not None and queued_count is not None and sampled_count is not None
     return live_count, queued_count, sampled_count
-
-
-def _take(live: Tensor, queued: Tensor, sample: Tensor, n_live: int) -> Tensor:
-    """Rows ``sample`` of the live rows followed by the queued ones, without concatenating them."""
-    if n_live == 0 or queued.shape[0] == 0:
-        return (queued if n_live == 0 else live)[sample]
-    from_live = live[sample.clamp(max=n_live - 1)]
-    from_queue = queued[(sample - n_live).clamp(min=0)]
-    is_live = (sample < n_live).view(-1, *([1] * (live.dim() - 1)))
-    return torch.where(is_live, from_live, from_queue)
 
 
 def _positives_of(

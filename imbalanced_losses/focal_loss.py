@@ -3,13 +3,17 @@
 Per-element losses, so unlike the queued ranking losses they need nothing from other rows,
 except for the normaliser of ``"mean"`` and ``"mean_positive"``. What
 ``gather_distributed`` means for them: each rank computes its own elements' losses, the
-ranks exchange them (one small metadata collective, then one gather of ``[rows, 2 x
-elements per row]``: the weighted loss and the denominator's share), and every rank reduces
-the *global* batch. The value is then the single-process value of the rank-ordered global
-batch on every rank, and the gather's backward (``group size x`` the local slice, see
-``_distributed``) makes DDP's gradient average equal the single-process gradient exactly,
-also with uneven or empty ranks, ignored positions and weights, where a per-rank mean is
-off. ``reduction="none"`` returns the global batch's per-element losses, as the reference does.
+ranks agree on inputs and options (one small metadata collective, the exchange protocol of
+``_exchange``), then ``"mean"``, ``"mean_positive"`` and ``"sum"`` all-reduce two numbers (the
+sum of the weighted losses and the denominator's mass, in at least float32), so the traffic
+does not grow with the batch. The value is the global batch's on every rank; the gradient of
+a rank's elements is ``group size x`` their single-process gradient (the gather's rule, see
+``_distributed``), so DDP's average equals the single-process gradient exactly, also with
+uneven or empty ranks, ignored positions and weights, where a per-rank mean is off.
+``reduction="none"`` gathers the global batch's per-element losses (``[rows, elements per
+row]``), as the reference does. Alone (no pooling) the forward makes no collective and one
+host read: the value checks, so bad targets or weights raise a ``ValueError`` naming the
+argument on every device rather than a device-side assert that ends the CUDA context.
 """
 
 from __future__ import annotations
@@ -21,14 +25,23 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _distributed, _exchange, _validation
 from ._exchange import Agreed
+from ._group_handle import ProcessGroupHandle, caller_stacklevel
 from ._options import Option, arguments, flag, integer, local, real, validated
 
 __all__ = ["SigmoidFocalLoss", "SoftmaxFocalLoss"]
 
+_DTYPE_FIX = (
+    "pass inputs of one dtype on every rank (the same model precision, autocast and "
+    ".to(dtype) on every rank)"
+)
+_ALPHA_FIX = (
+    "build the loss with the same alpha on every rank, and load a checkpoint on every rank "
+    "(load_state_dict on one rank only leaves the others behind)"
+)
 _HASH_BASE = 1_000_003.0
 _HASH_MOD = 2.0**52  # exact in float64
 
@@ -102,8 +115,12 @@ def _weight_problem(sample_weight: Any, inputs: Tensor, reference: str, like: Te
     return None
 
 
-class _FocalBase(nn.Module):
-    """The shared flow: validate and agree, per-element terms, gather, reduce."""
+class _FocalBase(ProcessGroupHandle):
+    """The shared flow: validate and agree, per-element terms, reduce (or gather, reduce).
+
+    A deep copy shares ``process_group`` and a pickle leaves it behind (``ProcessGroupHandle``,
+    as the queued losses do).
+    """
 
     options: ClassVar[tuple[Option, ...]] = ()
     _zero_weight_warned = False
@@ -122,7 +139,7 @@ class _FocalBase(nn.Module):
 
     def extra_repr(self) -> str:
         shown = [o.name for o in self.options if o.name != "process_group"]
-        return ", ".join(f"{n}={getattr(self, n)!r}" for n in shown)
+        return ", ".join(f"{n}={getattr(self, n)!r}" for n in shown) + self._group_repr()
 
     # Subclasses: host-only input checks and the per-element terms.
     def _static_problem(self, inputs: Any, targets: Any, sample_weight: Any) -> str | None:
@@ -131,6 +148,10 @@ class _FocalBase(nn.Module):
     def _config(self) -> list[Agreed]:
         """The values every rank must hold: the agreed options of the table."""
         return [o.agreed(getattr(self, o.name)) for o in self.options if o.agree]
+
+    def _agreed_shapes(self, inputs: Tensor | None) -> list[Agreed]:
+        """Input sizes beyond dim 0 that every rank must share (``None``: a placeholder row)."""
+        return []
 
     def _elements(
         self, inputs: Tensor, targets: Tensor, sample_weight: Tensor | None
@@ -146,14 +167,15 @@ class _FocalBase(nn.Module):
     ) -> Tensor:
         """The loss of ``inputs`` against ``targets`` (of every rank's, when pooling).
 
-        Every rank checks its inputs and agrees with the others on them and on the
-        options (one small collective) before any value is computed from another rank,
-        so bad input or disagreeing ranks raise the same error everywhere.
+        Every rank checks its inputs and agrees with the others on them, the options, the
+        dtype and the number of classes (one small collective, one host read) before any
+        value is computed from another rank, so bad input or disagreeing ranks raise the same
+        error everywhere. Alone, the same checks cost one host read and no collective.
         """
         group = self.process_group
         distributed = _distributed.should_gather(self.gather_distributed, group)
         problem = self._static_problem(inputs, targets, sample_weight)
-        config = {"sample_weight passed": float(sample_weight is not None)}
+        agreed = self._config() + [Agreed("sample_weight passed", float(sample_weight is not None))]
         check = _exchange.Check(problem)
         if problem is None:
             num, den, bad_targets, trailing = self._elements(inputs, targets, sample_weight)
@@ -161,19 +183,32 @@ class _FocalBase(nn.Module):
             bad_weights = _validation.bad_weights(weight.detach())
             # Informative, not agreed on: whether this rank's weights are all zero.
             all_zero = (weight == 0).all() if weight.numel() else False
-            config["dtype"] = float(str(num.dtype) == "torch.float64")
-            config["elements per row"] = float(num.shape[1])
-            config["trailing shape"] = _shape_code(trailing)
+            agreed += [
+                Agreed(
+                    "inputs dtype",
+                    _exchange.dtype_code(inputs.dtype),
+                    _DTYPE_FIX,
+                    _exchange.dtype_name,
+                ),
+                *self._agreed_shapes(inputs),
+                Agreed("elements per row", float(num.shape[1])),
+                Agreed("trailing shape", _shape_code(trailing)),
+            ]
             check = _exchange.Check(
                 rows=num.shape[0],
                 flags={"targets": bad_targets, "weights": bad_weights},
                 counts={"all weights zero": all_zero},
             )
-        else:
-            config.update({"dtype": -1.0, "elements per row": -1.0, "trailing shape": -1.0})
-        agreed = _exchange.agree(
+        else:  # the placeholder row: the same columns, any values (the problem flag decides)
+            agreed += [
+                Agreed("inputs dtype", -1.0),
+                *self._agreed_shapes(None),
+                Agreed("elements per row", -1.0),
+                Agreed("trailing shape", -1.0),
+            ]
+        exchange = _exchange.agree(
             check,
-            self._config() + [Agreed(name, value) for name, value in config.items()],
+            agreed,
             flags={
                 "targets": lambda: self._describe_bad_targets(inputs, targets),
                 "weights": lambda: _validation.describe_bad_weights(sample_weight),
@@ -183,26 +218,57 @@ class _FocalBase(nn.Module):
             distributed=distributed,
             group=group,
         )
-        if agreed.mine("all weights zero") and not self._zero_weight_warned:
-            self._zero_weight_warned = True
-            warnings.warn(
-                f"{type(self).__name__}: sample_weight is entirely zero for this call, a likely "
-                "misconfiguration: these rows contribute no loss and no gradient. "
-                "(This warning is shown once per instance.)",
-                UserWarning,
-                stacklevel=2,
-            )
+        if exchange.mine("all weights zero"):
+            self._warn_zero_weight()
         if self.reduction == "none":
-            num = agreed.gather(num)
+            num = exchange.gather(num)
             return num.reshape(num.shape[0], *trailing)
-        width = num.shape[1]
-        packed = agreed.gather(torch.cat([num, den], 1))
-        num, den = packed[:, :width], packed[:, width:]
-        total = num.sum()
+        if distributed:
+            return self._reduce_pooled(num, den, inputs.dtype, group)
+        return self._reduce(num, den, inputs.dtype)
+
+    def _reduce_pooled(self, num: Tensor, den: Tensor, dtype: torch.dtype, group: Any) -> Tensor:
+        """``"mean"``/``"sum"`` of every rank's elements from one all-reduce of two numbers.
+
+        The value is the global sum (over the global mass); the gradient of this rank's
+        elements is ``group size x`` theirs in the single process, so that DDP's average over
+        the ranks is the single-process gradient (the rule the gather's backward applies).
+        The traffic is two numbers per rank whatever the batch.
+        """
+        acc = torch.promote_types(dtype, torch.float32)
+        local = num.sum(dtype=acc)
+        sums = _distributed.all_reduce_sum(torch.stack([local.detach(), den.sum(dtype=acc)]), group)
+        replicated = local * _distributed.world(group)[1]
+        total = sums[0] + (replicated - replicated.detach())  # the value of sums[0] exactly
         if self.reduction == "sum":
-            return total
-        mass = den.sum()
-        return total / torch.where(mass > 0, mass, torch.ones_like(mass))
+            return total.to(dtype)
+        mass = sums[1]
+        return (total / torch.where(mass > 0, mass, torch.ones_like(mass))).to(dtype)
+
+    def _reduce(self, num: Tensor, den: Tensor, dtype: torch.dtype) -> Tensor:
+        """One process: sums run in at least float32, the result is in ``dtype``.
+
+        Summed in float16, a count above 65,504 elements would overflow; only a result
+        beyond the dtype's range (a float16 ``"sum"`` above 65,504) is ``inf``.
+        """
+        acc = torch.promote_types(dtype, torch.float32)
+        total = num.sum(dtype=acc)
+        if self.reduction == "sum":
+            return total.to(dtype)
+        mass = den.sum(dtype=acc)
+        return (total / torch.where(mass > 0, mass, torch.ones_like(mass))).to(dtype)
+
+    def _warn_zero_weight(self) -> None:
+        if self._zero_weight_warned:
+            return
+        self._zero_weight_warned = True
+        warnings.warn(
+            f"{type(self).__name__}: sample_weight is entirely zero for this call, a likely "
+            "misconfiguration: these rows contribute no loss and no gradient. "
+            "(This warning is shown once per instance.)",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
 
 def _device_of(inputs: Any) -> torch.device:
@@ -229,10 +295,18 @@ class SigmoidFocalLoss(_FocalBase):
             and DDP's gradient equals the single-process gradient exactly, also with
             uneven per-rank batches (a per-rank mean is only right for equal ones).
         process_group: the ranks to pool (default: all), e.g. the data-parallel group.
+            A deep copy shares it; pickling leaves it behind (the unpickled loss uses
+            the default group, warns, and its repr names the group it was pickled with).
 
     Forward: ``inputs`` logits of any shape ``[N, ...]``; ``targets`` the same shape, 0/1
     (or soft labels in ``[0, 1]``); ``sample_weight`` ``[N, ...]`` broadcastable to
     ``inputs`` (dim 0 exactly ``N``), finite and non-negative.
+
+    Sums and counts run in at least float32 (float16 holds no count above 65,504); the
+    loss comes back in the inputs' dtype. Bad values (targets, weights) raise a
+    ``ValueError`` naming the argument on every device, alone and on every rank when
+    pooling; the check costs one host read per forward (a device-side assert would save
+    it but end the CUDA context with a message that names nothing).
     """
 
     options = (
@@ -325,14 +399,22 @@ class SoftmaxFocalLoss(_FocalBase):
             single-process gradient exactly, with uneven batches, ignored positions and
             positives spread unevenly over the ranks.
         process_group: the ranks to pool (default: all), e.g. the data-parallel group.
+            A deep copy shares it; pickling leaves it behind (the unpickled loss uses
+            the default group, warns, and its repr names the group it was pickled with).
 
     Forward: ``inputs`` ``[N, C]`` or ``[N, C, ...]`` logits; ``targets`` ``[N]`` or
     ``[N, ...]`` class ids in ``[0, C)`` or ``ignore_index``; ``sample_weight`` of the
     targets' shape, finite and non-negative.
+
+    Sums and counts run in at least float32 (float16 holds no count above 65,504); the
+    loss comes back in the inputs' dtype. Bad values (targets, weights) raise a
+    ``ValueError`` naming the argument on every device, alone and on every rank when
+    pooling; the check costs one host read per forward (a device-side assert would save
+    it but end the CUDA context with a message that names nothing).
     """
 
     options = (
-        # A tensor: its length and values are agreed through a code computed once (below).
+        # A tensor: its length and values are agreed through a code of the buffer (_config).
         Option("alpha", _class_weights, None, agree=False),
         GAMMA,
         _reduction(("none", "mean", "mean_positive", "sum")),
@@ -360,15 +442,20 @@ class SoftmaxFocalLoss(_FocalBase):
         process_group: Any = None,
     ) -> None:
         super().__init__(**arguments(locals()))
-        # Computed once, on the host: reading the buffer at each step could sync on CUDA.
-        self._alpha_code = 0.0 if self.alpha is None else _alpha_code(self.alpha)
-        self._alpha_length = -1.0 if self.alpha is None else float(len(self.alpha))
 
     def _config(self) -> list[Agreed]:
+        alpha = self.alpha
         return super()._config() + [
-            Agreed("alpha (number of entries, -1: None)", self._alpha_length),
-            Agreed("alpha values", self._alpha_code),
+            Agreed(
+                "alpha (number of entries, -1: None)", -1.0 if alpha is None else float(len(alpha))
+            ),
+            # From the buffer at each call (a loaded checkpoint changes it), on its device.
+            Agreed("alpha values", 0.0 if alpha is None else _alpha_code(alpha), _ALPHA_FIX),
         ]
+
+    def _agreed_shapes(self, inputs: Tensor | None) -> list[Agreed]:
+        classes = -1.0 if inputs is None else float(inputs.shape[1])
+        return [Agreed("number of classes (inputs.shape[1])", classes)]
 
     def _static_problem(self, inputs: Any, targets: Any, sample_weight: Any) -> str | None:
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 2:
@@ -439,7 +526,7 @@ class SoftmaxFocalLoss(_FocalBase):
         return loss.reshape(shape), den.reshape(shape), bad, targets.shape[1:]
 
 
-def _alpha_code(alpha: Tensor) -> float:
-    """A number that differs for different per-class weights (agreed across ranks)."""
+def _alpha_code(alpha: Tensor) -> Tensor:
+    """A 0-d tensor, on ``alpha``'s device, that differs for different per-class weights."""
     index = torch.arange(1, len(alpha) + 1, dtype=torch.float64, device=alpha.device)
-    return float((alpha.double() * index.sqrt()).sum())
+    return (alpha.detach().double() * index.sqrt()).sum()

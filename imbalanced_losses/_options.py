@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ._exchange import MUST_MATCH, Agreed, number
@@ -39,6 +39,10 @@ class Option:
     encode: Callable[[Any], float] = float
     show: Callable[[float], str] = number
     fix: str = MUST_MATCH
+
+    def with_default(self, default: Any) -> Option:
+        """The same option with another default (e.g. a loss's own default temperature)."""
+        return replace(self, default=default)
 
     def agreed(self, value: Any) -> Agreed:
         return Agreed(self.name, self.encode(value), self.fix, self.show)

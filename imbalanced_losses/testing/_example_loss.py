@@ -9,17 +9,20 @@ equal to this one.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from imbalanced_losses import Pool, QueuedRankingLoss
-from imbalanced_losses.options import BASE_OPTIONS, real
+from imbalanced_losses.options import BASE_OPTIONS, TEMPERATURE, real
 
 
 class TopQuantileHingeLoss(QueuedRankingLoss):
-    """Mean hinge of each positive below the (1 - quantile) quantile of its column."""
+    """Mean soft hinge (width ``temperature``) of each positive below the (1 - quantile)
+    quantile of its column, plus a margin."""
 
     options = (
         *BASE_OPTIONS,
+        TEMPERATURE.with_default(0.1),  # served by the base: validated, annealable, agreed
         real("quantile", lambda q: 0 < q < 1, "a float in (0, 1)", default=0.2),
         real("margin", lambda m: m >= 0, "a finite float >= 0", default=0.1),
     )
@@ -30,7 +33,9 @@ class TopQuantileHingeLoss(QueuedRankingLoss):
         rows = torch.cat(pool.threshold_blocks())  # detached; the max_pool_size sample if capped
         theta = torch.quantile(rows, 1 - self.quantile, dim=0, interpolation="higher")
         score, cls, weight = pool.positives()  # live positives carry the gradient
-        hinge = torch.relu(theta[cls] + self.margin - score)
+        tau = self.temperature
+        # softplus is linear past `threshold`; 40 keeps it exact in float64 too
+        hinge = tau * F.softplus((theta[cls] + self.margin - score) / tau, threshold=40)
         mass = torch.zeros_like(theta).index_add(0, cls, weight)
         total = torch.zeros_like(theta).index_add(0, cls, weight * hinge)
         return total / mass.clamp_min(1e-12), mass > 0

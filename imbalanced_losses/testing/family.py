@@ -6,7 +6,7 @@ has beyond the base's (with values each must refuse). The family tests
 are parametrized over :data:`LOSS_SPECS`: adding a loss adds one entry here.
 
 The per-row losses (the focal losses) have no queue, no state and no ``num_classes``, so
-the queued contract does not fit them; :data:`PER_ROW_LOSS_SPECS` lists them, with a plain
+the queued family's checks do not fit them; :data:`PER_ROW_LOSS_SPECS` lists them, with a plain
 per-element reference, for the checks that do (``tests/test_per_row_contract.py``): values,
 low precision, validation, copies with and without a process group.
 """
@@ -29,10 +29,12 @@ from imbalanced_losses import (
     SmoothAPLoss,
     SoftmaxFocalLoss,
 )
+from imbalanced_losses.testing._example_loss import TopQuantileHingeLoss
 from imbalanced_losses.testing.reference import (
     QueuedReference,
     ReferenceRecallAtQuantileLoss,
     ReferenceSmoothAPLoss,
+    ReferenceTopQuantileHingeLoss,
 )
 
 __all__ = ["BASE_OPTIONS", "LOSS_SPECS", "PER_ROW_LOSS_SPECS", "LossSpec", "PerRowLossSpec"]
@@ -97,6 +99,15 @@ LOSS_SPECS: tuple[LossSpec, ...] = (
         unmodelled=("positives",),
     ),
     LossSpec("smooth_ap", SmoothAPLoss, ReferenceSmoothAPLoss, {"temperature": 0.5}),
+    # The own-loss example of docs/ddp.md (an options table and per_class_loss), checked like
+    # the shipped losses so the docs teach a loss that passes every family check.
+    LossSpec(
+        "top_quantile_hinge_example",
+        TopQuantileHingeLoss,
+        ReferenceTopQuantileHingeLoss,
+        {"quantile": 0.3, "margin": 0.2, "temperature": 0.5},
+        own_options={"quantile": (0.0, 1.0, -0.1, math.nan, "0.1"), "margin": (-0.1, math.nan)},
+    ),
 )
 
 

@@ -16,6 +16,7 @@ from imbalanced_losses.testing.reference.smooth_ap import (
     ReferenceSmoothAPLoss,
     reference_smooth_ap_loss,
 )
+from imbalanced_losses.testing.reference.top_quantile_hinge import ReferenceTopQuantileHingeLoss
 
 __all__ = [
     "PlainPAUCLoss",
@@ -23,6 +24,7 @@ __all__ = [
     "QueuedReference",
     "ReferenceRecallAtQuantileLoss",
     "ReferenceSmoothAPLoss",
+    "ReferenceTopQuantileHingeLoss",
     "reference_recall_at_quantile",
     "reference_recall_at_quantile_loss",
     "plain_pauc_per_class",

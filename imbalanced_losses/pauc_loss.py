@@ -137,7 +137,7 @@ class PAUCAtBudgetLoss(QueuedRankingLoss):
         self._pending_degenerate: _HostCopy | None = None
 
     @torch.compiler.disable
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         logits: Tensor,
         targets: Tensor,
@@ -169,7 +169,8 @@ class PAUCAtBudgetLoss(QueuedRankingLoss):
             )
         finally:
             self._diagnostics_wanted = False
-        loss, per_class, valid = out  # type: ignore[misc]
+        assert isinstance(out, tuple)  # return_per_class=True
+        loss, per_class, valid = out
         if not return_diagnostics:
             return (loss, per_class, valid) if return_per_class else loss
         diag = self._diagnostics

@@ -6,7 +6,7 @@ has beyond the base's (with values each must refuse). The family tests
 are parametrized over :data:`LOSS_SPECS`: adding a loss adds one entry here.
 
 The per-row losses (the focal losses) have no queue, no state and no ``num_classes``, so
-the queued contract does not fit them; :data:`PER_ROW_LOSS_SPECS` lists them, with a plain
+the queued checks do not fit them; :data:`PER_ROW_LOSS_SPECS` lists them, with a plain
 per-element reference, for the checks that do (``tests/test_per_row_contract.py``): values,
 low precision, validation, copies with and without a process group.
 """

@@ -9,6 +9,7 @@ from ._queue import MemoryQueue
 from .focal_loss import SigmoidFocalLoss, SoftmaxFocalLoss
 from .functional import recall_at_quantile_loss
 from .metrics import recall_at_quantile
+from .pauc_loss import PAUCAtBudgetLoss
 from .recall_loss import RecallAtQuantileLoss
 from .smooth_ap import SmoothAPLoss
 from .warmup import LossWarmupWrapper
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LossWarmupWrapper",
     "MemoryQueue",
+    "PAUCAtBudgetLoss",
     "Pool",
     "QueuedRankingLoss",
     "RecallAtQuantileLoss",

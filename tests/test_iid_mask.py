@@ -11,7 +11,7 @@ import inspect
 import pytest
 import torch
 
-from imbalanced_losses import Pool, RecallAtQuantileLoss, SmoothAPLoss
+from imbalanced_losses import PAUCAtBudgetLoss, Pool, RecallAtQuantileLoss, SmoothAPLoss
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*exceeds max_pool_size.*:UserWarning")
 
@@ -36,6 +36,18 @@ def test_forward_takes_the_references_parameters_in_its_order(cls):
     ours = [(p.name, p.kind.name, p.default) for p in params]
     assert ours[: len(REFERENCE_FORWARD)] == REFERENCE_FORWARD
     assert [p.kind.name for p in params[len(REFERENCE_FORWARD) :]] == ["KEYWORD_ONLY"]
+
+
+def test_the_pauc_forward_adds_return_diagnostics_after_return_per_class_as_the_reference():
+    params = list(inspect.signature(PAUCAtBudgetLoss.forward).parameters.values())[1:]
+    ours = [(p.name, p.kind.name, p.default) for p in params]
+    pauc_reference = [
+        *REFERENCE_FORWARD[:4],
+        ("return_diagnostics", "POSITIONAL_OR_KEYWORD", False),
+        REFERENCE_FORWARD[4],
+    ]
+    assert ours[: len(pauc_reference)] == pauc_reference
+    assert [p.kind.name for p in params[len(pauc_reference) :]] == ["KEYWORD_ONLY"]
 
 
 def test_positional_iid_mask_and_return_per_class_work_as_in_the_reference():

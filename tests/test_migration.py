@@ -20,6 +20,7 @@ from torch import nn
 import imbalanced_losses
 from imbalanced_losses import (
     LossWarmupWrapper,
+    PAUCAtBudgetLoss,
     RecallAtQuantileLoss,
     SigmoidFocalLoss,
     SoftmaxFocalLoss,
@@ -73,6 +74,40 @@ def test_keywords_and_defaults_are_the_references():
     for name, default in REFERENCE_DEFAULTS.items():
         assert name in params, name
         assert params[name].default == default, (name, params[name].default)
+
+
+# Contract §16: the reference's PAUCAtBudgetLoss signature, in its positional order.
+PAUC_REFERENCE_SIGNATURE = [
+    ("num_classes", inspect.Parameter.empty),
+    ("alpha", 0.0),
+    ("beta", 0.005),
+    ("surrogate", "trapezoid"),
+    ("n_knots", 2),
+    ("tau_scale", "iqr"),
+    ("pos_numerator", "pool"),
+    ("budget_basis", "fpr"),
+    ("queue_size", 1024),
+    ("temperature", 0.1),
+    ("reduction", "mean"),
+    ("ignore_index", -100),
+    ("update_queue_in_eval", False),
+    ("gather_distributed", None),
+    ("quantile_interpolation", "higher"),
+    ("max_pool_size", None),
+]
+
+
+def test_the_pauc_loss_takes_the_references_arguments_in_its_order_with_its_defaults():
+    params = list(inspect.signature(PAUCAtBudgetLoss).parameters.values())
+    positional = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert [(p.name, p.default) for p in positional] == PAUC_REFERENCE_SIGNATURE
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[len(positional) :])
+
+
+def test_the_pauc_loss_lives_at_the_references_module_path():
+    from imbalanced_losses import pauc_loss
+
+    assert pauc_loss.PAUCAtBudgetLoss is imbalanced_losses.PAUCAtBudgetLoss
 
 
 def test_the_gather_helpers_live_at_the_reference_path():

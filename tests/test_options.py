@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from imbalanced_losses import (
+    PAUCAtBudgetLoss,
     QueuedRankingLoss,
     RecallAtQuantileLoss,
     SigmoidFocalLoss,
@@ -25,7 +26,7 @@ from imbalanced_losses.options import BASE_OPTIONS, TEMPERATURE, arguments
 from imbalanced_losses.testing._example_loss import TopQuantileHingeLoss
 
 ROOT = Path(__file__).resolve().parent.parent
-RANKING_LOSSES = [RecallAtQuantileLoss, SmoothAPLoss, TopQuantileHingeLoss]
+RANKING_LOSSES = [RecallAtQuantileLoss, SmoothAPLoss, PAUCAtBudgetLoss, TopQuantileHingeLoss]
 LOSSES = [*RANKING_LOSSES, SigmoidFocalLoss, SoftmaxFocalLoss]
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imbalanced_losses import (
+    PAUCAtBudgetLoss,
     QueuedRankingLoss,
     RecallAtQuantileLoss,
     SigmoidFocalLoss,
@@ -31,6 +32,7 @@ from imbalanced_losses import (
 )
 from imbalanced_losses.testing._example_loss import TopQuantileHingeLoss
 from imbalanced_losses.testing.reference import (
+    PlainPAUCLoss,
     QueuedReference,
     ReferenceRecallAtQuantileLoss,
     ReferenceSmoothAPLoss,
@@ -99,6 +101,25 @@ LOSS_SPECS: tuple[LossSpec, ...] = (
         unmodelled=("positives",),
     ),
     LossSpec("smooth_ap", SmoothAPLoss, ReferenceSmoothAPLoss, {"temperature": 0.5}),
+    LossSpec(
+        "pauc_at_budget",
+        PAUCAtBudgetLoss,
+        PlainPAUCLoss,
+        # beta: (1 - beta) * (n - 1) is far from an integer for every pool here, so the band's
+        # order statistic is the same in float32 and float64 (the reference library computes
+        # the level in the scores' dtype; at a knife edge the dtypes pick neighbours).
+        {"beta": 0.3719, "temperature": 0.5, "surrogate": "pairwise"},
+        own_options={
+            "alpha": (-0.1, 1.0, math.nan, "0"),
+            "beta": (0.0, 1.5, math.inf, None),
+            "surrogate": ("dense", None),
+            "n_knots": (1, 2.0, True),
+            "tau_scale": ("std", None),
+            "pos_numerator": ("all", None),
+            "budget_basis": ("tpr", None),
+            "quantile_interpolation": ("cubic", None),
+        },
+    ),
     # The own-loss example of docs/ddp.md (an options table and per_class_loss), checked like
     # the shipped losses so the docs teach a loss that passes every family check.
     LossSpec(

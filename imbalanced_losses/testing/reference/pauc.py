@@ -145,10 +145,22 @@ class PlainPAUCLoss(QueuedReference):
     """
 
     def __init__(self, num_classes: int, *, queue_size: int = 1024, reduction: str = "mean",
-                 ignore_index: int = -100, **options: object) -> None:  # fmt: skip
-        super().__init__(num_classes, queue_size, ignore_index, False, torch.float64)
+                 ignore_index: int = -100, update_queue_in_eval: bool = False,
+                 dtype: torch.dtype = torch.float64, **options: object) -> None:  # fmt: skip
+        super().__init__(num_classes, queue_size, ignore_index, update_queue_in_eval, dtype)
+        if "quantile_interpolation" in options:  # the loss's name for it (the family specs)
+            options["interpolation"] = options.pop("quantile_interpolation")
         self.reduction, self.options = reduction, options
         self.diagnostics: dict[str, Tensor] = {}
+
+    @property
+    def temperature(self) -> float:
+        """The sigmoid width of the next steps; assign to anneal it, as with the loss."""
+        return float(self.options.get("temperature", 0.1))  # type: ignore[arg-type]
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.options["temperature"] = value
 
     def pool(
         self, logits: Tensor, targets: Tensor, iid: Tensor, weights: Tensor
@@ -178,6 +190,7 @@ class PlainPAUCLoss(QueuedReference):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, per_class, valid)`` of one step (diagnostics in ``self.diagnostics``)."""
         targets = targets.reshape(-1)
+        logits = logits.to(self.queue.scores.dtype)  # computed in the reference's dtype
         n = logits.shape[0]
         iid = torch.ones(n, dtype=torch.bool) if iid_mask is None else iid_mask.bool()
         weights = (

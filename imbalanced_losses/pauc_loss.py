@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ._base import BASE_OPTIONS, TEMPERATURE, QueuedRankingLoss
+from ._device import HostCopy
 from ._options import arguments, choice, integer, real
 from ._pauc_math import (
     BUDGET_BASES,
@@ -21,7 +22,6 @@ from ._pauc_math import (
 )
 from ._pool import Pool
 from .functional import INTERPOLATIONS
-from .recall_loss import _HostCopy
 
 PAUCOutput = (
     Tensor
@@ -134,7 +134,7 @@ class PAUCAtBudgetLoss(QueuedRankingLoss):
         # The forward's request for diagnostics, and what per_class_loss computed for it.
         self._diagnostics_wanted = False
         self._diagnostics: dict[str, Tensor] | None = None
-        self._pending_degenerate: _HostCopy | None = None
+        self._pending_degenerate: HostCopy | None = None
 
     @torch.compiler.disable
     def forward(
@@ -235,7 +235,7 @@ class PAUCAtBudgetLoss(QueuedRankingLoss):
             return
         if self._pending_degenerate is None:
             flags = degenerate.to(torch.float64)
-            self._pending_degenerate = _HostCopy(torch.cat([flags.amax().reshape(1), flags]))
+            self._pending_degenerate = HostCopy(torch.cat([flags.amax().reshape(1), flags]))
         reading = self._pending_degenerate.get()
         if reading is None:
             return

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import BASE_OPTIONS, POSITIVES, TEMPERATURE, QueuedRankingLoss
+from ._device import HostCopy
 from ._options import arguments, choice, real
 from ._pool import Pool
 from .functional import INTERPOLATIONS, positive_columns, quantile_threshold, soft_recall_loss
@@ -102,7 +103,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         positives: str = "pool",
     ) -> None:
         super().__init__(**arguments(locals()))
-        self._pending_fraction: _HostCopy | None = None
+        self._pending_fraction: HostCopy | None = None
 
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
         blocks = pool.threshold_blocks()
@@ -144,7 +145,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         if self._pending_fraction is None:
             if pool.size * self.quantile < _MIN_ROWS_TO_JUDGE_FRACTION:
                 return
-            self._pending_fraction = _HostCopy(_largest_positive_fraction(pool))
+            self._pending_fraction = HostCopy(_largest_positive_fraction(pool))
         reading = self._pending_fraction.get()
         if reading is None:  # not on the host yet
             return
@@ -178,23 +179,3 @@ def _largest_positive_fraction(pool: Pool) -> Tensor:
     # on the host (a sync on CUDA).
     largest, worst = counts.max(dim=0)
     return torch.stack([largest / pool.size, worst.to(torch.float64)])
-
-
-class _HostCopy:
-    """A small device tensor on its way to the host: pinned memory and an event on CUDA."""
-
-    def __init__(self, values: Tensor) -> None:
-        self._event: torch.cuda.Event | None = None
-        if values.device.type == "cuda":
-            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = values
-
-    def get(self) -> list[float] | None:
-        """The values, or ``None`` while the copy has not finished (never waits)."""
-        if self._event is not None and not self._event.query():
-            return None
-        return self._host.tolist()

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from imbalanced_losses import RecallAtQuantileLoss, SmoothAPLoss, _device, recall_loss
+from imbalanced_losses import RecallAtQuantileLoss, SmoothAPLoss, _device
 from imbalanced_losses._exchange import Agreed, columns
 from imbalanced_losses.testing import SyncCounter, run_ranks
 from imbalanced_losses.testing._host_syncs import DEVICE_TO_HOST, HOST_TO_DEVICE
@@ -38,7 +38,7 @@ def _sample_on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _host_copy_as_on_cuda(self, values: torch.Tensor) -> None:
-    """``recall_loss._HostCopy`` as on CUDA: a pinned non-blocking copy read after its event.
+    """``_device.HostCopy`` as on CUDA: a pinned non-blocking copy read after its event.
 
     On a CPU build it keeps the device tensor itself, so the counter would see its read as a
     device read; the CUDA path never waits (``get`` returns None until the event fires).
@@ -60,7 +60,7 @@ def _count_steady_state_step(loss_fn, gen, num_classes: int, rows: int) -> tuple
     buffers = list(loss_fn.buffers())
     with (
         mock.patch.object(_device, "to_device", _sample_on_device),
-        mock.patch.object(recall_loss._HostCopy, "__init__", _host_copy_as_on_cuda),
+        mock.patch.object(_device.HostCopy, "__init__", _host_copy_as_on_cuda),
         SyncCounter(logits, targets, weights, *buffers) as forward,
     ):
         loss = loss_fn(logits, targets, sample_weight=weights)

@@ -294,3 +294,34 @@ def all_reduce_sum(tensor: Tensor, group: Group = None) -> Tensor:
 def all_reduce_min(tensor: Tensor, group: Group = None) -> Tensor:
     """Element-wise minimum over the ranks of ``group`` (one counted collective, none alone)."""
     return _all_reduce(tensor, dist.ReduceOp.MIN, group)
+
+
+class _AllReduceReplicated(torch.autograd.Function):
+    """Sum over ranks whose result feeds a loss every rank computes identically.
+
+    The replicated rule for statistics (sharded mode): each rank's incoming gradient is
+    the same, so the sum over ranks of it, which the exact backward of a sum would
+    all-reduce, is ``group size x`` this rank's own; no collective in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Group) -> Tensor:
+        ctx.group = group
+        return _all_reduce(tensor, dist.ReduceOp.SUM, group)
+
+    @staticmethod
+    @once_differentiable("the all-reduce of per-rank statistics (replicated gradient rule)")
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * world(ctx.group)[1], None
+
+
+def all_reduce_replicated(tensor: Tensor, group: Group = None) -> Tensor:
+    """Element-wise sum over the ranks (one counted collective) with the replicated gradient rule.
+
+    For a loss that every rank computes from the same reduced statistics: the gradient
+    reaching ``tensor`` is ``group size x`` the local one, so DDP's average over ranks equals
+    the single-process gradient. Keeping the local gradient alone is the ``1 / W`` bug.
+    """
+    if tensor.requires_grad:
+        return _AllReduceReplicated.apply(tensor, group)
+    return _all_reduce(tensor, dist.ReduceOp.SUM, group)

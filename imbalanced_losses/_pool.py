@@ -19,6 +19,7 @@ quantiles from iid rows only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,6 +70,12 @@ class Pool:
     such as recall still count every positive. ``positives_from`` is ``"pool"`` (every
     pooled positive) or ``"live"`` (this step's positives only; the queue then only sets
     thresholds).
+
+    Sharded mode (``sharded=True`` on the loss): ``live`` and ``queued`` are this rank's
+    rows only (its live rows and its queue shard); the pool is the union over the ranks of
+    ``group``, ``global_size`` rows in all. A loss then reduces per-class statistics over
+    ``group`` (``_distributed.all_reduce_replicated``, the replicated gradient rule)
+    instead of reading rows it does not hold.
     """
 
     live: Rows
@@ -76,6 +83,9 @@ class Pool:
     num_classes: int
     threshold_rows: Tensor | None = None
     positives_from: str = "pool"
+    sharded: bool = False
+    group: Any = None
+    global_size: int | None = None
 
     @property
     def size(self) -> int:

@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "train_alerts.py"
 
-ARMS = ("bce", "raq", "sap", "raq_wrapped")
+ARMS = ("bce", "raq", "sap", "pauc", "raq_wrapped")
 TINY = [
     "--n-samples",
     "20000",
@@ -71,6 +71,7 @@ def test_demo_writes_json_png_and_table(tmp_path: Path) -> None:
     assert "world_size=1 backend=none" in proc.stdout
     assert "mean ± std" in proc.stdout and "BCE alone" in proc.stdout
     assert "Smooth-AP" in proc.stdout and "LossWarmupWrapper" in proc.stdout
+    assert "PAUC@budget" in proc.stdout
 
     report = json.loads((out / "train_alerts.json").read_text())
     assert report["world_size"] == 1
@@ -98,6 +99,59 @@ def test_demo_writes_json_png_and_table(tmp_path: Path) -> None:
     png = out / "train_alerts.png"
     assert png.exists() and png.stat().st_size > 10_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pauc_arm_starts_from_the_bce_warm_up_weights(tmp_path: Path) -> None:
+    """With Adam's lr at 0 the PAUC arm keeps the weights it forked from, so every epoch after
+    the warm-up must score the test split exactly as the BCE arm did at the end of it (the
+    copied warm-up history alone would not show a fork from fresh weights)."""
+    out = tmp_path / "out"
+    _run(
+        [*TINY, "--seeds", "0", "--arms", "pauc", "--pauc-lr", "0", "--no-plot", "--out", str(out)]
+    )
+    arms = json.loads((out / "train_alerts.json").read_text())["seeds"][0]["arms"]
+    assert sorted(arms) == ["bce", "pauc"]
+    warm = arms["bce"]["history"]["test_recall"][0]  # --warmup-epochs 1
+    assert arms["pauc"]["history"]["test_recall"] == [warm, warm, warm]
+    assert (
+        arms["pauc"]["history"]["val_recall"][1:] == [arms["bce"]["history"]["val_recall"][0]] * 2
+    )
+
+
+def test_pauc_arm_trains_with_either_surrogate(tmp_path: Path) -> None:
+    """Both surrogates run through the demo, and ``--pauc-surrogate`` really reaches the loss:
+    the two give different trainings, each different from BCE alone."""
+    histories = {}
+    for surrogate in ("trapezoid", "pairwise"):
+        out = tmp_path / surrogate
+        proc = _run(
+            [*TINY, "--seeds", "0", "--arms", "pauc", "--pauc-surrogate", surrogate]
+            + ["--no-plot", "--out", str(out)]
+        )
+        assert "pauc better than bce on" in proc.stdout
+        report = json.loads((out / "train_alerts.json").read_text())
+        assert report["config"]["pauc_surrogate"] == surrogate
+        hist = report["seeds"][0]["arms"]["pauc"]["history"]
+        bce = report["seeds"][0]["arms"]["bce"]["history"]
+        assert hist["epoch"] == [1, 2, 3]
+        # After the warm-up the loss is (1 - pAUC) + BCE: finite, and not BCE's training.
+        assert all(0.0 < v < 10.0 for v in hist["train_loss"][1:])
+        assert hist["train_loss"][1:] != bce["train_loss"][1:]
+        histories[surrogate] = hist["train_loss"][1:]
+    assert histories["trapezoid"] != histories["pairwise"]
+
+
+def test_pauc_band_options_are_checked(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--pauc-alpha", "0.02", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "--pauc-alpha" in proc.stderr and "alpha=0.02, beta=0.01" in proc.stderr
 
 
 def test_demo_reads_user_csv(tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ def _assert_same_results(report: dict, single: dict) -> None:
         # ranking loss computed on each rank's slice alone would not.
         got = report["seeds"][0]["arms"][arm]["history"]["train_loss"]
         want = single["seeds"][0]["arms"][arm]["history"]["train_loss"]
-        assert got == pytest.approx(want, rel=1e-4), arm
+        assert got == pytest.approx(want, rel=1e-3), arm
 
 
 def test_torchrun_two_gloo_ranks_match_single_process(tmp_path: Path, single_process: dict) -> None:

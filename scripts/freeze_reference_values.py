@@ -10,7 +10,9 @@ It writes ``tests/data/reference_0_6_0.json``: the warm-up wrapper's properties 
 value after every hook and forward of a few schedules, the focal losses' values and input
 gradients on seeded float64 inputs for every option and reduction (the inputs are stored
 too, so the tests do not depend on a generator), the constructor signatures and the texts
-of the errors raised for bad arguments. ``tests/test_migration.py`` compares this package
+of the errors raised for bad arguments, and everything ``tests/data/reference_api_script.py``
+(a user's script for the reference's public API, run unchanged) prints.
+``tests/test_migration.py`` compares this package
 with it, so CI needs no reference installed.
 """
 
@@ -19,7 +21,10 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -271,7 +276,14 @@ def _describe(parameter: inspect.Parameter) -> list[Any]:
 
 def freeze_signatures(ref: Any) -> dict[str, Any]:
     out = {}
-    for name in ("LossWarmupWrapper", "SigmoidFocalLoss", "SoftmaxFocalLoss"):
+    for name in (
+        "LossWarmupWrapper",
+        "SigmoidFocalLoss",
+        "SoftmaxFocalLoss",
+        "RecallAtQuantileLoss",
+        "SmoothAPLoss",
+        "PAUCAtBudgetLoss",
+    ):
         cls = getattr(ref, name)
         out[name] = {
             "init": [_describe(p) for p in inspect.signature(cls).parameters.values()],
@@ -322,6 +334,31 @@ def freeze_errors(ref: Any) -> list[dict[str, Any]]:
     return out
 
 
+SCRIPT = OUT.parent / "reference_api_script.py"
+
+
+def freeze_script() -> dict[str, Any]:
+    """Run the reference-style user script (tests/data/reference_api_script.py) under the
+    reference, in a fresh process outside this repository, and keep what it printed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT)],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    if done.returncode != 0:
+        sys.exit(f"{SCRIPT.name} failed under the reference:\n{done.stdout}{done.stderr}")
+    line = done.stdout.strip().splitlines()[-1]
+    if not line.startswith("RESULTS "):
+        sys.exit(f"{SCRIPT.name} printed no RESULTS line last: {line!r}")
+    return json.loads(line.removeprefix("RESULTS "))
+
+
 def main() -> None:
     ref = reference()
     data = {
@@ -332,6 +369,7 @@ def main() -> None:
         "focal": freeze_focal(ref),
         "signatures": freeze_signatures(ref),
         "errors": freeze_errors(ref),
+        "script": freeze_script(),
     }
     OUT.write_text(json.dumps(data, indent=None, separators=(",", ":")) + "\n")
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes)")

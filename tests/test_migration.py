@@ -174,6 +174,51 @@ class MainProbe(nn.Module):
         return logits.sum() * 0.0 + 20.0 + self.temperature
 
 
+API_SCRIPT = ROOT / "tests" / "data" / "reference_api_script.py"
+
+
+def _mismatches(want: object, got: object, path: str = "") -> list[str]:
+    """Where ``got`` differs from the reference's ``want`` (floats: float64 round-off, 1e-9)."""
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or set(got) != set(want):
+            return [
+                f"{path}: keys {sorted(want)} vs {sorted(got) if isinstance(got, dict) else got}"
+            ]
+        return [m for k in want for m in _mismatches(want[k], got[k], f"{path}/{k}")]
+    if isinstance(want, list):
+        if not isinstance(got, list) or len(got) != len(want):
+            return [f"{path}: {want!r} vs {got!r}"]
+        return [
+            m for i, (w, g) in enumerate(zip(want, got)) for m in _mismatches(w, g, f"{path}[{i}]")
+        ]
+    if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        close = math.isclose(want, got, rel_tol=1e-9, abs_tol=1e-12)
+        return [] if close else [f"{path}: reference {want!r}, here {got!r}"]
+    return [] if (want == got and type(want) is type(got)) else [f"{path}: {want!r} vs {got!r}"]
+
+
+def test_a_script_for_the_references_public_api_runs_unchanged_and_prints_its_numbers(tmp_path):
+    """tests/data/reference_api_script.py uses every class and keyword, positional calls and
+    the module paths; the reference 0.6.0 ran the same file (its output is frozen)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(API_SCRIPT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1].removeprefix("RESULTS "))
+    want = FROZEN["script"]
+    # We export more than the reference (our base class, metrics): a superset is what counts.
+    assert set(want.pop("all")) <= set(got.pop("all"))
+    assert len(want) >= 16, sorted(want)  # every run of the script was frozen
+    wrong = _mismatches(want, got)
+    assert not wrong, f"{len(wrong)} differences, first: " + "\n".join(wrong[:10])
+
+
 @pytest.mark.parametrize("schedule", FROZEN["warmup"], ids=lambda s: s["name"])
 def test_the_warmup_schedule_reports_and_uses_the_references_values_step_by_step(schedule):
     wrapper = LossWarmupWrapper(WarmupProbe(), MainProbe(), *schedule["args"], **schedule["kwargs"])

@@ -10,7 +10,8 @@ It writes ``tests/data/reference_0_6_0.json``: the warm-up wrapper's properties 
 value after every hook and forward of a few schedules, the focal losses' values and input
 gradients on seeded float64 inputs for every option and reduction (the inputs are stored
 too, so the tests do not depend on a generator), the constructor signatures and the texts
-of the errors raised for bad arguments, and everything ``tests/data/reference_api_script.py``
+of the errors raised for bad arguments (the ranking losses' too, with the argument each names),
+and everything ``tests/data/reference_api_script.py``
 (a user's script for the reference's public API, run unchanged) prints.
 ``tests/test_migration.py`` compares this package
 with it, so CI needs no reference installed.
@@ -334,6 +335,74 @@ def freeze_errors(ref: Any) -> list[dict[str, Any]]:
     return out
 
 
+# Bad arguments of the ranking losses: (class, constructor kwargs, bad forward input or None,
+# the argument both texts must name). Forward inputs: see ``bad_forward``.
+RANKING_BAD_ARGUMENTS: list[tuple[str, dict[str, Any], str | None, str]] = [
+    *(
+        (name, kwargs, None, argument)
+        for name in ("RecallAtQuantileLoss", "SmoothAPLoss", "PAUCAtBudgetLoss")
+        for kwargs, argument in (
+            ({"num_classes": 0}, "num_classes"),
+            ({"num_classes": 4, "reduction": "avg"}, "reduction"),
+            ({"num_classes": 4, "queue_size": -1}, "queue_size"),
+            ({"num_classes": 4, "temperature": 0.0}, "temperature"),
+            ({"num_classes": 4, "max_pool_size": 0}, "max_pool_size"),
+        )
+    ),
+    ("RecallAtQuantileLoss", {"num_classes": 4, "quantile": 1.0}, None, "quantile"),
+    ("RecallAtQuantileLoss", {"num_classes": 4, "quantile": 0.0}, None, "quantile"),
+    ("PAUCAtBudgetLoss", {"num_classes": 4, "alpha": 0.3, "beta": 0.2}, None, "alpha"),
+    *(
+        (name, {"num_classes": 4 if bad != "logits_1d" else 1}, bad, argument)
+        for name in ("RecallAtQuantileLoss", "SmoothAPLoss", "PAUCAtBudgetLoss")
+        for bad, argument in (
+            ("logits_1d", "logits"),
+            ("logits_width", "logits"),
+            ("weight_shape", "sample_weight"),
+            ("weight_negative", "sample_weight"),
+        )
+    ),
+]
+
+
+def bad_forward(loss_fn: Any, bad: str) -> None:
+    """One forward with the bad input ``bad`` (the test calls the same)."""
+    width = 1 if bad == "logits_1d" else 4
+    logits, targets = torch.zeros(16, width), torch.arange(16) % 2
+    weight = None
+    if bad == "logits_1d":
+        logits = logits[:, 0]
+    elif bad == "logits_width":
+        logits = logits[:, :3]
+    elif bad == "weight_shape":
+        weight = torch.ones(15)
+    elif bad == "weight_negative":
+        weight = -torch.ones(16)
+    loss_fn(logits, targets, sample_weight=weight)
+
+
+def freeze_ranking_errors(ref: Any) -> list[dict[str, Any]]:
+    out = []
+    for name, kwargs, bad, argument in RANKING_BAD_ARGUMENTS:
+        try:
+            loss_fn = getattr(ref, name)(**kwargs)
+            if bad is not None:
+                bad_forward(loss_fn, bad)
+        except ValueError as error:
+            out.append(
+                {
+                    "class": name,
+                    "kwargs": kwargs,
+                    "forward": bad,
+                    "argument": argument,
+                    "message": str(error),
+                }
+            )
+        else:
+            sys.exit(f"{name}({kwargs}) with {bad} raised nothing in the reference")
+    return out
+
+
 SCRIPT = OUT.parent / "reference_api_script.py"
 
 
@@ -369,6 +438,7 @@ def main() -> None:
         "focal": freeze_focal(ref),
         "signatures": freeze_signatures(ref),
         "errors": freeze_errors(ref),
+        "ranking_errors": freeze_ranking_errors(ref),
         "script": freeze_script(),
     }
     OUT.write_text(json.dumps(data, indent=None, separators=(",", ":")) + "\n")

@@ -313,6 +313,38 @@ def test_bad_arguments_raise_the_references_error_text(case):
     assert str(error.value).startswith(case["message"].rstrip(".")), str(error.value)
 
 
+def _bad_forward(loss_fn: nn.Module, bad: str) -> None:
+    """The freezing script's ``bad_forward``: the same bad input."""
+    width = 1 if bad == "logits_1d" else 4
+    logits, targets = torch.zeros(16, width), torch.arange(16) % 2
+    weight = None
+    if bad == "logits_1d":
+        logits = logits[:, 0]
+    elif bad == "logits_width":
+        logits = logits[:, :3]
+    elif bad == "weight_shape":
+        weight = torch.ones(15)
+    elif bad == "weight_negative":
+        weight = -torch.ones(16)
+    loss_fn(logits, targets, sample_weight=weight)
+
+
+@pytest.mark.parametrize(
+    "case",
+    FROZEN["ranking_errors"],
+    ids=lambda c: f"{c['class']}-{c['forward'] or c['kwargs']}",
+)
+def test_ranking_losses_raise_where_the_reference_does_and_name_the_same_argument(case):
+    """Our texts differ (a README row): same type, same moment, and the argument's name, which
+    the reference's text holds too, leads ours, so matching on it works with both."""
+    assert case["argument"] in case["message"]  # the reference's frozen text names it
+    with pytest.raises(ValueError) as error:
+        loss_fn = getattr(imbalanced_losses, case["class"])(**case["kwargs"])
+        if case["forward"] is not None:
+            _bad_forward(loss_fn, case["forward"])
+    assert str(error.value).startswith(case["argument"]), str(error.value)
+
+
 @pytest.mark.parametrize(
     ("module", "names"),
     [
@@ -351,6 +383,13 @@ def test_out_of_range_targets_say_outside_as_the_references_tests_match():
         "focal losses, an empty batch",
         "focal losses, bad input",
         "`max_pool_size` warning",
+        "error texts of the ranking losses",
+        "float targets",
+        "bfloat16 / float16 logits",
+        "loss checkpoints",
+        "`gather_distributed=True` without a process group",
+        "`SigmoidFocalLoss` with bool or integer targets",
+        "padding rows",
     ],
 )
 def test_every_deliberate_difference_has_a_readme_row_with_its_reason(topic):

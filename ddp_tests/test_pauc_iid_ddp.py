@@ -127,6 +127,13 @@ def test_every_rank_equals_the_plain_reference_on_the_global_batch_with_an_iid_m
                 torch.testing.assert_close(got["grad"], world_size * x.grad[rows], **TOL, msg=where)
 
 
+class CrossEntropyWithoutMask(torch.nn.Module):
+    """A forward with no iid_mask parameter: iid steps run without the mask, and say so."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+
+
 class PlainPAUCWithoutMask(PlainPAUCLoss):
     """The plain reference, blind to the iid mask (it still queues the flags)."""
 
@@ -136,7 +143,8 @@ class PlainPAUCWithoutMask(PlainPAUCLoss):
 def test_the_harness_feeds_the_iid_mask_so_an_oracle_that_ignores_it_is_flagged():
     """If the harness dropped the mask (or sliced it wrongly), the blind oracle would agree with
     the loss, or the seeing one would not: the first case must fail on the loss's value at an
-    iid step and the second pass."""
+    iid step and the second pass; a loss whose forward takes no mask is told it was not
+    checked."""
     plan = [
         Step((5, 3), iid_frac=0.5),
         Step((0, 7), pad_frac=0.2, weighted=True, iid_frac=0.4),
@@ -152,8 +160,10 @@ def test_the_harness_feeds_the_iid_mask_so_an_oracle_that_ignores_it_is_flagged(
         )
         for oracle in (PlainPAUCWithoutMask, PlainPAUCLoss)
     ]
-    blind, seeing = check_many(cases, timeout_s=180)
+    no_parameter = Case(CrossEntropyWithoutMask, plan[:1], num_classes=3)
+    blind, seeing, without = check_many([*cases, no_parameter], timeout_s=180)
     seeing.raise_if_failed()
+    assert "iid_mask" in {n.name for n in without.not_checked}, without
     flagged = {c.name for c in blind.checks if not c.ok}
     assert "loss vs oracle" in flagged, blind
     assert "state vs oracle" not in flagged, blind  # both queue the same flags

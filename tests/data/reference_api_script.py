@@ -13,9 +13,12 @@ under this package and compares.
 
 import json
 import math
+import os
+import tempfile
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import imbalanced_losses
@@ -327,5 +330,17 @@ with warnings.catch_warnings(record=True) as caught:
         subsampling(logits, targets)
     big = [str(c.message) for c in caught if "max_pool_size" in str(c.message)]
 results["max_pool_size warnings"] = [len(small), len(big) - len(small)]
+
+# The gather helpers inside a process group (a world of one, on a file store).
+with tempfile.TemporaryDirectory() as tmp:
+    store = dist.FileStore(os.path.join(tmp, "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    x = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(4, 3).requires_grad_(True)
+    gathered = all_gather_with_grad(x)
+    (gathered * torch.arange(12, dtype=torch.float64).reshape(4, 3)).sum().backward()
+    no_grad = all_gather_no_grad(x)
+    results["gather"] = [numbers(gathered), numbers(x.grad), no_grad.requires_grad]
+    dist.barrier()
+    dist.destroy_process_group()
 
 print("RESULTS " + json.dumps(results, sort_keys=True), flush=True)

@@ -11,6 +11,7 @@ losses, NCCL) stay in ``test_ddp_exactness.py``.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import pytest
@@ -40,10 +41,53 @@ def against_reference(spec: LossSpec, num_classes: int, plan: list[Step], **opti
     )
 
 
+# Share of non-iid rows by step of mixed_plan (None: no iid_mask passed). Every loss takes the
+# mask; the recall and Smooth-AP references ignore it, so those losses must give the values they
+# give without one; the partial-AUC reference takes its band edges from the iid rows.
+IID_FRACS = (None, 0.4, 0.5, 0.0, 0.3, 0.6, 0.5, None)
+
+
+def iid_plan(world_size: int) -> list[Step]:
+    """``mixed_plan`` with a per-row iid_mask on most steps (eval and all-padding included)."""
+    plan = mixed_plan(world_size)
+    assert len(plan) == len(IID_FRACS)
+    return [dataclasses.replace(s, iid_frac=f) for s, f in zip(plan, IID_FRACS)]
+
+
+def pauc_cases(world_size: int) -> dict[str, Case]:
+    """The partial-AUC loss's other surrogate and settings (the family spec runs the pairwise
+    surrogate on the iid-mask basis "fpr"): trapezoid on the iid population, live numerator,
+    band scale; pairwise with the band scale and the live numerator; both with iid steps."""
+    spec = next(s for s in LOSS_SPECS if s.name == "pauc_at_budget")
+    plan = iid_plan(world_size)
+    trapezoid = {"surrogate": "trapezoid", "n_knots": 4, "alpha": 0.05}
+    return {
+        "pauc_at_budget: trapezoid, population basis, live numerator, band scale": (
+            against_reference(
+                spec,
+                3,
+                plan + plan,
+                queue_size=7,
+                **trapezoid,
+                budget_basis="population",
+                pos_numerator="live",
+                tau_scale="band",
+            )
+        ),
+        "pauc_at_budget: trapezoid, binary, iqr, queue smaller than a global batch": (
+            against_reference(spec, 1, plan, queue_size=5, **trapezoid)
+        ),
+        "pauc_at_budget: pairwise, live numerator, band scale, none": against_reference(
+            spec, 3, plan, queue_size=9, pos_numerator="live", tau_scale="band", reduction="none"
+        ),
+    }
+
+
 def family_cases(spec: LossSpec, world_size: int) -> dict[str, Case]:
     """The scenario matrix every loss runs: uneven and empty ranks, padding, weights, eval
-    steps, every reduction, a queue off / smaller than a batch / wrapping, a subsampled pool."""
-    plan = mixed_plan(world_size)
+    steps, per-row iid masks, every reduction, a queue off / smaller than a batch / wrapping,
+    a subsampled pool."""
+    plan = iid_plan(world_size)
     global_rows = max(sum(s.sizes) for s in plan)
     cases = {
         "binary, queue off": against_reference(spec, 1, plan, queue_size=0),
@@ -111,6 +155,7 @@ def test_every_loss_matches_its_single_process_oracle_at_every_step_on_gloo(worl
     cases: dict[str, Case] = {}
     for spec in LOSS_SPECS:
         cases |= family_cases(spec, world_size)
+    cases |= pauc_cases(world_size)
     plan = mixed_plan(world_size)
     global_rows = max(sum(s.sizes) for s in plan)
     cases["warm-up wrapper: recall loss -> Smooth-AP"] = Case(

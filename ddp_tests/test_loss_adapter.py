@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from imbalanced_losses import RecallAtQuantileLoss
+from imbalanced_losses import PAUCAtBudgetLoss, RecallAtQuantileLoss
 from imbalanced_losses.testing import Case, Step, check_ddp_exactness, whole_state_dict
-from imbalanced_losses.testing._adapter import LossAdapter
+from imbalanced_losses.testing._adapter import LossAdapter, iid_mask_slot
 from imbalanced_losses.testing._plan import make_batch
 from imbalanced_losses.testing._report import diff
+from imbalanced_losses.testing.reference import PlainPAUCLoss, ReferenceSmoothAPLoss
 
 
 class PlainLoss(nn.Module):
@@ -102,9 +103,9 @@ def test_states_with_other_entries_differ_infinitely():
 def test_no_padding_rows_for_a_loss_that_does_not_take_them():
     case = Case(PlainLoss, [Step((4, 4), pad_frac=1.0, weighted=True)], num_classes=3)
     no_padding = adapter(PlainLoss(), num_classes=3, takes_padding=False)
-    _, y, w = make_batch(case, no_padding, 0, case.plan[0], torch.device("cpu"))
+    _, y, w, _ = make_batch(case, no_padding, 0, case.plan[0], torch.device("cpu"))
     assert (y >= 0).all() and w is None  # PlainLoss takes no sample_weight either
-    _, y, _ = make_batch(
+    _, y, _, _ = make_batch(
         case, adapter(PlainLoss(), num_classes=3), 0, case.plan[0], torch.device("cpu")
     )
     assert (y == -100).all()
@@ -115,3 +116,80 @@ def test_bad_options_are_refused_before_any_rank_starts():
         check_ddp_exactness(WeightedLoss, [Step((2, 2))], num_classes=2, loss_scale=2)
     with pytest.raises(ValueError, match="plan: must hold at least one Step"):
         check_ddp_exactness(WeightedLoss, [], num_classes=2)
+
+
+class Recorder(nn.Module):
+    """Keeps what its forward got, to see how the adapter called it."""
+
+    def forward(self, scores, labels, iid_mask=None, sample_weight=None):
+        self.got = {"iid_mask": iid_mask, "sample_weight": sample_weight}
+        return scores.sum() * 0
+
+
+class KeywordIidLoss(nn.Module):
+    def forward(self, scores, labels, *, iid_mask=None):
+        self.got = iid_mask
+        return scores.sum() * 0
+
+
+def test_a_forward_is_asked_for_the_iid_mask_by_its_place_or_its_name_never_by_kwargs():
+    assert iid_mask_slot(Recorder()) == "third"
+    assert iid_mask_slot(PAUCAtBudgetLoss(2)) == "third"  # the reference library's order
+    assert iid_mask_slot(RecallAtQuantileLoss(2)) == "third"
+    assert iid_mask_slot(PlainPAUCLoss(2)) == "third"
+    assert iid_mask_slot(ReferenceSmoothAPLoss(2)) == "third"
+    assert iid_mask_slot(KeywordIidLoss()) == "keyword"
+    assert iid_mask_slot(KeywordsLoss()) is None  # **kwargs alone does not say it uses one
+    assert iid_mask_slot(WeightedLoss()) is None
+    assert not adapter(WeightedLoss(), num_classes=2).takes_iid_mask
+    assert adapter(Recorder(), num_classes=2).takes_iid_mask
+
+
+def test_the_iid_mask_of_an_iid_step_reaches_the_forward_as_its_third_argument():
+    step = Step((3, 0, 4), weighted=True, iid_frac=0.5)
+    loss = Recorder()
+    case = Case(Recorder, [step], num_classes=2)
+    batch = make_batch(case, adapter(loss, num_classes=2), 0, step, torch.device("cpu"))
+    assert batch.iid is not None and batch.iid.dtype == torch.bool
+    adapter(loss, num_classes=2).call(loss, batch.x, batch.y, batch.weight, batch.iid, {})
+    assert loss.got["iid_mask"] is batch.iid and loss.got["sample_weight"] is batch.weight
+    by_name = KeywordIidLoss()
+    adapter(by_name, num_classes=2).call(by_name, batch.x, batch.y, None, batch.iid, {})
+    assert by_name.got is batch.iid
+    # A loss without the parameter gets no mask, and the batch has none for it.
+    assert make_batch(case, adapter(PlainLoss(), num_classes=2), 0, step, "cpu").iid is None
+
+
+def test_an_iid_step_draws_the_mask_last_and_each_rank_takes_its_own_rows_of_it():
+    """The other columns are those of the same step without a mask; rank r's block of the
+    mask starts after the rows of ranks 0..r-1 (as the targets' block does)."""
+    sizes = (3, 0, 5, 4)
+    case = Case(Recorder, [Step(sizes)], num_classes=3)
+    read = adapter(Recorder(), num_classes=3)
+    plain = make_batch(case, read, 7, Step(sizes, pad_frac=0.2, weighted=True), "cpu")
+    iid = make_batch(case, read, 7, Step(sizes, pad_frac=0.2, weighted=True, iid_frac=0.4), "cpu")
+    assert plain.iid is None and iid.iid is not None
+    for a, b in zip(plain[:3], iid[:3]):
+        assert torch.equal(a, b)
+    assert 0 < int((~iid.iid).sum()) < sum(sizes)  # both kinds of rows
+    lo = 0
+    for rank, n in enumerate(sizes):
+        block = iid.rows(sizes, rank)
+        assert block.x.shape[0] == block.iid.shape[0] == n
+        assert torch.equal(block.iid, iid.iid[lo : lo + n])
+        assert torch.equal(block.y, iid.y[lo : lo + n])
+        lo += n
+    all_iid = make_batch(case, read, 7, Step(sizes, iid_frac=0.0), "cpu").iid
+    assert all_iid is not None and bool(all_iid.all())  # 0.0: a mask, all True
+
+
+def test_a_step_refuses_a_bad_iid_frac_and_a_mask_in_kwargs_and_names_its_iid_frac():
+    for bad in (-0.1, 1.5, "0.3", True, float("nan")):
+        with pytest.raises(ValueError, match=r"iid_frac: expected None or a number in \[0, 1\]"):
+            Step((2, 2), iid_frac=bad)
+    with pytest.raises(ValueError, match="kwargs: iid_mask is per-row.*Step\\(iid_frac"):
+        Step((2, 2), kwargs={"iid_mask": torch.ones(4, dtype=torch.bool)})
+    assert (
+        Step((2, 2), iid_frac=0.3).describe(4)
+        == "plan step 4 (train, 2 ranks, rows (2, 2), iid_frac=0.3)"
+    )

@@ -1,18 +1,25 @@
-"""``PAUCAtBudgetLoss`` under DDP with a per-row ``iid_mask`` (the harness's ``Step`` cannot pass
-one yet): every rank's value, per-class values, pool diagnostics and input gradient equal the
+"""``PAUCAtBudgetLoss`` under DDP with a per-row ``iid_mask``.
+
+The harness runs its scenarios (``Step(iid_frac=...)``, world sizes 1-4, both surrogates, against
+the plain reference) in ``test_family_ddp.py``; here: the diagnostics, which the harness does not
+compare (every rank's value, per-class values, pool diagnostics and input gradient equal the
 plain float64 reference's on the global batch, with uneven and empty ranks, padding, weights,
-and a queue that wraps, so queued non-iid rows must keep their flag."""
+and a queue that wraps, so queued non-iid rows must keep their flag), and proof that the
+harness's iid steps reach the loss (an oracle that ignores the mask is flagged).
+"""
 
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any
 
 import pytest
 import torch
 
 from imbalanced_losses import PAUCAtBudgetLoss
-from imbalanced_losses.testing import run_ranks
+from imbalanced_losses.testing import Step, check_many, queue_state, run_ranks
+from imbalanced_losses.testing._plan import Case
 from imbalanced_losses.testing.reference import PlainPAUCLoss
 
 CONFIGS = [
@@ -118,3 +125,45 @@ def test_every_rank_equals_the_plain_reference_on_the_global_batch_with_an_iid_m
                 # The gather's backward returns world_size x the rank's slice; DDP's average
                 # of the parameters' gradients cancels it.
                 torch.testing.assert_close(got["grad"], world_size * x.grad[rows], **TOL, msg=where)
+
+
+class CrossEntropyWithoutMask(torch.nn.Module):
+    """A forward with no iid_mask parameter: iid steps run without the mask, and say so."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+
+
+class PlainPAUCWithoutMask(PlainPAUCLoss):
+    """The plain reference, blind to the iid mask (it still queues the flags)."""
+
+    uses_iid_mask = False
+
+
+def test_the_harness_feeds_the_iid_mask_so_an_oracle_that_ignores_it_is_flagged():
+    """If the harness dropped the mask (or sliced it wrongly), the blind oracle would agree with
+    the loss, or the seeing one would not: the first case must fail on the loss's value at an
+    iid step and the second pass; a loss whose forward takes no mask is told it was not
+    checked."""
+    plan = [
+        Step((5, 3), iid_frac=0.5),
+        Step((0, 7), pad_frac=0.2, weighted=True, iid_frac=0.4),
+        Step((4, 4), iid_frac=0.5, kwargs={"return_per_class": True}),
+    ]
+    options = {**COMMON, **CONFIGS[0]}
+    cases = [
+        Case(
+            partial(PAUCAtBudgetLoss, 3, **options),
+            plan,
+            oracle_factory=partial(oracle, 3, **options),
+            state=queue_state,
+        )
+        for oracle in (PlainPAUCWithoutMask, PlainPAUCLoss)
+    ]
+    no_parameter = Case(CrossEntropyWithoutMask, plan[:1], num_classes=3)
+    blind, seeing, without = check_many([*cases, no_parameter], timeout_s=180)
+    seeing.raise_if_failed()
+    assert "iid_mask" in {n.name for n in without.not_checked}, without
+    flagged = {c.name for c in blind.checks if not c.ok}
+    assert "loss vs oracle" in flagged, blind
+    assert "state vs oracle" not in flagged, blind  # both queue the same flags

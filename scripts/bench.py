@@ -41,6 +41,15 @@ size (memory ratios, collective counts), showing the speed targets as "n/a (full
 * ``sap_1m`` (not in the default set) ``SmoothAPLoss``, binary, 1,000,000 rows with 5,000
   positives, peak extra memory (fresh process, default malloc) target < 1 GiB; and ours beside
   the plain full-matrix Smooth-AP of the tests (float32) at 100,000 rows / 500 positives.
+* ``pauc_pair_1m`` / ``pauc_trap_1m`` (not in the default set) ``PAUCAtBudgetLoss``, binary,
+  pairwise / trapezoid surrogate, FPR band [0, 0.1] (so the pairwise band holds ~10% of the
+  negatives), 10% of the rows not iid (shifted up, as densified rows): speed against the
+  plain reference of the tests (``PlainPAUCLoss`` in float32: a Python loop,
+  ``torch.quantile``, the dense ``[positives, band]`` matrix) at 100,000 rows / 500
+  positives, interleaved in one fresh
+  process, medians; and our peak extra memory (fresh process, default malloc) on a
+  1,000,000-row pool with 5,000 positives, where the dense pair matrix alone would take
+  ~1.9 GiB.   target: < 1 GiB (tiles: memory linear in the pool); speed shown, no target.
 
 Peak extra memory is measured in a fresh subprocess: the kernel's peak-RSS counter
 (``VmHWM``) is reset through ``/proc/self/clear_refs`` right after the inputs exist, and the
@@ -780,6 +789,160 @@ def smooth_ap_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+# --------------------------------------------------------------------------- PAUC cases
+PAUC_BAND = (0.0, 0.1)  # FPR band: the pairwise band holds ~10% of the negatives
+PAUC_NON_IID = 0.1  # share of rows not drawn i.i.d. (the band edges come from the others)
+
+
+def pauc_inputs(
+    rows: int, positives: int, seed: int = 13
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Binary float32 logits (positives shifted up), targets and an iid mask; the rows not
+    iid are shifted up too (densified near the top, as a caller's hard negatives would be)."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.zeros(rows, dtype=torch.long)
+    targets[torch.randperm(rows, generator=gen)[:positives]] = 1
+    iid = torch.rand(rows, generator=gen) >= PAUC_NON_IID
+    shift = 1.5 * targets + 1.0 * ~iid
+    logits = (torch.randn(rows, 1, generator=gen) + shift[:, None]).requires_grad_(True)
+    return logits, targets, iid
+
+
+def pauc_loss_fn(impl: str, surrogate: str) -> Callable[..., torch.Tensor]:
+    """``ours`` (PAUCAtBudgetLoss) or ``plain`` (PlainPAUCLoss, float32), no queue; called as
+    ``fn(logits, targets, iid)``."""
+    alpha, beta = PAUC_BAND
+    options = {"surrogate": surrogate, "n_knots": 5, "temperature": 0.1, "queue_size": 0}
+    if impl == "ours":
+        from imbalanced_losses import PAUCAtBudgetLoss
+
+        ours = PAUCAtBudgetLoss(1, alpha, beta, **options)  # type: ignore[arg-type]
+        return lambda x, y, iid: ours(x, y, iid)
+    from imbalanced_losses.testing.reference import PlainPAUCLoss
+
+    plain = PlainPAUCLoss(1, alpha=alpha, beta=beta, dtype=torch.float32, **options)
+    return lambda x, y, iid: plain(x, y, iid)  # type: ignore[return-value]
+
+
+def pauc_speed_child(
+    surrogate: str, rows: int, positives: int, repeats: int, warmup: int
+) -> dict[str, Any]:
+    """Runs in a fresh process: ours and the plain reference interleaved (ABBA), same inputs."""
+    logits, targets, iid = pauc_inputs(rows, positives)
+    fns = {impl: pauc_loss_fn(impl, surrogate) for impl in ("ours", "plain")}
+    times: dict[str, list[float]] = {"ours": [], "plain": []}
+    losses = {}
+    for i in range(warmup + repeats):
+        order = ["ours", "plain"] if i % 2 == 0 else ["plain", "ours"]
+        for impl in order:
+            logits.grad = None
+            start = time.perf_counter()
+            loss = fns[impl](logits, targets, iid)
+            loss.backward()
+            elapsed = time.perf_counter() - start
+            losses[impl] = float(loss.detach())
+            if i >= warmup:
+                times[impl].append(elapsed)
+    return {
+        "rows": rows,
+        "positives": positives,
+        "ours_ms": [t * 1e3 for t in times["ours"]],
+        "plain_ms": [t * 1e3 for t in times["plain"]],
+        "loss_ours": losses["ours"],
+        "loss_plain": losses["plain"],
+    }
+
+
+def pauc_memory_child(
+    impl: str, surrogate: str, rows: int, positives: int, repeats: int
+) -> dict[str, Any]:
+    """Runs in a fresh process: forward+backward times and peak extra RSS of one implementation."""
+    logits, targets, iid = pauc_inputs(rows, positives)
+    fn = pauc_loss_fn(impl, surrogate)
+    times, extras, value = _timed_peak_calls(lambda x, y: fn(x, y, iid), logits, targets, repeats)
+    negatives = rows - positives
+    return {
+        "impl": impl,
+        "rows": rows,
+        "positives": positives,
+        "ms": [t * 1e3 for t in times],
+        "peak_extra_mb": extras,
+        "loss": value,
+        # What the plain reference's [positives, band] float32 matrix alone would take.
+        "dense_pairs_mb": positives * negatives * (PAUC_BAND[1] - PAUC_BAND[0]) * 4 / 2**20,
+        "pool_mb": rows * 4 / 2**20,
+    }
+
+
+def run_pauc_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    """Speed side by side at a size the plain reference holds; our memory at full size."""
+    surrogate = "pairwise" if "pair" in case.name else "trapezoid"
+    full = case.sizes(args.quick)
+    side = case.side_by_side[1 if args.quick else 0]
+    repeats = 1 if args.quick else args.repeats
+    warmup = min(args.warmup, 1) if args.quick else args.warmup
+    result: dict[str, Any] = {"kind": "pauc", "surrogate": surrogate, "band": PAUC_BAND}
+    try:
+        speed = run_child("pauc_speed_child", surrogate, *side, repeats, warmup, timeout=3600)
+        memory = run_child(
+            "pauc_memory_child", "ours", surrogate, *full, 1 if args.quick else 2, timeout=3600
+        )
+    except RuntimeError as exc:
+        return {**result, "error": str(exc)[-2000:], "met": False, "target": ""}
+    med_ours, med_plain = statistics.median(speed["ours_ms"]), statistics.median(speed["plain_ms"])
+    agree = math.isclose(speed["loss_ours"], speed["loss_plain"], rel_tol=1e-4)
+    limit = case.max_extra
+    peak = max(memory["peak_extra_mb"])
+    return {
+        **result,
+        "speed": speed,
+        "memory": memory,
+        "ours_median_ms": med_ours,
+        "reference_median_ms": med_plain,
+        "speedup": med_plain / med_ours,
+        "losses_agree": agree,
+        "peak_extra_mb": peak,
+        "target": f"{full[0]:,} rows / {full[1]:,} positives with peak extra < {limit:,} MiB; "
+        "speed shown",
+        "met": bool(agree and limit is not None and peak < limit),
+        "method": "speed: one fresh process, ours and the plain reference interleaved (ABBA) on "
+        "the same inputs after warm-up, medians; memory: a fresh process, default malloc, VmHWM "
+        "reset after the inputs exist, peak extra = VmHWM after forward+backward - VmRSS "
+        "before, max over calls",
+    }
+
+
+def pauc_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
+    """Speed side by side at the smaller size, then our peak memory at the full size."""
+    speed, memory = r["speed"], r["memory"]
+    side = f"{speed['rows']:,} rows, {speed['positives']:,} positives"
+    full = f"{memory['rows']:,} rows, {memory['positives']:,} positives"
+    agree = "" if r["losses_agree"] else "; LOSSES DIFFER"
+    return [
+        [
+            f"{name} {r['surrogate']}, FPR band {r['band'][1]:g}, vs plain ({side})",
+            fmt_ms(r["ours_median_ms"]),
+            fmt_ms(r["reference_median_ms"]),
+            f"{r['speedup']:.1f}x{agree}",
+            "speed shown, no target",
+            "",
+        ],
+        [
+            f"{name} {r['surrogate']} ours ({full})",
+            fmt_ms(statistics.median(memory["ms"])),
+            "—",
+            f"peak extra {r['peak_extra_mb']:,.0f} MiB (pool {memory['pool_mb']:,.1f} MiB"
+            + (
+                f"; the dense pair matrix alone {memory['dense_pairs_mb']:,.0f} MiB)"
+                if r["surrogate"] == "pairwise"
+                else ")"
+            ),
+            r["target"],
+            _verdict(r),
+        ],
+    ]
+
+
 # --------------------------------------------------------------------------- report
 def fmt_ms(value: float | None) -> str:
     return "—" if value is None else f"{value:,.1f}"
@@ -945,6 +1108,28 @@ _CASES = [
         "sap_1m",
         run_smooth_ap_case,
         smooth_ap_rows,
+        full=(1_000_000, 5000),
+        quick=(20_000, 100),
+        side_by_side=((100_000, 500), (5_000, 25)),
+        max_extra=1024,
+        default=False,
+    ),
+    # PAUCAtBudgetLoss, (rows, positives): ours alone at full size (memory), ours and the plain
+    # reference side by side (speed) at a size the plain one holds; limit in MiB.
+    Case(
+        "pauc_pair_1m",
+        run_pauc_case,
+        pauc_rows,
+        full=(1_000_000, 5000),
+        quick=(20_000, 100),
+        side_by_side=((100_000, 500), (5_000, 25)),
+        max_extra=1024,
+        default=False,
+    ),
+    Case(
+        "pauc_trap_1m",
+        run_pauc_case,
+        pauc_rows,
         full=(1_000_000, 5000),
         quick=(20_000, 100),
         side_by_side=((100_000, 500), (5_000, 25)),

@@ -10,7 +10,10 @@ It writes ``tests/data/reference_0_6_0.json``: the warm-up wrapper's properties 
 value after every hook and forward of a few schedules, the focal losses' values and input
 gradients on seeded float64 inputs for every option and reduction (the inputs are stored
 too, so the tests do not depend on a generator), the constructor signatures and the texts
-of the errors raised for bad arguments. ``tests/test_migration.py`` compares this package
+of the errors raised for bad arguments (the ranking losses' too, with the argument each names),
+and everything ``tests/data/reference_api_script.py``
+(a user's script for the reference's public API, run unchanged) prints.
+``tests/test_migration.py`` compares this package
 with it, so CI needs no reference installed.
 """
 
@@ -19,7 +22,10 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -271,7 +277,14 @@ def _describe(parameter: inspect.Parameter) -> list[Any]:
 
 def freeze_signatures(ref: Any) -> dict[str, Any]:
     out = {}
-    for name in ("LossWarmupWrapper", "SigmoidFocalLoss", "SoftmaxFocalLoss"):
+    for name in (
+        "LossWarmupWrapper",
+        "SigmoidFocalLoss",
+        "SoftmaxFocalLoss",
+        "RecallAtQuantileLoss",
+        "SmoothAPLoss",
+        "PAUCAtBudgetLoss",
+    ):
         cls = getattr(ref, name)
         out[name] = {
             "init": [_describe(p) for p in inspect.signature(cls).parameters.values()],
@@ -322,6 +335,99 @@ def freeze_errors(ref: Any) -> list[dict[str, Any]]:
     return out
 
 
+# Bad arguments of the ranking losses: (class, constructor kwargs, bad forward input or None,
+# the argument both texts must name). Forward inputs: see ``bad_forward``.
+RANKING_BAD_ARGUMENTS: list[tuple[str, dict[str, Any], str | None, str]] = [
+    *(
+        (name, kwargs, None, argument)
+        for name in ("RecallAtQuantileLoss", "SmoothAPLoss", "PAUCAtBudgetLoss")
+        for kwargs, argument in (
+            ({"num_classes": 0}, "num_classes"),
+            ({"num_classes": 4, "reduction": "avg"}, "reduction"),
+            ({"num_classes": 4, "queue_size": -1}, "queue_size"),
+            ({"num_classes": 4, "temperature": 0.0}, "temperature"),
+            ({"num_classes": 4, "max_pool_size": 0}, "max_pool_size"),
+        )
+    ),
+    ("RecallAtQuantileLoss", {"num_classes": 4, "quantile": 1.0}, None, "quantile"),
+    ("RecallAtQuantileLoss", {"num_classes": 4, "quantile": 0.0}, None, "quantile"),
+    ("PAUCAtBudgetLoss", {"num_classes": 4, "alpha": 0.3, "beta": 0.2}, None, "alpha"),
+    *(
+        (name, {"num_classes": 4 if bad != "logits_1d" else 1}, bad, argument)
+        for name in ("RecallAtQuantileLoss", "SmoothAPLoss", "PAUCAtBudgetLoss")
+        for bad, argument in (
+            ("logits_1d", "logits"),
+            ("logits_width", "logits"),
+            ("weight_shape", "sample_weight"),
+            ("weight_negative", "sample_weight"),
+        )
+    ),
+]
+
+
+def bad_forward(loss_fn: Any, bad: str) -> None:
+    """One forward with the bad input ``bad`` (the test calls the same)."""
+    width = 1 if bad == "logits_1d" else 4
+    logits, targets = torch.zeros(16, width), torch.arange(16) % 2
+    weight = None
+    if bad == "logits_1d":
+        logits = logits[:, 0]
+    elif bad == "logits_width":
+        logits = logits[:, :3]
+    elif bad == "weight_shape":
+        weight = torch.ones(15)
+    elif bad == "weight_negative":
+        weight = -torch.ones(16)
+    loss_fn(logits, targets, sample_weight=weight)
+
+
+def freeze_ranking_errors(ref: Any) -> list[dict[str, Any]]:
+    out = []
+    for name, kwargs, bad, argument in RANKING_BAD_ARGUMENTS:
+        try:
+            loss_fn = getattr(ref, name)(**kwargs)
+            if bad is not None:
+                bad_forward(loss_fn, bad)
+        except ValueError as error:
+            out.append(
+                {
+                    "class": name,
+                    "kwargs": kwargs,
+                    "forward": bad,
+                    "argument": argument,
+                    "message": str(error),
+                }
+            )
+        else:
+            sys.exit(f"{name}({kwargs}) with {bad} raised nothing in the reference")
+    return out
+
+
+SCRIPT = OUT.parent / "reference_api_script.py"
+
+
+def freeze_script() -> dict[str, Any]:
+    """Run the reference-style user script (tests/data/reference_api_script.py) under the
+    reference, in a fresh process outside this repository, and keep what it printed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT)],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    if done.returncode != 0:
+        sys.exit(f"{SCRIPT.name} failed under the reference:\n{done.stdout}{done.stderr}")
+    line = done.stdout.strip().splitlines()[-1]
+    if not line.startswith("RESULTS "):
+        sys.exit(f"{SCRIPT.name} printed no RESULTS line last: {line!r}")
+    return json.loads(line.removeprefix("RESULTS "))
+
+
 def main() -> None:
     ref = reference()
     data = {
@@ -332,6 +438,8 @@ def main() -> None:
         "focal": freeze_focal(ref),
         "signatures": freeze_signatures(ref),
         "errors": freeze_errors(ref),
+        "ranking_errors": freeze_ranking_errors(ref),
+        "script": freeze_script(),
     }
     OUT.write_text(json.dumps(data, indent=None, separators=(",", ":")) + "\n")
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes)")

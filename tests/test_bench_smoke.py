@@ -110,3 +110,26 @@ def test_quick_run_judges_only_size_independent_targets(quick_results):
     assert c16["met"] is True and c16["not_judged"] == "speed: n/a at --quick sizes"
     assert c16["host_syncs_per_forward"] and c16["host_syncs_per_backward"] == {}
     assert "§" not in out
+
+
+@pytest.mark.parametrize("name", ["pauc_pair_1m", "pauc_trap_1m"])
+def test_pauc_cases_time_ours_beside_the_plain_reference_and_measure_our_memory(name, monkeypatch):
+    """The PAUC cases at --quick sizes, their children run in this process (the fresh-process
+    memory figures are for scripts/bench.py): both sides timed, same loss, rows rendered."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(bench, "run_child", lambda f, *a, **_: getattr(bench, f)(*a))
+    case = bench.CASES[name]
+    args = bench.parse_args(["--quick", "--cases", name])
+    result = bench.run_pauc_case(case, args)
+    assert "error" not in result, result.get("error")
+    assert result["surrogate"] == ("pairwise" if "pair" in name else "trapezoid")
+    assert result["losses_agree"], (result["speed"]["loss_ours"], result["speed"]["loss_plain"])
+    assert result["speed"]["ours_ms"] and result["speed"]["plain_ms"] and result["speedup"] > 0
+    assert result["memory"]["rows"] == case.quick[0] and result["memory"]["peak_extra_mb"]
+    assert result["met"] in (True, False) and "peak extra" in result["target"]
+    rows = bench.table_rows({name: result})
+    assert len(rows) == 2 and all(len(row) == 6 for row in rows)

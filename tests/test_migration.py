@@ -174,6 +174,55 @@ class MainProbe(nn.Module):
         return logits.sum() * 0.0 + 20.0 + self.temperature
 
 
+API_SCRIPT = ROOT / "tests" / "data" / "reference_api_script.py"
+
+
+def _mismatches(want: object, got: object, path: str = "") -> list[str]:
+    """Where ``got`` differs from the reference's ``want`` (floats: float64 round-off, 1e-9)."""
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or set(got) != set(want):
+            return [
+                f"{path}: keys {sorted(want)} vs {sorted(got) if isinstance(got, dict) else got}"
+            ]
+        return [m for k in want for m in _mismatches(want[k], got[k], f"{path}/{k}")]
+    if isinstance(want, list):
+        if not isinstance(got, list) or len(got) != len(want):
+            return [f"{path}: {want!r} vs {got!r}"]
+        return [
+            m for i, (w, g) in enumerate(zip(want, got)) for m in _mismatches(w, g, f"{path}[{i}]")
+        ]
+    if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        close = math.isclose(want, got, rel_tol=1e-9, abs_tol=1e-12)
+        return [] if close else [f"{path}: reference {want!r}, here {got!r}"]
+    return [] if (want == got and type(want) is type(got)) else [f"{path}: {want!r} vs {got!r}"]
+
+
+def test_a_script_for_the_references_public_api_runs_unchanged_and_prints_its_numbers(tmp_path):
+    """tests/data/reference_api_script.py uses every class and keyword, positional calls and
+    the module paths; the reference 0.6.0 ran the same file (its output is frozen)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(API_SCRIPT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1].removeprefix("RESULTS "))
+    want = FROZEN["script"]
+    # We export more than the reference (our base class, metrics): a superset is what counts.
+    assert set(want.pop("all")) <= set(got.pop("all"))
+    assert len(want) >= 17, sorted(want)  # every run of the script was frozen
+    # A README row: all_gather_no_grad detaches at world size 1 too (the reference returns its
+    # input there, still requiring grad; at other world sizes it does not either).
+    assert (want["gather"][2], got["gather"][2]) == (True, False)
+    want["gather"][2] = got["gather"][2] = None
+    wrong = _mismatches(want, got)
+    assert not wrong, f"{len(wrong)} differences, first: " + "\n".join(wrong[:10])
+
+
 @pytest.mark.parametrize("schedule", FROZEN["warmup"], ids=lambda s: s["name"])
 def test_the_warmup_schedule_reports_and_uses_the_references_values_step_by_step(schedule):
     wrapper = LossWarmupWrapper(WarmupProbe(), MainProbe(), *schedule["args"], **schedule["kwargs"])
@@ -268,6 +317,38 @@ def test_bad_arguments_raise_the_references_error_text(case):
     assert str(error.value).startswith(case["message"].rstrip(".")), str(error.value)
 
 
+def _bad_forward(loss_fn: nn.Module, bad: str) -> None:
+    """The freezing script's ``bad_forward``: the same bad input."""
+    width = 1 if bad == "logits_1d" else 4
+    logits, targets = torch.zeros(16, width), torch.arange(16) % 2
+    weight = None
+    if bad == "logits_1d":
+        logits = logits[:, 0]
+    elif bad == "logits_width":
+        logits = logits[:, :3]
+    elif bad == "weight_shape":
+        weight = torch.ones(15)
+    elif bad == "weight_negative":
+        weight = -torch.ones(16)
+    loss_fn(logits, targets, sample_weight=weight)
+
+
+@pytest.mark.parametrize(
+    "case",
+    FROZEN["ranking_errors"],
+    ids=lambda c: f"{c['class']}-{c['forward'] or c['kwargs']}",
+)
+def test_ranking_losses_raise_where_the_reference_does_and_name_the_same_argument(case):
+    """Our texts differ (a README row): same type, same moment, and the argument's name, which
+    the reference's text holds too, leads ours, so matching on it works with both."""
+    assert case["argument"] in case["message"]  # the reference's frozen text names it
+    with pytest.raises(ValueError) as error:
+        loss_fn = getattr(imbalanced_losses, case["class"])(**case["kwargs"])
+        if case["forward"] is not None:
+            _bad_forward(loss_fn, case["forward"])
+    assert str(error.value).startswith(case["argument"]), str(error.value)
+
+
 @pytest.mark.parametrize(
     ("module", "names"),
     [
@@ -306,6 +387,14 @@ def test_out_of_range_targets_say_outside_as_the_references_tests_match():
         "focal losses, an empty batch",
         "focal losses, bad input",
         "`max_pool_size` warning",
+        "error texts of the ranking losses",
+        "float targets",
+        "bfloat16 / float16 logits",
+        "loss checkpoints",
+        "`gather_distributed=True` without a process group",
+        "`SigmoidFocalLoss` with bool or integer targets",
+        "padding rows",
+        "`all_gather_no_grad` in a world of one",
     ],
 )
 def test_every_deliberate_difference_has_a_readme_row_with_its_reason(topic):

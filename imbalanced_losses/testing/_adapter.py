@@ -2,8 +2,11 @@
 
 Any ``nn.Module`` or callable can be checked: it is called as ``loss(logits, targets,
 **step_kwargs)``, with ``sample_weight=`` added only on weighted steps and only when its forward
-takes one. The label range and the padding label come from the loss's ``num_classes`` /
-``ignore_index`` attributes when it has them, else from the case. Its state, the thing that must
+takes one, and a per-row ``iid_mask`` (steps with ``iid_frac``) only when its forward has a
+parameter of that name: as the third argument where the forward has it there (the reference
+library's order ``(logits, targets, iid_mask, ...)``), else by keyword. The label range and the
+padding label come from the loss's ``num_classes`` / ``ignore_index`` attributes when it has
+them, else from the case. Its state, the thing that must
 be identical on every rank, equal to the single process's and (usually) frozen in eval, is read
 by an accessor: by default the loss's whole ``state_dict()`` (buffers and extra state), for every
 loss, this package's included. Nothing is guessed from attribute names: a loss says what it is
@@ -23,7 +26,7 @@ from torch import Tensor, nn
 from imbalanced_losses import QueuedRankingLoss
 from imbalanced_losses.testing._records import StateAccessor, cpu_copy
 
-__all__ = ["LossAdapter", "queue_state", "whole_state_dict"]
+__all__ = ["LossAdapter", "iid_mask_slot", "queue_state", "whole_state_dict"]
 
 
 def whole_state_dict(loss_fn: Any) -> dict[str, Any] | None:
@@ -42,6 +45,8 @@ def queue_state(loss_fn: Any) -> dict[str, Any] | None:
     if not hasattr(queue, "scores"):
         return None
     rows = {"scores": queue.scores, "targets": queue.targets, "weights": queue.weights}
+    if hasattr(queue, "iid"):  # each row's iid flag (the partial-AUC loss's band edges use it)
+        rows["iid"] = queue.iid
     return {**cpu_copy(rows), "ptr": int(queue.ptr), "count": int(queue.count)}
 
 
@@ -53,6 +58,7 @@ class LossAdapter:
     ignore_index: int
     takes_padding: bool
     takes_sample_weight: bool
+    takes_iid_mask: bool
     state: StateAccessor
     oracle_state: StateAccessor
     state_is_default: bool  # read by whole_state_dict (the report's advice depends on it)
@@ -88,6 +94,7 @@ class LossAdapter:
             ignore_index=ignore_index,
             takes_padding=case.takes_padding,
             takes_sample_weight=takes_weight,
+            takes_iid_mask=iid_mask_slot(probe) is not None,
             state=accessor,
             oracle_state=case.oracle_state or accessor,
             state_is_default=case.state is None,
@@ -96,16 +103,48 @@ class LossAdapter:
         )
 
     def call(
-        self, loss_fn: Any, logits: Tensor, targets: Tensor, weight: Tensor | None, kwargs: Any
+        self,
+        loss_fn: Any,
+        logits: Tensor,
+        targets: Tensor,
+        weight: Tensor | None,
+        iid: Tensor | None,
+        kwargs: Any,
     ) -> Any:
-        """``loss_fn(logits, targets, **kwargs)``, with ``sample_weight`` on weighted steps."""
+        """``loss_fn(logits, targets, **kwargs)``, with ``sample_weight`` on weighted steps and
+        the ``iid_mask`` on iid steps (third argument or keyword, as ``loss_fn`` takes it; a
+        callable without the parameter, e.g. an oracle that ignores the mask, goes without)."""
+        args: tuple[Any, ...] = (logits, targets)
         if weight is not None:
             kwargs = {**kwargs, "sample_weight": weight}
-        return loss_fn(logits, targets, **kwargs)
+        if iid is not None:
+            slot = iid_mask_slot(loss_fn)
+            if slot == "third":
+                args = (*args, iid)
+            elif slot == "keyword":
+                kwargs = {**kwargs, "iid_mask": iid}
+        return loss_fn(*args, **kwargs)
 
     def scale(self, world_size: int) -> float:
         """Factor between the ranks' loss value and the oracle's."""
         return float(world_size) if self.loss_scale == "world_size" else 1.0
+
+
+def iid_mask_slot(loss_fn: Any) -> str | None:
+    """How ``loss_fn`` takes an ``iid_mask``: ``"third"`` (its third positional parameter),
+    ``"keyword"`` (a parameter of that name elsewhere), or None (no such parameter; a bare
+    ``**kwargs`` does not count: the mask is not an option a loss ignores silently)."""
+    target = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
+    try:
+        parameters = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) > 2 and positional[2].name == "iid_mask":
+        return "third"
+    if any(p.name == "iid_mask" and p.kind is not p.POSITIONAL_ONLY for p in parameters):
+        return "keyword"
+    return None
 
 
 def _accepts_keyword(loss_fn: Any, name: str) -> bool:

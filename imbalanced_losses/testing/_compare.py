@@ -250,6 +250,8 @@ def _unchecked(
             "sample weights",
             "the loss's forward takes no sample_weight: weighted steps ran unweighted",
         )
+    if not adapter.takes_iid_mask and any(step.iid_frac is not None for step in plan):
+        skip("iid_mask", "the loss's forward has no iid_mask parameter: iid steps ran without it")
     if len(records.segments) > 1 and records.runs[0][0].checkpoint["loss"] is None:
         skip(
             "resuming the loss's state",

@@ -231,18 +231,19 @@ def _rank_segment(
     for i in indices:
         step = case.plan[i]
         report_progress(step.describe(i))
-        x, y, w = make_batch(case, adapter, i, step, device)
-        lo = sum(step.sizes[:rank])
-        rows = slice(lo, lo + step.sizes[rank])
-        x, y, w = x[rows], y[rows], (None if w is None else w[rows])
+        x, y, w, iid = make_batch(case, adapter, i, step, device).rows(step.sizes, rank)
 
         def forward(
-            x: Tensor = x, y: Tensor = y, w: Tensor | None = w, kwargs: Any = step.kwargs
+            x: Tensor = x,
+            y: Tensor = y,
+            w: Tensor | None = w,
+            iid: Tensor | None = iid,
+            kwargs: Any = step.kwargs,
         ) -> tuple[Tensor, Any]:
             if case.loss_inside_ddp:
-                return ddp(x, y, w, dict(kwargs))
+                return ddp(x, y, w, iid, dict(kwargs))
             logits = ddp(x)
-            return logits, adapter.call(loss_fn, logits, y, w, kwargs)
+            return logits, adapter.call(loss_fn, logits, y, w, iid, kwargs)
 
         records.append(
             _train_step(
@@ -358,12 +359,12 @@ def _oracle_step(
 ) -> StepRecord:
     """Step ``i`` on the global batch, logits computed on the ranks' row blocks in rank order."""
     adapter = setup.adapter
-    x, y, w = make_batch(setup.case, adapter, i, step, torch.device("cpu"))
+    x, y, w, iid = make_batch(setup.case, adapter, i, step, torch.device("cpu"))
     edges = [0, *itertools.accumulate(step.sizes)]
 
     def forward() -> tuple[Tensor, Any]:
         logits = torch.cat([model(x[a:b]) for a, b in zip(edges, edges[1:])])
-        return logits, adapter.call(loss_fn, logits, y, w, step.kwargs)
+        return logits, adapter.call(loss_fn, logits, y, w, iid, step.kwargs)
 
     try:
         return _train_step(
@@ -436,12 +437,13 @@ class _Net(nn.Module):
         x: Tensor,
         y: Tensor | None = None,
         w: Tensor | None = None,
+        iid: Tensor | None = None,
         kwargs: dict | None = None,
     ) -> Any:
         logits = self.model(x)
         if self.loss_fn is None or y is None:
             return logits
-        return logits, self.adapter.call(self.loss_fn, logits, y, w, kwargs or {})
+        return logits, self.adapter.call(self.loss_fn, logits, y, w, iid, kwargs or {})
 
 
 def _build(setup: _Setup, factory: Callable[[], Any], device: torch.device) -> tuple:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from imbalanced_losses.testing._adapter import LossAdapter
 
-__all__ = ["Case", "Step", "default_plan", "make_batch", "segments"]
+__all__ = ["Batch", "Case", "Step", "default_plan", "make_batch", "segments"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,11 @@ class Step:
 
     ``pad_frac`` of the rows get ``ignore_index`` targets; ``weighted`` passes a non-negative
     ``sample_weight`` (some zeros); ``train=False`` runs the step in ``eval()`` mode without
-    backward; ``kwargs`` go to the loss's forward (e.g. ``{"return_per_class": True}``).
+    backward; ``kwargs`` go to the loss's forward (e.g. ``{"return_per_class": True}``), the
+    same on every rank. ``iid_frac`` passes a per-row ``iid_mask`` (bool) in which that share of
+    the rows is False (not drawn i.i.d.; 0.0: a mask of all True), each rank its own rows of it,
+    as the forward's third argument (or ``iid_mask=``), to a loss whose forward takes one;
+    the oracle gets the global mask. None (the default): no mask is passed.
     """
 
     sizes: tuple[int, ...]
@@ -33,11 +37,25 @@ class Step:
     weighted: bool = False
     train: bool = True
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    iid_frac: float | None = None
+
+    def __post_init__(self) -> None:
+        frac = self.iid_frac
+        if frac is not None and (
+            isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1
+        ):
+            raise ValueError(f"iid_frac: expected None or a number in [0, 1], got {frac!r}")
+        if "iid_mask" in self.kwargs:
+            raise ValueError(
+                "kwargs: iid_mask is per-row, and kwargs are the same on every rank; "
+                "use Step(iid_frac=...) instead"
+            )
 
     def describe(self, index: int) -> str:
         """How errors name this step: ``plan step 3 (eval, 2 ranks, rows (4, 4), weighted)``."""
         extras = [f"pad_frac={self.pad_frac:g}"] if self.pad_frac else []
         extras += ["weighted"] if self.weighted else []
+        extras += [f"iid_frac={self.iid_frac:g}"] if self.iid_frac is not None else []
         extras += [f"kwargs={dict(self.kwargs)}"] if self.kwargs else []
         mode = "train" if self.train else "eval"
         return (
@@ -95,13 +113,34 @@ def segments(plan: Sequence[Step]) -> list[list[int]]:
     return [list(group) for _, group in groups]
 
 
+class Batch(NamedTuple):
+    """One step's global rows: features, targets, and the optional per-row columns."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    weight: torch.Tensor | None
+    iid: torch.Tensor | None
+
+    def rows(self, sizes: Sequence[int], rank: int) -> Batch:
+        """Rank ``rank``'s block of every column: rows ``sum(sizes[:rank])`` onwards."""
+        lo = sum(sizes[:rank])
+        block = slice(lo, lo + sizes[rank])
+        return Batch(
+            self.x[block],
+            self.y[block],
+            None if self.weight is None else self.weight[block],
+            None if self.iid is None else self.iid[block],
+        )
+
+
 def make_batch(
     case: Case, adapter: LossAdapter, index: int, step: Step, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> Batch:
     """The global batch of step ``index`` (rank ``r`` takes rows ``sizes[:r]`` onwards).
 
-    Padding rows only for a loss that takes them, a ``sample_weight`` only for one whose forward
-    accepts it (the report says what was left out).
+    Padding rows only for a loss that takes them, a ``sample_weight`` and an ``iid_mask`` only
+    for one whose forward accepts them (the report says what was left out). The iid mask is
+    drawn last, so a step without one draws the same rows as before it existed.
     """
     gen = torch.Generator().manual_seed(case.seed * 1_000_003 + index)
     n = sum(step.sizes)
@@ -119,4 +158,9 @@ def make_batch(
         w = torch.where(torch.rand(n, generator=gen) < 0.2, 0.0, w).to(device)
     if not adapter.takes_sample_weight:
         w = None
-    return x.to(device), y.to(device), w
+    iid = None
+    if step.iid_frac is not None:
+        iid = (torch.rand(n, generator=gen) >= step.iid_frac).to(device)
+    if not adapter.takes_iid_mask:
+        iid = None
+    return Batch(x.to(device), y.to(device), w, iid)

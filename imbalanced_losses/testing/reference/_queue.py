@@ -85,7 +85,14 @@ class QueuedReference:
     the loss, only in training mode (or with ``update_queue_in_eval``, or when the call says
     ``update_queue=True``), and only with rows that count: target != ignore_index and every
     logit finite. Each reference loss supplies its formula (:meth:`formula`); calling it is the
-    same for all: the formula over the step and the queue's rows, then the write."""
+    same for all: the formula over the step and the queue's rows, then the write.
+
+    Called in the reference library's order, ``(logits, targets, iid_mask=None,
+    return_per_class=False, *, sample_weight=None)``. The ``iid_mask`` always goes to the queue
+    with the rows; it reaches the formula only of a reference whose ``uses_iid_mask`` is True
+    (the partial-AUC one): the others accept it and give the same values, as the losses do."""
+
+    uses_iid_mask = False
 
     def __init__(
         self,
@@ -121,21 +128,24 @@ class QueuedReference:
         self,
         logits: Tensor,
         targets: Tensor,
-        *,
+        iid_mask: Tensor | None = None,
         return_per_class: bool = False,
+        *,
         sample_weight: Tensor | None = None,
         update_queue: bool | None = None,
         **step_options: Any,
     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """The loss (with ``per_class`` and ``valid`` if asked), then the queue write.
 
-        ``step_options`` go to the formula (e.g. SmoothAP's ``sample``); an ``iid_mask`` among
-        them also goes to the queue with the rows.
+        ``step_options`` go to the formula (e.g. SmoothAP's ``sample``); ``iid_mask`` goes to
+        the queue with the rows, and to the formula if it uses one.
         """
+        if iid_mask is not None and self.uses_iid_mask:
+            step_options = {**step_options, "iid_mask": iid_mask}
         loss, per_class, valid = self.formula(
             logits, targets, sample_weight, self.queue.rows(), **step_options
         )
-        self.write(logits, targets, sample_weight, update_queue, step_options.get("iid_mask"))
+        self.write(logits, targets, sample_weight, update_queue, iid_mask)
         return (loss, per_class, valid) if return_per_class else loss
 
     def write(

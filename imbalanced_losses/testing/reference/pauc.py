@@ -113,8 +113,8 @@ def plain_pauc_per_class(
                         contrib = torch.sigmoid((p[:, None] - s[band][None, :]) / tau)  # dense
                         pauc = (w[:, None] * contrib).sum() / (int(band.sum()) * w.sum())
                         result = pauc, contrib.detach().mean(1)
-        if result is None:
-            losses.append(s.new_tensor(float("nan")))
+        if result is None:  # NaN, still on the graph: reduction "none" must backpropagate
+            losses.append(s.new_tensor(float("nan")) + scores[:0].sum())
             valid.append(False)
             for key in diag:
                 diag[key].append(0.0 if key == "band_neg_count" else math.nan)
@@ -143,6 +143,8 @@ class PlainPAUCLoss(QueuedReference):
     Call it as the other references: ``plain(logits, targets, iid_mask=..., sample_weight=...,
     return_per_class=True)``.
     """
+
+    uses_iid_mask = True
 
     def __init__(self, num_classes: int, *, queue_size: int = 1024, reduction: str = "mean",
                  ignore_index: int = -100, update_queue_in_eval: bool = False,

@@ -207,3 +207,37 @@ def test_bytes_per_step_grow_with_the_positives_not_the_rows():
         total = 2 * positives
         expected = [2 * 3 * 8, 2 * positives * 3 * 8, 2 * total * 8, total * 8]
         assert got == [expected, expected], (rows, positives, got)
+
+
+def _one_rank_without_gradient(rank: int, world_size: int) -> dict:
+    """Rank 0's rows carry no gradient (its live block is a constant); the others' do."""
+    case = _cases(world_size)[2]  # binary, weighted, uneven, rank 0 empty
+    case["live_sizes"] = _split(case["n"], world_size, "even")
+    live_sizes, queue_sizes, n = case["live_sizes"], case["queue_sizes"], case["n"]
+    live = _rows(case, sum(live_sizes[:rank]), sum(live_sizes[: rank + 1]))
+    live.scores.requires_grad_(rank > 0)
+    queued = _rows(case, n + sum(queue_sizes[:rank]), n + sum(queue_sizes[: rank + 1]))
+    pool = Pool(live, queued, 1, sharded=True, global_size=case["scores"].shape[0])
+    per_class, valid = (
+        SmoothAPLoss(1, temperature=case["temperature"]).double().per_class_loss(pool)
+    )
+    objective = _objective(per_class, valid, case["coef"])
+    # Every rank's loss reaches the backward's collective, this one's too (else: a hang).
+    assert objective.requires_grad
+    objective.backward()
+    return dict(per_class=per_class.detach(), grad=live.scores.grad, case=case)
+
+
+def test_a_rank_whose_rows_carry_no_gradient_still_joins_the_backward():
+    world_size = 3
+    results = run_ranks(_one_rank_without_gradient, world_size, args=(world_size,), timeout_s=60)
+    case = results[0]["case"]
+    per_class, valid, grad = _gathered(case)
+    assert grad is not None
+    sizes = case["live_sizes"]
+    assert results[0]["grad"] is None
+    for rank in range(1, world_size):
+        torch.testing.assert_close(results[rank]["per_class"], per_class, **TIGHT)
+        start = sum(sizes[:rank])
+        want = grad[start : start + sizes[rank]]
+        torch.testing.assert_close(results[rank]["grad"] / world_size, want, **TIGHT)

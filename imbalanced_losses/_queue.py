@@ -38,6 +38,32 @@ class MemoryQueue(nn.Module):
         self.register_buffer("iid", torch.ones(capacity, dtype=torch.bool))
         self.ptr = 0
         self.count = 0
+        # The capacity the next load_state_dict accepts (and resizes to) when it is not this
+        # queue's: set by a sharded loss, whose shard size depends on the saving world.
+        self.load_capacity: int | None = None
+
+    def resize(self, capacity: int) -> None:
+        """Empty the queue and give it room for ``capacity`` rows (same device and dtype)."""
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = int(capacity)
+        for name in ("scores", "targets", "weights", "iid"):
+            old = getattr(self, name)
+            fresh = old.new_ones if name == "iid" else old.new_zeros
+            setattr(self, name, fresh((self.capacity, *old.shape[1:])))
+        self.reset()
+
+    @torch.no_grad()
+    def keep_every(self, step: int, offset: int, capacity: int) -> None:
+        """Keep rows ``offset, offset + step, ...`` of the FIFO order (oldest first) in a queue
+        of ``capacity`` rows: rank ``offset``'s part of a whole queue split over ``step``."""
+        n = self.count
+        oldest = self.ptr if n == self.capacity else 0
+        order = (oldest + torch.arange(n, device=self.scores.device)) % max(self.capacity, 1)
+        kept = order[offset::step]
+        rows = (self.scores[kept], self.targets[kept], self.weights[kept], self.iid[kept])
+        self.resize(capacity)
+        self.push(*rows)
 
     def rows(self) -> tuple[Tensor, Tensor, Tensor]:
         """The filled rows ``(scores [n, C], targets [n], weights [n])``, storage order."""
@@ -116,6 +142,10 @@ class MemoryQueue(nn.Module):
         # Refuse a checkpoint from a differently sized queue with a message that
         # says which setting differs, instead of torch's generic size mismatch.
         saved = state_dict.get(prefix + "scores")
+        accepted, self.load_capacity = self.load_capacity, None
+        if saved is not None and accepted is not None and saved.shape[0] == accepted:
+            if accepted != self.capacity and tuple(saved.shape[1:]) == (self.width,):
+                self.resize(accepted)  # a shard saved at another world size: see the loss
         if saved is not None and tuple(saved.shape) != (self.capacity, self.width):
             raise ValueError(
                 f"cannot load queue state: checkpoint holds scores of shape "

@@ -51,9 +51,10 @@ BASE_OPTIONS = (
     "gather_distributed",
     "max_pool_size",
     "seed",
+    "sharded",
     "process_group",
 )
-_ONLY_THE_LOSS_TAKES = ("gather_distributed", "max_pool_size", "seed", "process_group")
+_ONLY_THE_LOSS_TAKES = ("gather_distributed", "max_pool_size", "seed", "sharded", "process_group")
 
 
 @dataclass(frozen=True)

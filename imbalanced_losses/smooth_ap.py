@@ -39,7 +39,9 @@ class SmoothAPLoss(QueuedRankingLoss):
     Time is still ``O(P * M)``. The loss is differentiable once: differentiating its
     gradient again (a gradient penalty, ``create_graph=True``) raises. A forward
     makes one host sync (multi-class) or two (binary with queued rows or
-    ``max_pool_size``: the count of queued/sampled positives), none in backward.
+    ``max_pool_size``: the count of queued/sampled positives), none in backward;
+    ``sharded=True``: two (the second reads every rank's positive counts), and the
+    backward makes one collective (``[P]``, the positives' gradient summed over ranks).
 
     A class counts (``mean``/``sum``) when the pool holds a positive of it with
     weight > 0 and at least one row that is not a positive of it. Multi-class is
@@ -59,8 +61,10 @@ class SmoothAPLoss(QueuedRankingLoss):
         max_pool_size: the sums over ``j`` use a uniform sample of this many pooled
             rows, scaled up by ``pool / sample`` (each positive ``i`` still counts).
         seed: seed of that sample's private generator (the global RNG is untouched).
-        sharded: keep each rank's rows on its rank (docs/ddp.md, "Sharded mode"); not yet
-            available for this loss (``ValueError``).
+        sharded: each rank keeps a queue shard of ``queue_size // world_size`` of its own
+            rows; the ranks exchange the positives and ``[2, positives]`` partial rank sums,
+            never the other rows, and each rank computes only its rows' pairs
+            (docs/ddp.md, "Sharded mode"). Not with ``max_pool_size``.
         process_group: the group whose ranks' rows are pooled (default: the whole world);
             pass the group that DDP averages gradients over. A deep copy shares the
             group; pickling leaves it behind (the unpickled loss uses the default
@@ -72,6 +76,7 @@ class SmoothAPLoss(QueuedRankingLoss):
     """
 
     options = (*BASE_OPTIONS, TEMPERATURE)
+    supports_sharded = True
 
     def __init__(
         self,

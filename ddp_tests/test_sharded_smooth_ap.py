@@ -185,15 +185,17 @@ def test_sharded_smooth_ap_equals_the_gathered_pool_in_value_and_gradient(world_
         torch.testing.assert_close(sharded / world_size, grad, **TIGHT, msg=f"{what}: gradient")
 
 
-def _traffic_on_rank(rank: int, world_size: int, rows: int, positives: int) -> list[int]:
-    """Bytes of each collective of one forward and backward (binary, float64, equal ranks)."""
+def _traffic_on_rank(rank: int, rows: int, positives: int, queued_positives: int) -> list[int]:
+    """Bytes of each collective of one forward and backward (binary, float64, 2 equal ranks)."""
     gen = torch.Generator().manual_seed(rank)
-    scores = torch.randn(rows, 1, generator=gen, dtype=torch.float64, requires_grad=True)
-    targets = torch.zeros(rows, dtype=torch.long)
+    scores = torch.randn(2 * rows, 1, generator=gen, dtype=torch.float64)
+    targets = torch.zeros(2 * rows, dtype=torch.long)
     targets[:positives] = 1
-    weights = torch.ones(rows, dtype=torch.float64)
-    queued = Rows(scores.detach()[:0], targets[:0], weights[:0])
-    pool = Pool(Rows(scores, targets, weights), queued, 1, sharded=True, global_size=rows * 2)
+    targets[rows : rows + queued_positives] = 1
+    weights = torch.ones(2 * rows, dtype=torch.float64)
+    live = Rows(scores[:rows].clone().requires_grad_(), targets[:rows], weights[:rows])
+    queued = Rows(scores[rows:], targets[rows:], weights[rows:])
+    pool = Pool(live, queued, 1, sharded=True, global_size=4 * rows)
     _distributed.reset_traffic()
     per_class, _ = SmoothAPLoss(1).double().per_class_loss(pool)
     per_class.sum().backward()
@@ -201,11 +203,13 @@ def _traffic_on_rank(rank: int, world_size: int, rows: int, positives: int) -> l
 
 
 def test_bytes_per_step_grow_with_the_positives_not_the_rows():
-    """Counts (W x 3 int64), the positives (W x P_r x 3 float64), [2, P] sums, [P] backward."""
-    for rows, positives in ((40, 3), (400, 3), (400, 5)):
-        got = run_ranks(_traffic_on_rank, 2, args=(2, rows, positives), timeout_s=300)
-        total = 2 * positives
-        expected = [2 * 3 * 8, 2 * positives * 3 * 8, 2 * total * 8, total * 8]
+    """Counts (W x 3 int64), the positives (W x P_r x 3 float64), [2, P] sums, and backward
+    the live positives' gradient only."""
+    for rows, positives, queued_positives in ((40, 3, 2), (400, 3, 2), (400, 5, 0)):
+        args = (rows, positives, queued_positives)
+        got = run_ranks(_traffic_on_rank, 2, args=args, timeout_s=300)
+        total = 2 * (positives + queued_positives)
+        expected = [2 * 3 * 8, total * 3 * 8, 2 * total * 8, 2 * positives * 8]
         assert got == [expected, expected], (rows, positives, got)
 
 

@@ -348,13 +348,22 @@ def gather_counts(counts: Tensor, group: Group = None) -> list[list[int]]:
 
 
 class _GatherSummingOwn(torch.autograd.Function):
-    """Gather rows detached; the ``own`` column's backward sums every rank's gradient."""
+    """Gather rows detached; the ``own`` column's backward sums every rank's gradient.
+
+    Only the leading ``grad_sizes[r]`` rows of each rank's block take part in the backward's
+    all-reduce (the others, e.g. queued rows, have nowhere to send a gradient).
+    """
 
     @staticmethod
     def forward(
-        ctx: Any, own: Tensor, packed: Tensor, sizes: list[int], group: Group
+        ctx: Any,
+        own: Tensor,
+        packed: Tensor,
+        sizes: list[int],
+        grad_sizes: list[int],
+        group: Group,
     ) -> tuple[Tensor, Tensor]:
-        ctx.sizes, ctx.group = sizes, group
+        ctx.sizes, ctx.grad_sizes, ctx.group = sizes, grad_sizes, group
         gathered = _gather_counted(packed, sizes, group)
         ctx.mark_non_differentiable(gathered)
         return gathered, gathered[:, 0].clone()
@@ -363,10 +372,20 @@ class _GatherSummingOwn(torch.autograd.Function):
     @once_differentiable("the gather of positives across ranks (summed gradient rule)")
     def backward(
         ctx: Any, _grad_rows: Tensor | None, grad_own: Tensor
-    ) -> tuple[Tensor, None, None, None]:
+    ) -> tuple[Tensor, None, None, None, None]:
+        sizes, grad_sizes = ctx.sizes, ctx.grad_sizes
+        rank = world(ctx.group)[0]
+        local = grad_own.new_zeros(sizes[rank])
+        if sum(grad_sizes) == 0:  # the same on every rank: no collective anywhere
+            return local, None, None, None, None
+        if grad_sizes != sizes:
+            starts = [sum(sizes[:r]) for r in range(len(sizes))]
+            grad_own = torch.cat([grad_own[a : a + n] for a, n in zip(starts, grad_sizes)])
         # Exact rule: this rank's rows get the sum, over ranks, of each rank's gradient.
         summed = all_reduce_sum(grad_own, ctx.group)
-        return _local_slice(summed, ctx.sizes, ctx.group), None, None, None
+        mine = _local_slice(summed, grad_sizes, ctx.group)
+        local[: mine.shape[0]] = mine
+        return local, None, None, None, None
 
 
 def _gather_counted(packed: Tensor, sizes: list[int], group: Group) -> Tensor:
@@ -380,19 +399,27 @@ def _gather_counted(packed: Tensor, sizes: list[int], group: Group) -> Tensor:
 
 
 def gather_summing_grad(
-    own: Tensor, extra: Tensor, sizes: list[int], group: Group = None
+    own: Tensor,
+    extra: Tensor,
+    sizes: list[int],
+    group: Group = None,
+    *,
+    grad_sizes: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rank-ordered gather of ``own [n]`` (with gradient) and ``extra [n, k]`` (detached).
 
     One counted ``all_gather`` of ``[n, 1 + k]`` rows (padded to the longest rank). The
     gradient of the gathered ``own`` is the exact (summing) rule of
-    :func:`all_gather_with_grad`, for a vector: one counted ``all_reduce`` of ``[sum(sizes)]``
-    in backward, so each rank's rows get every rank's gradient for them. Returns
+    :func:`all_gather_with_grad`, for a vector: one counted ``all_reduce`` in backward, so
+    each rank's rows get every rank's gradient for them. ``grad_sizes[r]`` (default
+    ``sizes``): how many leading rows of rank ``r``'s block can take a gradient; only those
+    travel in the backward (``[sum(grad_sizes)]``), the others get zero. Returns
     ``(own [K], extra [K, k])``.
     """
     packed = torch.cat([own.detach()[:, None], extra.to(own.dtype)], dim=1)
     if own.requires_grad:
-        gathered, own_all = _GatherSummingOwn.apply(own, packed, sizes, group)
+        grad_sizes = list(sizes) if grad_sizes is None else grad_sizes
+        gathered, own_all = _GatherSummingOwn.apply(own, packed, sizes, grad_sizes, group)
     else:
         gathered = _gather_counted(packed, sizes, group)
         own_all = gathered[:, 0]

@@ -41,7 +41,7 @@ class SmoothAPLoss(QueuedRankingLoss):
     makes one host sync (multi-class) or two (binary with queued rows or
     ``max_pool_size``: the count of queued/sampled positives), none in backward;
     ``sharded=True``: two (the second reads every rank's positive counts), and the
-    backward makes one collective (``[P]``, the positives' gradient summed over ranks).
+    backward makes one collective (the live positives' gradient summed over ranks).
 
     A class counts (``mean``/``sum``) when the pool holds a positive of it with
     weight > 0 and at least one row that is not a positive of it. Multi-class is
@@ -193,7 +193,8 @@ class SmoothAPLoss(QueuedRankingLoss):
         the kernel passes it on to this rank's rows (as keys) and to the gathered positives
         (as queries), whose gather sums the ranks' parts back to each positive's rank. Every
         rank ends with ``W x`` its rows' single-process gradient, and DDP's average over the
-        ``W`` ranks is the single-process gradient. Backward: one ``all_reduce`` of ``[P]``.
+        ``W`` ranks is the single-process gradient. Backward: one ``all_reduce`` of the live
+        positives' gradient (queued rows take none).
         """
         if pool.threshold_rows is not None:
             raise RuntimeError("SmoothAPLoss: max_pool_size is not supported with sharded=True")
@@ -224,8 +225,14 @@ class SmoothAPLoss(QueuedRankingLoss):
             # backward (a collective) too, through a leaf that takes a zero gradient.
             own = own.detach().requires_grad_()
         sizes = [c[0] + c[1] for c in counts]
+        # Queued positives (each rank's block ends with them) take no gradient: only the live
+        # ones travel in the backward's all-reduce.
         positives, extra = _distributed.gather_summing_grad(
-            own, torch.stack([own_class.to(own.dtype), weight], dim=1), sizes, group
+            own,
+            torch.stack([own_class.to(own.dtype), weight], dim=1),
+            sizes,
+            group,
+            grad_sizes=[c[0] for c in counts],
         )
         pos_class, pos_weight = extra[:, 0].long(), extra[:, 1]
 

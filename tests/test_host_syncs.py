@@ -113,9 +113,7 @@ def test_the_sharded_recall_loss_keeps_one_host_sync_per_forward_under_two_gloo_
 ):
     """The distributed threshold reuses the metadata's global row count (no check collective,
     no second host read); its radix rounds and the statistics' all-reduce stay on the device."""
-    results = run_ranks(
-        _count_sharded_on_rank, 2, args=(num_classes, quantile), timeout_s=120
-    )
+    results = run_ranks(_count_sharded_on_rank, 2, args=(num_classes, quantile), timeout_s=120)
     for rank, (forward, backward) in enumerate(results):
         assert forward == {DEVICE_TO_HOST: 1}, f"rank {rank}: {forward}"
         assert backward == {}, f"rank {rank}: {backward}"

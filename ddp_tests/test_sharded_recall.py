@@ -56,8 +56,13 @@ def _run(loss_fn, batches, rows: slice, scale: float) -> list[dict]:
     return out
 
 
+def _no_rows_travel(*args, **kwargs):
+    raise AssertionError("sharded mode gathered rows")
+
+
 def _sharded_rank(rank: int, world_size: int, per_rank: int, num_classes: int, weighted, interp):
-    torch.set_default_dtype(torch.float64)
+    for name in ("gather_rows", "gather_own_column", "_gather_padded"):
+        setattr(_distributed, name, _no_rows_travel)  # this process only (a spawned rank)
     loss_fn = RecallAtQuantileLoss(
         **_options(num_classes, per_rank, world_size, interp), sharded=True
     ).double()
@@ -107,3 +112,21 @@ def test_sharded_loss_and_gradient_equal_one_process_on_the_global_batch(
             mine = w["grad"][rank * per_rank : (rank + 1) * per_rank]
             torch.testing.assert_close(g["grad"], mine, rtol=1e-12, atol=1e-12, msg=where)
         assert torch.equal(got["steps"][-1]["loss"], results[0]["steps"][-1]["loss"])
+
+
+def _expected_bytes_per_step(num_classes: int) -> int:
+    """float64 scores: 8 radix rounds of [C, 256] int32 counts (the first with C NaN counts),
+    then the [3, C] float64 sums; "higher" needs no second order statistic."""
+    rounds = 4 * num_classes * 257 + 7 * 4 * num_classes * 256
+    return rounds + 3 * num_classes * 8
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_bytes_per_step_depend_on_the_classes_only_not_on_the_batch_or_the_world(world_size):
+    for per_rank in (4, 32):
+        results = run_ranks(
+            _sharded_rank, world_size, args=(world_size, per_rank, 3, True, "higher"), timeout_s=300
+        )
+        for got in results:
+            assert got["calls"] == STEPS * 9  # 8 rounds + 1 sum per step, nothing else counted
+            assert got["bytes"] == STEPS * _expected_bytes_per_step(3), (per_rank, got["bytes"])

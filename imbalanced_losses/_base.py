@@ -115,10 +115,11 @@ class QueuedRankingLoss(ProcessGroupHandle):
         # Sharded: this rank's shard, sized for the world known now; resized at the first
         # forward (when the world is known for sure) while it is empty.
         rank, world = self._shard_world()
-        self.queue = MemoryQueue(self.queue_size // world, self.num_classes)
+        self.queue = MemoryQueue(self.queue_size // world, self.num_classes, per_rank=self.sharded)
         # Whose rows the queue holds: WHOLE, (rank, world) of a shard, or None (none yet).
         self._queue_of: str | tuple[int, int] | None = None
         self._warned: set[str] = set()
+        self.register_load_state_dict_post_hook(_settle_loaded_queue)
 
     # ------------------------------------------------------------------ hooks
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
@@ -450,6 +451,20 @@ class QueuedRankingLoss(ProcessGroupHandle):
         except (RuntimeError, ValueError):  # not a member of the group (yet): decided later
             return 0, 1
 
+    def _settle_loaded_queue(self) -> None:
+        """After a load: keep, split or empty the loaded queue now if the world is known
+        (else at the first forward), so a resumed run's state is settled before any step."""
+        if self.sharded and not _distributed.is_initialized():
+            return
+        try:
+            distributed = _distributed.should_gather(self.gather_distributed, self.process_group)
+            rank, world = _distributed.world(self.process_group) if distributed else (0, 1)
+        except (RuntimeError, ValueError):  # not initialised, or not in the group: at forward
+            return
+        if 0 < self.queue_size < world and self.sharded:
+            return  # refused at the first forward, on every rank alike
+        self._prepare_queue(rank, world)
+
     def _check_shard_capacity(self, world: int) -> None:
         """Refuse a queue too small to give every rank a shard (raised on every rank alike)."""
         if 0 < self.queue_size < world:
@@ -531,6 +546,11 @@ class QueuedRankingLoss(ProcessGroupHandle):
         generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
         assert self.max_pool_size is not None
         return uniform_sample(size, self.max_pool_size, generator)
+
+
+def _settle_loaded_queue(module: QueuedRankingLoss, _incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook (module level: a loss stays picklable)."""
+    module._settle_loaded_queue()
 
 
 _QUEUE_SHOWN = (

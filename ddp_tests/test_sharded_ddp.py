@@ -132,6 +132,9 @@ def test_sharded_equals_an_oracle_of_the_same_shards_with_uneven_and_empty_ranks
                 num_classes=4, queue_size=0, quantile_interpolation="linear"
             ),
         }
+        for options in variants.values():  # an option of the losses that have it
+            if "quantile_interpolation" not in spec.own_options:
+                options.pop("quantile_interpolation", None)
         for name, options in variants.items():
             num_classes = options.pop("num_classes")
             cases[f"{spec.name}: {name}"] = against_the_shards(spec, num_classes, plan, **options)

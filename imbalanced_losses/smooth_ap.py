@@ -207,7 +207,8 @@ class SmoothAPLoss(QueuedRankingLoss):
         device = live.scores.device
         wants_grad = int(torch.is_grad_enabled() and live.scores.requires_grad)
         if num_classes > 1:  # every row is a positive of its class
-            local = torch.tensor([live.scores.shape[0], queued.scores.shape[0], wants_grad])
+            mine = [live.scores.shape[0], queued.scores.shape[0], wants_grad]
+            local = torch.tensor(mine, device=device)  # on the device, as the collective wants
         else:
             flag = torch.tensor(wants_grad, device=device)
             local = torch.stack([(live.targets == 1).sum(), (queued.targets == 1).sum(), flag])

@@ -153,6 +153,24 @@ def test_smooth_ap_syncs_at_most_twice_per_forward_under_two_gloo_ranks(num_clas
         assert backward == {}, f"rank {rank}: {backward}"
 
 
+def _count_sharded_smooth_ap_on_rank(rank: int, num_classes: int) -> tuple[dict, dict]:
+    loss_fn = SmoothAPLoss(num_classes, queue_size=40, sharded=True)
+    forward, backward = _count_steady_state_step(
+        loss_fn, torch.Generator().manual_seed(rank), num_classes, 8 + 3 * rank
+    )
+    return dict(forward), dict(backward)
+
+
+@pytest.mark.parametrize("num_classes", [1, 4])
+def test_sharded_smooth_ap_syncs_twice_per_forward_and_never_in_backward(num_classes):
+    """The metadata read, then every rank's positive counts (which select and gather the
+    positives); the backward's all-reduce of the live positives' gradient stays on the device."""
+    results = run_ranks(_count_sharded_smooth_ap_on_rank, 2, args=(num_classes,), timeout_s=120)
+    for rank, (forward, backward) in enumerate(results):
+        assert forward == {DEVICE_TO_HOST: 2}, f"rank {rank}: {forward}"
+        assert backward == {}, f"rank {rank}: {backward}"
+
+
 def test_agreed_state_held_in_device_tensors_is_not_read_on_the_host():
     """The state agreed across ranks may live on the device (counters as tensors): it joins the
     metadata row there, and host numbers join it without a blocking copy."""

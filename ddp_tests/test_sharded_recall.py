@@ -41,6 +41,8 @@ def _options(num_classes: int, per_rank: int, world_size: int, interpolation: st
         "queue_size": 2 * per_rank * world_size,
         "quantile_interpolation": interpolation,
         "reduction": "none",
+        # The live positives only (the queue sets the threshold) in one case of each world.
+        "positives": "live" if interpolation in ("linear", "lower") else "pool",
     }
 
 

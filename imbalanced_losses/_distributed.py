@@ -337,7 +337,8 @@ def _count_traffic(size: int) -> None:
 def gather_counts(counts: Tensor, group: Group = None) -> list[list[int]]:
     """Every rank's ``[k]`` integer counts, read on the host (one counted ``all_gather``).
 
-    The host read is the one sync of a sharded forward that selects rows by counts.
+    The host read makes the host wait for the collective (a sync on CUDA): for counts the
+    host must hold, e.g. to select rows without a device sync of its own.
     """
     if world(group)[1] == 1:
         return [counts.to("cpu", copy=True).tolist()]

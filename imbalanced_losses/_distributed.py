@@ -325,3 +325,103 @@ def all_reduce_replicated(tensor: Tensor, group: Group = None) -> Tensor:
     if tensor.requires_grad:
         return _AllReduceReplicated.apply(tensor, group)
     return _all_reduce(tensor, dist.ReduceOp.SUM, group)
+
+
+def _count_traffic(size: int) -> None:
+    """Count one collective that brought ``size`` bytes to this rank."""
+    _TRAFFIC.calls += 1
+    _TRAFFIC.bytes += size
+    _TRAFFIC.recent.append(size)
+
+
+def gather_counts(counts: Tensor, group: Group = None) -> list[list[int]]:
+    """Every rank's ``[k]`` integer counts, read on the host (one counted ``all_gather``).
+
+    The host read makes the host wait for the collective (a sync on CUDA): for counts the
+    host must hold, e.g. to select rows without a device sync of its own.
+    """
+    if world(group)[1] == 1:
+        return [counts.to("cpu", copy=True).tolist()]
+    blocks = all_gather_rows_of_equal_shape(counts.long(), group)
+    stacked = torch.stack(blocks).to("cpu", copy=True)
+    _count_traffic(stacked.numel() * stacked.element_size())
+    return stacked.tolist()
+
+
+class _GatherSummingOwn(torch.autograd.Function):
+    """Gather rows detached; the ``own`` column's backward sums every rank's gradient.
+
+    Only the leading ``grad_sizes[r]`` rows of each rank's block take part in the backward's
+    all-reduce (the others, e.g. queued rows, have nowhere to send a gradient).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        own: Tensor,
+        packed: Tensor,
+        sizes: list[int],
+        grad_sizes: list[int],
+        group: Group,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.sizes, ctx.grad_sizes, ctx.group = sizes, grad_sizes, group
+        gathered = _gather_counted(packed, sizes, group)
+        ctx.mark_non_differentiable(gathered)
+        return gathered, gathered[:, 0].clone()
+
+    @staticmethod
+    @once_differentiable("the gather of positives across ranks (summed gradient rule)")
+    def backward(
+        ctx: Any, _grad_rows: Tensor | None, grad_own: Tensor
+    ) -> tuple[Tensor, None, None, None, None]:
+        sizes, grad_sizes = ctx.sizes, ctx.grad_sizes
+        rank = world(ctx.group)[0]
+        local = grad_own.new_zeros(sizes[rank])
+        if sum(grad_sizes) == 0:  # the same on every rank: no collective anywhere
+            return local, None, None, None, None
+        if grad_sizes != sizes:
+            starts = [sum(sizes[:r]) for r in range(len(sizes))]
+            grad_own = torch.cat([grad_own[a : a + n] for a, n in zip(starts, grad_sizes)])
+        # Exact rule: this rank's rows get the sum, over ranks, of each rank's gradient.
+        summed = all_reduce_sum(grad_own, ctx.group)
+        mine = _local_slice(summed, grad_sizes, ctx.group)
+        local[: mine.shape[0]] = mine
+        return local, None, None, None, None
+
+
+def _gather_counted(packed: Tensor, sizes: list[int], group: Group) -> Tensor:
+    """:func:`_gather_padded`, counted (what each rank receives: every rank's padded block)."""
+    if world(group)[1] == 1:
+        return packed.clone()
+    gathered = _gather_padded(packed, sizes, group)
+    if max(sizes) > 0:  # otherwise no collective ran
+        _count_traffic(len(sizes) * max(sizes) * packed.shape[1] * packed.element_size())
+    return gathered
+
+
+def gather_summing_grad(
+    own: Tensor,
+    extra: Tensor,
+    sizes: list[int],
+    group: Group = None,
+    *,
+    grad_sizes: list[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Rank-ordered gather of ``own [n]`` (with gradient) and ``extra [n, k]`` (detached).
+
+    One counted ``all_gather`` of ``[n, 1 + k]`` rows (padded to the longest rank). The
+    gradient of the gathered ``own`` is the exact (summing) rule of
+    :func:`all_gather_with_grad`, for a vector: one counted ``all_reduce`` in backward, so
+    each rank's rows get every rank's gradient for them. ``grad_sizes[r]`` (default
+    ``sizes``): how many leading rows of rank ``r``'s block can take a gradient; only those
+    travel in the backward (``[sum(grad_sizes)]``), the others get zero. Returns
+    ``(own [K], extra [K, k])``.
+    """
+    packed = torch.cat([own.detach()[:, None], extra.to(own.dtype)], dim=1)
+    if own.requires_grad:
+        grad_sizes = list(sizes) if grad_sizes is None else grad_sizes
+        gathered, own_all = _GatherSummingOwn.apply(own, packed, sizes, grad_sizes, group)
+    else:
+        gathered = _gather_counted(packed, sizes, group)
+        own_all = gathered[:, 0]
+    return own_all, gathered[:, 1:]

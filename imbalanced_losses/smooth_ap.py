@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _device
+from . import _device, _distributed
 from ._base import BASE_OPTIONS, TEMPERATURE, QueuedRankingLoss
 from ._options import arguments
 from ._pair_tiles import pair_sigmoid_row_sums
@@ -39,7 +39,9 @@ class SmoothAPLoss(QueuedRankingLoss):
     Time is still ``O(P * M)``. The loss is differentiable once: differentiating its
     gradient again (a gradient penalty, ``create_graph=True``) raises. A forward
     makes one host sync (multi-class) or two (binary with queued rows or
-    ``max_pool_size``: the count of queued/sampled positives), none in backward.
+    ``max_pool_size``: the count of queued/sampled positives), none in backward;
+    ``sharded=True``: two (the second reads every rank's positive counts), and the
+    backward makes one collective (the live positives' gradient summed over ranks).
 
     A class counts (``mean``/``sum``) when the pool holds a positive of it with
     weight > 0 and at least one row that is not a positive of it. Multi-class is
@@ -59,6 +61,10 @@ class SmoothAPLoss(QueuedRankingLoss):
         max_pool_size: the sums over ``j`` use a uniform sample of this many pooled
             rows, scaled up by ``pool / sample`` (each positive ``i`` still counts).
         seed: seed of that sample's private generator (the global RNG is untouched).
+        sharded: each rank keeps a queue shard of ``queue_size // world_size`` of its own
+            rows; the ranks exchange the positives and ``[2, positives]`` partial rank sums,
+            never the other rows, and each rank computes only its rows' pairs
+            (docs/ddp.md, "Sharded mode"). Not with ``max_pool_size``.
         process_group: the group whose ranks' rows are pooled (default: the whole world);
             pass the group that DDP averages gradients over. A deep copy shares the
             group; pickling leaves it behind (the unpickled loss uses the default
@@ -70,6 +76,7 @@ class SmoothAPLoss(QueuedRankingLoss):
     """
 
     options = (*BASE_OPTIONS, TEMPERATURE)
+    supports_sharded = True
 
     def __init__(
         self,
@@ -83,11 +90,14 @@ class SmoothAPLoss(QueuedRankingLoss):
         max_pool_size: int | None = None,
         *,
         seed: int = 0,
+        sharded: bool = False,
         process_group: Any = None,
     ) -> None:
         super().__init__(**arguments(locals()))
 
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
+        if pool.sharded:
+            return self._sharded_per_class_loss(pool)
         num_classes = self.num_classes
         live, queued = pool.live, pool.queued
         n_live = live.scores.shape[0]
@@ -164,6 +174,101 @@ class SmoothAPLoss(QueuedRankingLoss):
         rank_pos = 1 + scale * (above_pos - 0.5 * has_self[2])  # R+(i): same-class positives
         ratio = rank_pos / rank
         ap = zeros.index_add(0, own_class, weight * ratio) / mass.clamp_min(
+            torch.finfo(mass.dtype).tiny
+        )
+        return 1.0 - ap, valid
+
+    def _sharded_per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
+        """The same ``loss_c`` when each rank holds only its rows (live and queue shard).
+
+        Exchanged: every rank's positive counts (``[W, 3]`` ints, the one host read), the
+        positives (own-class score, class, weight: one ``all_gather``), then one
+        ``all_reduce`` of ``[2, P]`` partial sums. Each rank sums its own rows' sigmoid terms
+        for every global positive ``i`` (its ``P * M_local`` pairs), taking the self pair's
+        ``1/2`` out where it holds ``i``'s row; the all-reduce completes ``R(i) - 1`` and
+        ``R+(i) - 1`` on every rank, which then computes the same loss from them.
+
+        Gradient: every rank's loss is the same function of the reduced sums, so
+        ``all_reduce_replicated`` hands each rank's partial sums ``W x`` the true gradient;
+        the kernel passes it on to this rank's rows (as keys) and to the gathered positives
+        (as queries), whose gather sums the ranks' parts back to each positive's rank. Every
+        rank ends with ``W x`` its rows' single-process gradient, and DDP's average over the
+        ``W`` ranks is the single-process gradient. Backward: one ``all_reduce`` of the live
+        positives' gradient (queued rows take none).
+        """
+        if pool.threshold_rows is not None:
+            raise RuntimeError("SmoothAPLoss: max_pool_size is not supported with sharded=True")
+        num_classes, group = self.num_classes, pool.group
+        live, queued = pool.live, pool.queued
+        rank = _distributed.world(group)[0]
+        # (live positives, queued positives, needs gradient) of every rank, in one collective:
+        # the host selects the positives by count, and every rank learns whether any rank's
+        # rows carry gradient (then every rank must reach the backward's collective).
+        device = live.scores.device
+        wants_grad = int(torch.is_grad_enabled() and live.scores.requires_grad)
+        if num_classes > 1:  # every row is a positive of its class
+            mine = [live.scores.shape[0], queued.scores.shape[0], wants_grad]
+            local = torch.tensor(mine, device=device)  # on the device, as the collective wants
+        else:
+            flag = torch.tensor(wants_grad, device=device)
+            local = torch.stack([(live.targets == 1).sum(), (queued.targets == 1).sum(), flag])
+        counts = _distributed.gather_counts(local, group)
+        live_count, queued_count, _ = counts[rank]
+        parts = [
+            _positives_of(rows, num_classes, count)
+            for rows, count in ((live, live_count), (queued, queued_count))
+        ]
+        own = torch.cat([parts[0][0], parts[1][0]])
+        own_class = torch.cat([parts[0][1], parts[1][1]])
+        weight = torch.cat([parts[0][2], parts[1][2]])
+        if any(c[2] for c in counts) and not own.requires_grad and torch.is_grad_enabled():
+            # Another rank's rows carry gradient: this one's loss must reach the gather's
+            # backward (a collective) too, through a leaf that takes a zero gradient.
+            own = own.detach().requires_grad_()
+        sizes = [c[0] + c[1] for c in counts]
+        # Queued positives (each rank's block ends with them) take no gradient: only the live
+        # ones travel in the backward's all-reduce.
+        positives, extra = _distributed.gather_summing_grad(
+            own,
+            torch.stack([own_class.to(own.dtype), weight], dim=1),
+            sizes,
+            group,
+            grad_sizes=[c[0] for c in counts],
+        )
+        pos_class, pos_weight = extra[:, 0].long(), extra[:, 1]
+
+        zeros = positives.new_zeros(num_classes)
+        mass = zeros.index_add(0, pos_class, pos_weight)
+        count = pos_class.new_zeros(num_classes).index_add_(
+            0, pos_class, torch.ones_like(pos_class)
+        )
+        assert pool.global_size is not None
+        valid = (mass > 0) & (count < pool.global_size)
+        if positives.shape[0] == 0:  # no positive on any rank: every rank returns here
+            return zeros, valid
+
+        # This rank holds the rows of positives start..start + sizes[rank]: their self pairs.
+        start = sum(sizes[:rank])
+        has_self = positives.new_zeros(positives.shape[0])
+        has_self[start : start + sizes[rank]] = 1.0
+        tau = -self.temperature
+        above = pair_sigmoid_row_sums(
+            positives, pos_class, tau, live.scores.t().contiguous(), what=_ONCE
+        )
+        if queued.scores.shape[0] > 0:
+            # A copy: the queue is overwritten after this step's forward, before its backward.
+            queued_cols = queued.scores.t().clone(memory_format=torch.contiguous_format)
+            above = above + pair_sigmoid_row_sums(
+                positives, pos_class, tau, queued_cols, what=_ONCE
+            )
+        key_class = own_class if num_classes > 1 else None
+        above_pos = pair_sigmoid_row_sums(
+            positives, pos_class, tau, own[None, :], key_class=key_class, what=_ONCE
+        )
+        partial = torch.stack([above - 0.5 * has_self, above_pos - 0.5 * has_self])
+        total = _distributed.all_reduce_replicated(partial, group)
+        ratio = (1 + total[1]) / (1 + total[0])  # R+(i) / R(i)
+        ap = zeros.index_add(0, pos_class, pos_weight * ratio) / mass.clamp_min(
             torch.finfo(mass.dtype).tiny
         )
         return 1.0 - ap, valid

@@ -208,3 +208,33 @@ def test_the_small_pool_warning_judges_the_global_pool():
             assert bool(small) == warned, (rows, rank, messages)
             if warned:
                 assert f"the pool holds {3 * rows} rows" in small[0]
+
+
+def _float32_rank(rank: int) -> list[torch.Tensor]:
+    """The default float32 loss and queue, sharded over 2 ranks, equal batches of 16."""
+    gen = torch.Generator().manual_seed(11)
+    loss_fn = RecallAtQuantileLoss(4, quantile=0.2, temperature=0.3, queue_size=64, sharded=True)
+    out = []
+    for _ in range(5):
+        logits = torch.randn(32, 4, generator=gen)
+        targets = torch.randint(0, 4, (32,), generator=gen)
+        x = logits[16 * rank : 16 * rank + 16].clone().requires_grad_()
+        loss = loss_fn(x, targets[16 * rank : 16 * rank + 16])
+        loss.backward()
+        out.append(torch.cat([loss.detach()[None], x.grad.flatten() / 2]))
+    return out
+
+
+def test_the_float32_sharded_loss_matches_one_process_to_float32_rounding():
+    """The thresholds are exact order statistics in any dtype; only the sums' order differs."""
+    results = run_ranks(_float32_rank, 2, timeout_s=300)
+    gen = torch.Generator().manual_seed(11)
+    oracle = RecallAtQuantileLoss(4, quantile=0.2, temperature=0.3, queue_size=64)
+    for step in range(5):
+        logits = torch.randn(32, 4, generator=gen).requires_grad_()
+        loss = oracle(logits, torch.randint(0, 4, (32,), generator=gen))
+        loss.backward()
+        for rank, got in enumerate(results):
+            grad = logits.grad[16 * rank : 16 * rank + 16].flatten()
+            want = torch.cat([loss.detach()[None], grad])
+            torch.testing.assert_close(got[step], want, rtol=1e-5, atol=1e-6)

@@ -165,3 +165,76 @@ def test_a_sharded_misconfiguration_raises_on_every_rank_before_any_state_change
         assert message is not None and "queue_size=2 with sharded=True over 3 ranks" in message
         assert "expected queue_size >= 3" in message and count == 0
         assert torch.equal(out["good"], results[0]["good"])
+
+
+def _warnings_on_rank(rank: int, quantile: float, rows: int, positives_on_rank_0: bool) -> list:
+    """One step; the warnings this rank shows (pool size and positive fraction)."""
+    import warnings
+
+    loss_fn = RecallAtQuantileLoss(1, quantile=quantile, queue_size=0, sharded=True).double()
+    targets = torch.full((rows,), int(positives_on_rank_0 and rank == 0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss_fn(torch.randn(rows, 1, dtype=torch.float64), targets)
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    "quantile,rows,expected",
+    [
+        (0.4, 40, "positives make up 50.00% of the 80 pooled rows"),  # rank 1 alone: 0%
+        (0.6, 40, None),  # rank 0 alone: 100%, above the quantile; globally 50%, below
+    ],
+)
+def test_the_positive_fraction_warning_judges_the_global_pool_on_every_rank(
+    quantile, rows, expected
+):
+    results = run_ranks(_warnings_on_rank, 2, args=(quantile, rows, True), timeout_s=300)
+    for rank, messages in enumerate(results):
+        fraction = [m for m in messages if "positives make up" in m]
+        if expected is None:
+            assert fraction == [], (rank, fraction)
+        else:
+            assert len(fraction) == 1 and expected in fraction[0], (rank, messages)
+
+
+def test_the_small_pool_warning_judges_the_global_pool():
+    """3 ranks x 8 rows at quantile 0.05: 24 * 0.05 >= 1 globally (no warning), although each
+    rank's own 8 rows would be too few; at 2 rows per rank, 6 * 0.05 < 1 warns on every rank."""
+    for rows, warned in ((8, False), (2, True)):
+        results = run_ranks(_warnings_on_rank, 3, args=(0.05, rows, False), timeout_s=300)
+        for rank, messages in enumerate(results):
+            small = [m for m in messages if "too few for quantile" in m]
+            assert bool(small) == warned, (rows, rank, messages)
+            if warned:
+                assert f"the pool holds {3 * rows} rows" in small[0]
+
+
+def _float32_rank(rank: int) -> list[torch.Tensor]:
+    """The default float32 loss and queue, sharded over 2 ranks, equal batches of 16."""
+    gen = torch.Generator().manual_seed(11)
+    loss_fn = RecallAtQuantileLoss(4, quantile=0.2, temperature=0.3, queue_size=64, sharded=True)
+    out = []
+    for _ in range(5):
+        logits = torch.randn(32, 4, generator=gen)
+        targets = torch.randint(0, 4, (32,), generator=gen)
+        x = logits[16 * rank : 16 * rank + 16].clone().requires_grad_()
+        loss = loss_fn(x, targets[16 * rank : 16 * rank + 16])
+        loss.backward()
+        out.append(torch.cat([loss.detach()[None], x.grad.flatten() / 2]))
+    return out
+
+
+def test_the_float32_sharded_loss_matches_one_process_to_float32_rounding():
+    """The thresholds are exact order statistics in any dtype; only the sums' order differs."""
+    results = run_ranks(_float32_rank, 2, timeout_s=300)
+    gen = torch.Generator().manual_seed(11)
+    oracle = RecallAtQuantileLoss(4, quantile=0.2, temperature=0.3, queue_size=64)
+    for step in range(5):
+        logits = torch.randn(32, 4, generator=gen).requires_grad_()
+        loss = oracle(logits, torch.randint(0, 4, (32,), generator=gen))
+        loss.backward()
+        for rank, got in enumerate(results):
+            grad = logits.grad[16 * rank : 16 * rank + 16].flatten()
+            want = torch.cat([loss.detach()[None], grad])
+            torch.testing.assert_close(got[step], want, rtol=1e-5, atol=1e-6)

@@ -76,3 +76,35 @@ def test_a_one_rank_sharded_checkpoint_is_a_gathered_checkpoint_and_resumes_eith
         resumed.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
         assert resumed.state_dict()["_extra_state"]["version"] == 2
         assert [out[0] for out in _history(resumed, 2)] == expected
+
+
+def test_a_shard_is_no_buffer_for_ddp_to_broadcast_yet_saves_and_converts_like_one():
+    plain = RecallAtQuantileLoss(3, queue_size=10)
+    sharded = RecallAtQuantileLoss(3, queue_size=10, sharded=True)
+    assert {name for name, _ in plain.named_buffers()} == {
+        "queue.scores",
+        "queue.targets",
+        "queue.weights",
+        "queue.iid",
+    }
+    assert list(sharded.named_buffers()) == []  # DDP broadcasts buffers from rank 0
+    assert set(sharded.state_dict()) == set(plain.state_dict())
+    sharded.double()
+    assert sharded.queue.scores.dtype == torch.float64
+    assert sharded.queue.targets.dtype == torch.long
+
+
+def test_splitting_a_whole_queue_gives_rank_r_every_w_th_row_of_the_fifo_order():
+    """Row i of the FIFO order (oldest first) to rank i % W: with equal per-rank pushes each
+    rank then evicts exactly its share of what the whole queue would evict."""
+    from imbalanced_losses._queue import MemoryQueue
+
+    whole = MemoryQueue(6, 1, torch.float64)
+    whole.push(torch.arange(8.0)[:, None], torch.zeros(8))  # replaces: rows 2..7, ptr 0
+    whole.push(torch.arange(8.0, 10.0)[:, None], torch.zeros(2))  # FIFO: 4, 5, 6, 7, 8, 9
+    for rank, expected in enumerate(([4.0, 6.0, 8.0], [5.0, 7.0, 9.0])):
+        part = MemoryQueue(6, 1, torch.float64)
+        part.load_state_dict(whole.state_dict())
+        part.keep_every(2, rank, 3)
+        assert part.capacity == part.count == 3
+        assert part.rows()[0].flatten().tolist() == expected

@@ -32,6 +32,13 @@ size (memory ratios, collective counts), showing the speed targets as "n/a (full
   ``imbalanced_losses.testing.run_ranks``), uneven per-rank batches: every public collective
   of ``torch.distributed`` is wrapped with a counter in each rank; counts per forward and per
   backward, steady state = every step after the first.   target: <= 2 per forward, 0 in backward
+* ``ddp_traffic`` (not in the default set; about 2 min) bytes received per rank per step, the
+  gathered mode against ``sharded=True`` (when this checkout has it), counted at the collective
+  calls (``imbalanced_losses._distributed.traffic()``), for W = 1, 2, 4 gloo ranks x N = 512
+  and 4,096 rows per rank x C = 3 and 100, a ``Linear`` model under DDP, queue = one global
+  batch; forward and backward separately, and the median step time.   target: gathered row
+  bytes grow as W x N (bytes per gathered row constant), sharded bytes flat in N and their
+  statistics flat in W (judged on exact byte ratios, never on times).
 * ``c100_pool1m`` (not in the default set; for ``--device cuda``) C=100, batch 8192 + queue
   991,808 = a 1,000,000-row pool.
 * Host syncs (``c16_q64k``, ``c10k_q16k``): after the timed calls, one more steady-state step
@@ -689,6 +696,338 @@ def run_ddp_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- DDP traffic case
+# Bytes each rank receives per training step, gathered mode against sharded mode, counted at
+# the collective calls of ``imbalanced_losses._distributed`` (its ``Traffic`` counter).
+TRAFFIC_CLASSES = (3, 100)
+TRAFFIC_STEPS = 6  # per configuration; the first two fill the queue and warm up
+TRAFFIC_STEADY_FROM = 2  # steps from here on are measured (queue full: pool = 2 global batches)
+TRAFFIC_FEATURES = 16
+
+
+@dataclass(frozen=True)
+class TrafficConfig:
+    """One measured configuration on one world size."""
+
+    loss: str  # a key of TRAFFIC_LOSSES
+    num_classes: int
+    batch: int  # rows per rank per step (equal on every rank)
+    sharded: bool
+
+
+def _traffic_losses() -> dict[str, Callable[..., torch.nn.Module]]:
+    """The losses the traffic case measures, by name: ``build(C, queue_size, sharded)``."""
+    from imbalanced_losses import SmoothAPLoss
+
+    def recall(num_classes: int, queue: int, sharded: bool) -> torch.nn.Module:
+        extra = {"sharded": True} if sharded else {}
+        return RecallAtQuantileLoss(num_classes, quantile=QUANTILE, queue_size=queue, **extra)
+
+    def smooth_ap(num_classes: int, queue: int, sharded: bool) -> torch.nn.Module:
+        extra = {"sharded": True} if sharded else {}
+        return SmoothAPLoss(num_classes, queue_size=queue, **extra)
+
+    return {"recall": recall, "smooth_ap": smooth_ap}
+
+
+def sharded_available(loss: str) -> bool:
+    """Whether this checkout's ``loss`` accepts ``sharded=True`` (it builds one to find out)."""
+    try:
+        _traffic_losses()[loss](3, 0, True)
+    except TypeError:
+        return False
+    return True
+
+
+def _counter_delta(before: Any, after: Any) -> dict[str, int]:
+    return {
+        k: getattr(after, k) - getattr(before, k) for k in ("calls", "reduced", "gathered", "rows")
+    }
+
+
+def traffic_rank(rank: int, world_size: int, configs: list[TrafficConfig]) -> list[dict[str, Any]]:
+    """One rank: a linear model under DDP trains a few steps per configuration, counted."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from imbalanced_losses import _distributed
+    from imbalanced_losses.testing import report_progress
+
+    warnings.filterwarnings("ignore", message=".*positives make up")
+    losses = _traffic_losses()
+    out = []
+    for config in configs:
+        report_progress(f"traffic {config}")
+        gen = torch.Generator().manual_seed(1000 * rank + config.batch + config.num_classes)
+        torch.manual_seed(0)  # the same initial model on every rank (DDP also broadcasts it)
+        model = DistributedDataParallel(torch.nn.Linear(TRAFFIC_FEATURES, config.num_classes))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        # queue_size = one global batch (sharded: each rank keeps queue_size // W of its own)
+        queue = config.batch * world_size
+        loss_fn = losses[config.loss](config.num_classes, queue, config.sharded)
+        steps = []
+        for _ in range(TRAFFIC_STEPS):
+            x = torch.randn(config.batch, TRAFFIC_FEATURES, generator=gen)
+            y = torch.randint(0, config.num_classes, (config.batch,), generator=gen)
+            optimizer.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            before = _distributed.traffic()
+            loss = loss_fn(model(x), y)
+            middle = _distributed.traffic()
+            loss.backward()
+            after = _distributed.traffic()
+            optimizer.step()
+            elapsed = time.perf_counter() - start
+            steps.append(
+                {
+                    "forward": _counter_delta(before, middle),
+                    "backward": _counter_delta(middle, after),
+                    "ms": elapsed * 1e3,
+                    "loss": float(loss.detach()),
+                }
+            )
+        out.append({"config": config.__dict__, "queue_size": queue, "steps": steps})
+    return out
+
+
+def _bytes(part: dict[str, int]) -> int:
+    return part["reduced"] + part["gathered"]
+
+
+def _summarise_traffic(per_rank: list[list[dict[str, Any]]], world_size: int) -> list[dict]:
+    """Per configuration: the steady steps' bytes (the same on every rank and step, else the
+    largest, flagged) and the median step time over ranks and steady steps."""
+    rows = []
+    for i, first in enumerate(per_rank[0]):
+        steady = [s for r in per_rank for s in r[i]["steps"][TRAFFIC_STEADY_FROM:]]
+        forward = {k: max(s["forward"][k] for s in steady) for k in steady[0]["forward"]}
+        backward = {k: max(s["backward"][k] for s in steady) for k in steady[0]["backward"]}
+        constant = all(s["forward"] == steady[0]["forward"] for s in steady) and all(
+            s["backward"] == steady[0]["backward"] for s in steady
+        )
+        losses = [[s["loss"] for s in r[i]["steps"]] for r in per_rank]
+        rows.append(
+            {
+                **first["config"],
+                "world_size": world_size,
+                "queue_size": first["queue_size"],
+                "forward": forward,
+                "backward": backward,
+                "bytes_forward": _bytes(forward),
+                "bytes_backward": _bytes(backward),
+                "bytes_per_step": _bytes(forward) + _bytes(backward),
+                "metadata_bytes": forward["gathered"] - forward["rows"],
+                "bytes_same_every_rank_and_step": constant,
+                "loss_same_on_every_rank": all(lo == losses[0] for lo in losses),
+                "median_step_ms": statistics.median(s["ms"] for s in steady),
+            }
+        )
+    return rows
+
+
+def _traffic_verdicts(
+    rows: list[dict[str, Any]], worlds: list[int], batches: tuple[int, int]
+) -> list[dict]:
+    """Per loss and C: gathered rows grow as W*N (exact ratios), sharded bytes flat in N and
+    their statistics flat in W (metadata, one small row per rank, grows with W: reported)."""
+    small, large = batches
+    multi = [w for w in worlds if w > 1]
+    out = []
+    for loss in sorted({r["loss"] for r in rows}):
+        for c in sorted({r["num_classes"] for r in rows if r["loss"] == loss}):
+            at = {
+                (r["sharded"], r["world_size"], r["batch"]): r
+                for r in rows
+                if r["loss"] == loss and r["num_classes"] == c
+            }
+            verdict: dict[str, Any] = {"loss": loss, "num_classes": c}
+            # gathered: row bytes / (W * N) is one number (bytes per gathered row)
+            per_row = {
+                f"W={w},N={n}": at[False, w, n]["forward"]["rows"] / (w * n)
+                for w in multi
+                for n in batches
+            }
+            verdict["gathered_bytes_per_row"] = per_row
+            verdict["gathered_n_ratio"] = {
+                w: at[False, w, large]["bytes_per_step"] / at[False, w, small]["bytes_per_step"]
+                for w in multi
+            }
+            verdict["gathered_w_ratio"] = (
+                {
+                    n: at[False, multi[-1], n]["bytes_per_step"]
+                    / at[False, multi[0], n]["bytes_per_step"]
+                    for n in batches
+                }
+                if len(multi) > 1
+                else {}
+            )
+            gathered_ok = len(set(per_row.values())) == 1 and min(per_row.values()) > 0
+            verdict["gathered_grows_as_w_n"] = gathered_ok
+            if (True, multi[0], small) not in at:
+                verdict["sharded_flat"] = None
+                out.append(verdict)
+                continue
+            verdict["sharded_n_ratio"] = {
+                w: at[True, w, large]["bytes_per_step"] / at[True, w, small]["bytes_per_step"]
+                for w in multi
+            }
+            statistics_bytes = {
+                f"W={w},N={n}": at[True, w, n]["bytes_per_step"] - at[True, w, n]["metadata_bytes"]
+                for w in multi
+                for n in batches
+            }
+            verdict["sharded_statistics_bytes"] = statistics_bytes
+            verdict["sharded_metadata_bytes_per_rank"] = {
+                w: at[True, w, small]["metadata_bytes"] / w for w in multi
+            }
+            verdict["sharded_flat"] = bool(
+                all(r == 1.0 for r in verdict["sharded_n_ratio"].values())
+                and len(set(statistics_bytes.values())) == 1
+                and all(at[True, w, n]["forward"]["rows"] == 0 for w in multi for n in batches)
+            )
+            out.append(verdict)
+    return out
+
+
+def traffic_worlds(largest: int) -> list[int]:
+    """1, 2, 4, ... up to ``largest``, and ``largest`` itself."""
+    worlds = [1]
+    while worlds[-1] * 2 <= largest:
+        worlds.append(worlds[-1] * 2)
+    return sorted({*worlds, largest})
+
+
+def run_traffic_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    from imbalanced_losses.testing import run_ranks
+
+    small, large, largest = case.sizes(args.quick)
+    worlds = traffic_worlds(largest)
+    losses = [
+        loss for loss in ("recall", "smooth_ap") if loss == "recall" or sharded_available(loss)
+    ]
+    modes = [False, True] if sharded_available("recall") else [False]
+    configs = [
+        TrafficConfig(loss, c, n, sharded)
+        for loss in losses
+        for c in TRAFFIC_CLASSES
+        for n in (small, large)
+        for sharded in modes
+    ]
+    rows = []
+    for w in worlds:
+        per_rank = run_ranks(
+            traffic_rank, w, backend="gloo", timeout_s=600.0, args=(w, configs), threads_per_rank=1
+        )
+        rows += _summarise_traffic(per_rank, w)
+    verdicts = _traffic_verdicts(rows, worlds, (small, large))
+    judged = [v for v in verdicts]
+    met = all(v["gathered_grows_as_w_n"] and v["sharded_flat"] is not False for v in judged)
+    sharded_missing = not all(v["sharded_flat"] is not None for v in verdicts)
+    steady_ms = [r["median_step_ms"] for r in rows]
+    return {
+        "kind": "traffic",
+        "worlds": worlds,
+        "batches": [small, large],
+        "classes": list(TRAFFIC_CLASSES),
+        "losses": losses,
+        "sharded_measured": not sharded_missing,
+        "steps": TRAFFIC_STEPS,
+        "steady_from_step": TRAFFIC_STEADY_FROM,
+        "rows": rows,
+        "verdicts": verdicts,
+        "ours_median_ms": statistics.median(steady_ms),
+        "reference_median_ms": None,
+        "method": (
+            "for each world size, W spawned gloo ranks (FileStore in a temp dir, 1 thread each); "
+            f"each configuration builds a Linear({TRAFFIC_FEATURES}, C) under "
+            "DistributedDataParallel and the loss with queue_size = one global batch, and trains "
+            f"{TRAFFIC_STEPS} steps on fresh batches of N rows per rank (uniform classes); bytes "
+            "received per rank are counted at the collective calls of imbalanced_losses."
+            "_distributed (all_gather: every rank's block, own included; all_reduce: the reduced "
+            "tensor; payload bytes, not wire bytes), forward = the loss call, backward = "
+            "loss.backward(); DDP's own gradient all-reduce of the model (the same in both modes) "
+            f"is not counted; steps from index {TRAFFIC_STEADY_FROM} on (queue full) are measured; "
+            "step time = forward + backward + optimizer step, median over ranks and measured steps"
+        ),
+        "target": (
+            "gathered rows grow as W*N (bytes per gathered row constant); sharded bytes flat in N, "
+            "their statistics flat in W, no rows gathered"
+        ),
+        "met": bool(met),
+        "not_judged": "sharded mode not in this checkout" if sharded_missing else None,
+    }
+
+
+def fmt_bytes(value: float) -> str:
+    return f"{value:,.0f} B"
+
+
+def traffic_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
+    """One row per (loss, C, W, N): sharded as "ours", gathered as "baseline"; then verdicts."""
+    at = {
+        (x["loss"], x["num_classes"], x["world_size"], x["batch"], x["sharded"]): x
+        for x in r["rows"]
+    }
+    out = []
+    for (loss, c, w, n, sharded), row in at.items():
+        if sharded:
+            continue
+        shard = at.get((loss, c, w, n, True))
+        fwd, bwd = fmt_bytes(row["bytes_forward"]), fmt_bytes(row["bytes_backward"])
+        parts = [f"gathered {fwd} fwd + {bwd} bwd"]
+        if shard is not None:
+            parts.append(
+                f"sharded {fmt_bytes(shard['bytes_forward'])} fwd + "
+                f"{fmt_bytes(shard['bytes_backward'])} bwd"
+            )
+        out.append(
+            [
+                f"{name} ({loss} C={c}, W={w}, N={n:,}/rank)",
+                fmt_ms(shard["median_step_ms"]) if shard else "—",
+                fmt_ms(row["median_step_ms"]),
+                "received/rank/step: " + "; ".join(parts),
+                "",
+                "",
+            ]
+        )
+    small, large = r["batches"]
+    for v in r["verdicts"]:
+        n_ratio = ", ".join(f"W={w}: x{x:.2f}" for w, x in v["gathered_n_ratio"].items())
+        text = f"gathered: bytes x{large // small} N -> {n_ratio}"
+        if v["gathered_w_ratio"]:
+            w0, w1 = [w for w in r["worlds"] if w > 1][0], r["worlds"][-1]
+            text += (
+                "; W "
+                + f"{w0}->{w1}: "
+                + ", ".join(f"N={n:,}: x{x:.2f}" for n, x in v["gathered_w_ratio"].items())
+            )
+        if v["sharded_flat"] is not None:
+            s_ratio = ", ".join(f"W={w}: x{x:.2f}" for w, x in v["sharded_n_ratio"].items())
+            stats = sorted(set(v["sharded_statistics_bytes"].values()))
+            meta = ", ".join(
+                f"W={w}: {b:,.0f} B" for w, b in v["sharded_metadata_bytes_per_rank"].items()
+            )
+            text += (
+                f"; sharded: bytes x{large // small} N -> {s_ratio}; statistics "
+                f"{', '.join(fmt_bytes(s) for s in stats)} at every W and N; metadata per rank "
+                f"in the world {meta}"
+            )
+        met = v["gathered_grows_as_w_n"] and v["sharded_flat"] is not False
+        verdict = "yes" if met else "NO"
+        if v["sharded_flat"] is None:
+            verdict += " (gathered only: no sharded mode here)"
+        out.append(
+            [
+                f"{name} verdict ({v['loss']} C={v['num_classes']})",
+                "",
+                "",
+                text,
+                r["target"],
+                verdict,
+            ]
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- Smooth-AP case
 def smooth_ap_child(impl: str, rows: int, positives: int, repeats: int) -> dict[str, Any]:
     """Runs in a fresh process: forward+backward times and peak extra RSS of one implementation.
@@ -931,6 +1270,15 @@ _CASES = [
         quick=(512, 384, 4096, 4),
         num_classes=16,
         max_collectives=(2, 0),
+    ),
+    # ---- sharded vs gathered traffic (issue 19): (N small, N large, largest world size)
+    Case(
+        "ddp_traffic",
+        run_traffic_case,
+        traffic_rows,
+        full=(512, 4096, 4),
+        quick=(32, 256, 3),
+        default=False,
     ),
     _speed(
         "c100_pool1m",

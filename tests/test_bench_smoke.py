@@ -5,7 +5,9 @@ that each case ran, that both implementations agree on the loss, that the refere
 more than 2**24 rows, that the DDP case counted at most two collectives per forward and
 none in backward, that peak extra memory stays within 2x the pooled scores on both
 threshold paths (a size-independent ratio, measured in a fresh process), and that a fresh
-process filling a 16k-row queue at C=1000 grows by at most 2x the pooled scores.
+process filling a 16k-row queue at C=1000 grows by at most 2x the pooled scores. The traffic
+case (not a default case) runs on its own: the gathered mode's bytes grow with the world, the
+batch and C, the sharded mode's (once this checkout has it) do not.
 """
 
 from __future__ import annotations
@@ -110,3 +112,91 @@ def test_quick_run_judges_only_size_independent_targets(quick_results):
     assert c16["met"] is True and c16["not_judged"] == "speed: n/a at --quick sizes"
     assert c16["host_syncs_per_forward"] and c16["host_syncs_per_backward"] == {}
     assert "§" not in out
+
+
+@pytest.fixture(scope="module")
+def quick_traffic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "traffic.json"
+    proc = subprocess.run(
+        [sys.executable, BENCH, "--quick", "--cases", "ddp_traffic", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, f"bench.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    case = json.loads(out.read_text())["cases"]["ddp_traffic"]
+    case["stdout"] = proc.stdout
+    return case
+
+
+def _sharded_in_this_checkout() -> bool:
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    return bench.sharded_available("recall")
+
+
+def test_traffic_case_counts_every_configuration_the_same_on_every_rank_and_step(quick_traffic):
+    rows = quick_traffic["rows"]
+    modes = [False, True] if _sharded_in_this_checkout() else [False]
+    grid = {(r["loss"], r["num_classes"], r["world_size"], r["batch"], r["sharded"]) for r in rows}
+    expected = {
+        ("recall", c, w, n, sharded)
+        for c in quick_traffic["classes"]
+        for w in quick_traffic["worlds"]
+        for n in quick_traffic["batches"]
+        for sharded in modes
+    }
+    assert expected <= grid and len(quick_traffic["worlds"]) >= 3
+    for r in rows:
+        assert r["bytes_same_every_rank_and_step"] and r["loss_same_on_every_rank"], r
+        assert r["median_step_ms"] > 0
+        if r["world_size"] == 1:  # alone: nothing to exchange in either mode
+            assert r["bytes_per_step"] == 0, r
+
+
+def test_gathered_traffic_grows_with_world_and_batch_and_classes(quick_traffic):
+    small, large = quick_traffic["batches"]
+    at = {
+        (r["num_classes"], r["world_size"], r["batch"]): r
+        for r in quick_traffic["rows"]
+        if r["loss"] == "recall" and not r["sharded"]
+    }
+    for c in quick_traffic["classes"]:
+        for w in (w for w in quick_traffic["worlds"] if w > 1):
+            for n in (small, large):
+                forward = at[c, w, n]["forward"]
+                # at least the C float32 scores of every rank's every row; nothing in backward
+                assert forward["rows"] >= w * n * c * 4, (c, w, n, forward)
+                assert at[c, w, n]["bytes_backward"] == 0
+    for v in quick_traffic["verdicts"]:
+        assert v["gathered_grows_as_w_n"], v
+        assert len(set(v["gathered_bytes_per_row"].values())) == 1, v
+    per_row = {
+        v["num_classes"]: min(v["gathered_bytes_per_row"].values())
+        for v in quick_traffic["verdicts"]
+    }
+    assert per_row[100] > per_row[3]
+
+
+def test_sharded_traffic_is_flat_in_batch_and_world(quick_traffic):
+    if not _sharded_in_this_checkout():
+        for v in quick_traffic["verdicts"]:
+            assert v["sharded_flat"] is None  # reported as not measured, not as met
+        assert "gathered only" in quick_traffic["stdout"]
+        return
+    small, large = quick_traffic["batches"]
+    for v in quick_traffic["verdicts"]:
+        assert v["sharded_flat"] is True, v
+        assert set(v["sharded_n_ratio"].values()) == {1.0}, v
+        assert len(set(v["sharded_statistics_bytes"].values())) == 1, v
+    at = {
+        (r["num_classes"], r["world_size"], r["batch"], r["sharded"]): r
+        for r in quick_traffic["rows"]
+    }
+    w = max(quick_traffic["worlds"])
+    assert at[100, w, large, True]["bytes_per_step"] < at[100, w, large, False]["bytes_per_step"]
+    assert quick_traffic["met"] is True

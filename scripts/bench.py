@@ -699,10 +699,69 @@ def run_ddp_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- DDP traffic case
 # Bytes each rank receives per training step, gathered mode against sharded mode, counted at
 # the collective calls of ``imbalanced_losses._distributed`` (its ``Traffic`` counter).
-TRAFFIC_CLASSES = (3, 100)
 TRAFFIC_STEPS = 6  # per configuration; the first two fill the queue and warm up
 TRAFFIC_STEADY_FROM = 2  # steps from here on are measured (queue full: pool = 2 global batches)
 TRAFFIC_FEATURES = 16
+TRAFFIC_PROJECTED_WORLDS = (64, 256, 1024)
+
+
+@dataclass(frozen=True)
+class TrafficLoss:
+    """A loss the traffic case measures, and the labels it is fed.
+
+    ``positive_rate`` None: classes uniform over ``C`` (every row is some class's positive);
+    otherwise binary (``C == 1``) with exactly ``round(rate * N)`` positives per rank and step,
+    so that the bytes of a mode that gathers positives are the same every step.
+    ``sharded_grows``: what the sharded mode's bytes may grow with ("nothing": flat in N and
+    W; "positives": the global positive count).
+    """
+
+    name: str
+    classes: tuple[int, ...]
+    positive_rate: float | None = None
+    sharded_grows: str = "nothing"
+
+    def build(self, num_classes: int, queue: int, sharded: bool) -> torch.nn.Module:
+        extra = {"sharded": True} if sharded else {}
+        if self.name == "recall":
+            return RecallAtQuantileLoss(num_classes, quantile=QUANTILE, queue_size=queue, **extra)
+        from imbalanced_losses import SmoothAPLoss
+
+        return SmoothAPLoss(num_classes, queue_size=queue, **extra)
+
+    def labels(self, gen: torch.Generator, n: int, num_classes: int) -> torch.Tensor:
+        if self.positive_rate is None:
+            return torch.randint(0, num_classes, (n,), generator=gen)
+        labels = torch.zeros(n, dtype=torch.long)
+        labels[torch.randperm(n, generator=gen)[: round(self.positive_rate * n)]] = 1
+        return labels
+
+    def sharded_available(self) -> bool:
+        """Whether this checkout's loss accepts ``sharded=True`` (it builds one to find out)."""
+        try:
+            self.build(self.classes[0], 0, True)
+        except TypeError:  # no such keyword: a checkout before the sharded mode
+            return False
+        except ValueError as exc:  # the base has it, this loss refuses it
+            if "sharded" not in str(exc):
+                raise
+            return False
+        return True
+
+
+TRAFFIC_LOSSES = {
+    loss.name: loss
+    for loss in (
+        TrafficLoss("recall", (3, 100)),
+        # Measured only once its sharded mode exists; binary with 1 % positives (rare
+        # positives: the case Smooth-AP's sharded mode is for).
+        TrafficLoss("smooth_ap", (1,), positive_rate=0.01, sharded_grows="positives"),
+    )
+}
+
+
+def sharded_available(loss: str) -> bool:
+    return TRAFFIC_LOSSES[loss].sharded_available()
 
 
 @dataclass(frozen=True)
@@ -715,34 +774,9 @@ class TrafficConfig:
     sharded: bool
 
 
-def _traffic_losses() -> dict[str, Callable[..., torch.nn.Module]]:
-    """The losses the traffic case measures, by name: ``build(C, queue_size, sharded)``."""
-    from imbalanced_losses import SmoothAPLoss
-
-    def recall(num_classes: int, queue: int, sharded: bool) -> torch.nn.Module:
-        extra = {"sharded": True} if sharded else {}
-        return RecallAtQuantileLoss(num_classes, quantile=QUANTILE, queue_size=queue, **extra)
-
-    def smooth_ap(num_classes: int, queue: int, sharded: bool) -> torch.nn.Module:
-        extra = {"sharded": True} if sharded else {}
-        return SmoothAPLoss(num_classes, queue_size=queue, **extra)
-
-    return {"recall": recall, "smooth_ap": smooth_ap}
-
-
-def sharded_available(loss: str) -> bool:
-    """Whether this checkout's ``loss`` accepts ``sharded=True`` (it builds one to find out)."""
-    try:
-        _traffic_losses()[loss](3, 0, True)
-    except TypeError:
-        return False
-    return True
-
-
 def _counter_delta(before: Any, after: Any) -> dict[str, int]:
-    return {
-        k: getattr(after, k) - getattr(before, k) for k in ("calls", "reduced", "gathered", "rows")
-    }
+    keys = ("calls", "reduced", "gathered", "rows")
+    return {k: getattr(after, k) - getattr(before, k) for k in keys}
 
 
 def traffic_rank(rank: int, world_size: int, configs: list[TrafficConfig]) -> list[dict[str, Any]]:
@@ -753,21 +787,21 @@ def traffic_rank(rank: int, world_size: int, configs: list[TrafficConfig]) -> li
     from imbalanced_losses.testing import report_progress
 
     warnings.filterwarnings("ignore", message=".*positives make up")
-    losses = _traffic_losses()
     out = []
     for config in configs:
         report_progress(f"traffic {config}")
+        loss_spec = TRAFFIC_LOSSES[config.loss]
         gen = torch.Generator().manual_seed(1000 * rank + config.batch + config.num_classes)
         torch.manual_seed(0)  # the same initial model on every rank (DDP also broadcasts it)
         model = DistributedDataParallel(torch.nn.Linear(TRAFFIC_FEATURES, config.num_classes))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         # queue_size = one global batch (sharded: each rank keeps queue_size // W of its own)
         queue = config.batch * world_size
-        loss_fn = losses[config.loss](config.num_classes, queue, config.sharded)
+        loss_fn = loss_spec.build(config.num_classes, queue, config.sharded)
         steps = []
         for _ in range(TRAFFIC_STEPS):
             x = torch.randn(config.batch, TRAFFIC_FEATURES, generator=gen)
-            y = torch.randint(0, config.num_classes, (config.batch,), generator=gen)
+            y = loss_spec.labels(gen, config.batch, config.num_classes)
             optimizer.zero_grad(set_to_none=True)
             start = time.perf_counter()
             before = _distributed.traffic()
@@ -801,8 +835,9 @@ def _summarise_traffic(per_rank: list[list[dict[str, Any]]], world_size: int) ->
         steady = [s for r in per_rank for s in r[i]["steps"][TRAFFIC_STEADY_FROM:]]
         forward = {k: max(s["forward"][k] for s in steady) for k in steady[0]["forward"]}
         backward = {k: max(s["backward"][k] for s in steady) for k in steady[0]["backward"]}
-        constant = all(s["forward"] == steady[0]["forward"] for s in steady) and all(
-            s["backward"] == steady[0]["backward"] for s in steady
+        constant = all(
+            s["forward"] == steady[0]["forward"] and s["backward"] == steady[0]["backward"]
+            for s in steady
         )
         losses = [[s["loss"] for s in r[i]["steps"]] for r in per_rank]
         rows.append(
@@ -824,66 +859,94 @@ def _summarise_traffic(per_rank: list[list[dict[str, Any]]], world_size: int) ->
     return rows
 
 
+def traffic_model(
+    at: dict[tuple[int, int], dict[str, Any]], worlds: list[int], batches: tuple[int, int]
+) -> dict[str, Any]:
+    """Bytes per step as ``fixed + per_global_row * W * N + metadata_per_rank * W``.
+
+    Fitted at the largest measured W through the two batch sizes (metadata: the all_gather of
+    one small row per rank), then checked on every other measured W > 1: ``max_error`` is the
+    largest relative miss (0.0 when the model holds exactly, as it should for byte counts).
+    """
+    small, large = batches
+    top = max(worlds)
+    metadata = at[top, small]["metadata_bytes"] / top
+
+    def data(w: int, n: int) -> float:
+        return at[w, n]["bytes_per_step"] - at[w, n]["metadata_bytes"]
+
+    per_row = (data(top, large) - data(top, small)) / (top * (large - small))
+    fixed = data(top, small) - per_row * top * small
+    errors = []
+    for w in (w for w in worlds if w > 1):
+        for n in batches:
+            predicted = fixed + per_row * w * n + metadata * w
+            errors.append(abs(predicted - at[w, n]["bytes_per_step"]) / at[w, n]["bytes_per_step"])
+    return {
+        "fixed_bytes": fixed,
+        "bytes_per_global_row": per_row,
+        "metadata_bytes_per_rank": metadata,
+        "max_error": max(errors),
+    }
+
+
+def project_bytes(model: dict[str, Any], world_size: int, batch: int) -> float:
+    return (
+        model["fixed_bytes"]
+        + model["bytes_per_global_row"] * world_size * batch
+        + model["metadata_bytes_per_rank"] * world_size
+    )
+
+
 def _traffic_verdicts(
     rows: list[dict[str, Any]], worlds: list[int], batches: tuple[int, int]
 ) -> list[dict]:
-    """Per loss and C: gathered rows grow as W*N (exact ratios), sharded bytes flat in N and
-    their statistics flat in W (metadata, one small row per rank, grows with W: reported)."""
-    small, large = batches
-    multi = [w for w in worlds if w > 1]
+    """Per loss and C, judged on exact byte counts: gathered bytes grow as W*N (no fixed part,
+    a constant per global row); sharded bytes follow their loss's rule (recall: nothing per
+    row, flat in N and W apart from the metadata row of each rank; Smooth-AP: per global
+    positive, far less than gathered). Every point must fit the model exactly."""
     out = []
     for loss in sorted({r["loss"] for r in rows}):
+        spec = TRAFFIC_LOSSES[loss]
         for c in sorted({r["num_classes"] for r in rows if r["loss"] == loss}):
-            at = {
-                (r["sharded"], r["world_size"], r["batch"]): r
-                for r in rows
-                if r["loss"] == loss and r["num_classes"] == c
-            }
-            verdict: dict[str, Any] = {"loss": loss, "num_classes": c}
-            # gathered: row bytes / (W * N) is one number (bytes per gathered row)
-            per_row = {
-                f"W={w},N={n}": at[False, w, n]["forward"]["rows"] / (w * n)
-                for w in multi
-                for n in batches
-            }
-            verdict["gathered_bytes_per_row"] = per_row
-            verdict["gathered_n_ratio"] = {
-                w: at[False, w, large]["bytes_per_step"] / at[False, w, small]["bytes_per_step"]
-                for w in multi
-            }
-            verdict["gathered_w_ratio"] = (
-                {
-                    n: at[False, multi[-1], n]["bytes_per_step"]
-                    / at[False, multi[0], n]["bytes_per_step"]
-                    for n in batches
+            by_mode = {
+                mode: {
+                    (r["world_size"], r["batch"]): r
+                    for r in rows
+                    if (r["loss"], r["num_classes"], r["sharded"]) == (loss, c, mode)
                 }
-                if len(multi) > 1
-                else {}
+                for mode in (False, True)
+            }
+            gathered = traffic_model(by_mode[False], worlds, batches)
+            verdict: dict[str, Any] = {"loss": loss, "num_classes": c, "gathered": gathered}
+            verdict["gathered_grows_as_w_n"] = bool(
+                gathered["max_error"] < 1e-12
+                and abs(gathered["fixed_bytes"]) < 1e-6
+                and gathered["bytes_per_global_row"] >= 4 * c
             )
-            gathered_ok = len(set(per_row.values())) == 1 and min(per_row.values()) > 0
-            verdict["gathered_grows_as_w_n"] = gathered_ok
-            if (True, multi[0], small) not in at:
-                verdict["sharded_flat"] = None
+            if not by_mode[True]:
+                verdict["sharded_ok"] = None
                 out.append(verdict)
                 continue
-            verdict["sharded_n_ratio"] = {
-                w: at[True, w, large]["bytes_per_step"] / at[True, w, small]["bytes_per_step"]
-                for w in multi
+            sharded = traffic_model(by_mode[True], worlds, batches)
+            verdict["sharded"] = sharded
+            rows_gathered = [r["forward"]["rows"] for r in by_mode[True].values()]
+            exact = sharded["max_error"] < 1e-12
+            if spec.sharded_grows == "nothing":
+                verdict["sharded_ok"] = bool(
+                    exact and sharded["bytes_per_global_row"] == 0 and not any(rows_gathered)
+                )
+            else:  # per global positive: some bytes per row, far fewer than gathered
+                ratio = sharded["bytes_per_global_row"] / gathered["bytes_per_global_row"]
+                verdict["sharded_per_row_over_gathered"] = ratio
+                verdict["sharded_ok"] = bool(exact and ratio <= 4 * (spec.positive_rate or 1))
+            times = {
+                f"W={w},N={n}": by_mode[True][w, n]["median_step_ms"]
+                / by_mode[False][w, n]["median_step_ms"]
+                for (w, n) in by_mode[True]
+                if w > 1
             }
-            statistics_bytes = {
-                f"W={w},N={n}": at[True, w, n]["bytes_per_step"] - at[True, w, n]["metadata_bytes"]
-                for w in multi
-                for n in batches
-            }
-            verdict["sharded_statistics_bytes"] = statistics_bytes
-            verdict["sharded_metadata_bytes_per_rank"] = {
-                w: at[True, w, small]["metadata_bytes"] / w for w in multi
-            }
-            verdict["sharded_flat"] = bool(
-                all(r == 1.0 for r in verdict["sharded_n_ratio"].values())
-                and len(set(statistics_bytes.values())) == 1
-                and all(at[True, w, n]["forward"]["rows"] == 0 for w in multi for n in batches)
-            )
+            verdict["step_time_sharded_over_gathered"] = times
             out.append(verdict)
     return out
 
@@ -901,16 +964,18 @@ def run_traffic_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
 
     small, large, largest = case.sizes(args.quick)
     worlds = traffic_worlds(largest)
+    # The recall loss always (its gathered mode at least); the others once they can shard.
     losses = [
-        loss for loss in ("recall", "smooth_ap") if loss == "recall" or sharded_available(loss)
+        spec
+        for spec in TRAFFIC_LOSSES.values()
+        if spec.name == "recall" or spec.sharded_available()
     ]
-    modes = [False, True] if sharded_available("recall") else [False]
     configs = [
-        TrafficConfig(loss, c, n, sharded)
-        for loss in losses
-        for c in TRAFFIC_CLASSES
+        TrafficConfig(spec.name, c, n, sharded)
+        for spec in losses
+        for c in spec.classes
         for n in (small, large)
-        for sharded in modes
+        for sharded in ([False, True] if spec.sharded_available() else [False])
     ]
     rows = []
     for w in worlds:
@@ -919,38 +984,54 @@ def run_traffic_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         )
         rows += _summarise_traffic(per_rank, w)
     verdicts = _traffic_verdicts(rows, worlds, (small, large))
-    judged = [v for v in verdicts]
-    met = all(v["gathered_grows_as_w_n"] and v["sharded_flat"] is not False for v in judged)
-    sharded_missing = not all(v["sharded_flat"] is not None for v in verdicts)
-    steady_ms = [r["median_step_ms"] for r in rows]
+    sharded_missing = any(v["sharded_ok"] is None for v in verdicts)
+    met = all(v["gathered_grows_as_w_n"] and v["sharded_ok"] is not False for v in verdicts)
+    met = met and all(r["bytes_same_every_rank_and_step"] for r in rows)
+    projection = [
+        {
+            "loss": v["loss"],
+            "num_classes": v["num_classes"],
+            "world_size": w,
+            "batch": n,
+            "gathered_bytes": project_bytes(v["gathered"], w, n),
+            "sharded_bytes": project_bytes(v["sharded"], w, n) if "sharded" in v else None,
+        }
+        for v in verdicts
+        for w in TRAFFIC_PROJECTED_WORLDS
+        for n in (small, large)
+    ]
     return {
         "kind": "traffic",
         "worlds": worlds,
         "batches": [small, large],
-        "classes": list(TRAFFIC_CLASSES),
-        "losses": losses,
+        "losses": [spec.name for spec in losses],
+        "classes": sorted({c for spec in losses for c in spec.classes}),
         "sharded_measured": not sharded_missing,
         "steps": TRAFFIC_STEPS,
         "steady_from_step": TRAFFIC_STEADY_FROM,
         "rows": rows,
         "verdicts": verdicts,
-        "ours_median_ms": statistics.median(steady_ms),
+        "projection": projection,
+        "ours_median_ms": statistics.median(r["median_step_ms"] for r in rows),
         "reference_median_ms": None,
         "method": (
             "for each world size, W spawned gloo ranks (FileStore in a temp dir, 1 thread each); "
             f"each configuration builds a Linear({TRAFFIC_FEATURES}, C) under "
             "DistributedDataParallel and the loss with queue_size = one global batch, and trains "
-            f"{TRAFFIC_STEPS} steps on fresh batches of N rows per rank (uniform classes); bytes "
-            "received per rank are counted at the collective calls of imbalanced_losses."
-            "_distributed (all_gather: every rank's block, own included; all_reduce: the reduced "
-            "tensor; payload bytes, not wire bytes), forward = the loss call, backward = "
-            "loss.backward(); DDP's own gradient all-reduce of the model (the same in both modes) "
-            f"is not counted; steps from index {TRAFFIC_STEADY_FROM} on (queue full) are measured; "
-            "step time = forward + backward + optimizer step, median over ranks and measured steps"
+            f"{TRAFFIC_STEPS} steps on fresh batches of N rows per rank; bytes received per rank "
+            "are counted at the collective calls of imbalanced_losses._distributed (all_gather: "
+            "every rank's block, own included; all_reduce: the reduced tensor; payload bytes, "
+            "not wire bytes), forward = the loss call, backward = loss.backward(); DDP's own "
+            "gradient all-reduce of the model (the same in both modes) is not counted; steps "
+            f"from index {TRAFFIC_STEADY_FROM} on (queue full) are measured; step time = forward "
+            "+ backward + optimizer step, median over ranks and measured steps. Projection: "
+            "bytes = fixed + per global row * W * N + metadata per rank * W, fitted at the "
+            "largest measured W through both N and checked exactly on every other W"
         ),
         "target": (
-            "gathered rows grow as W*N (bytes per gathered row constant); sharded bytes flat in N, "
-            "their statistics flat in W, no rows gathered"
+            "bytes exact and the same on every rank and step; gathered grows as W*N; sharded "
+            "recall flat in N and W (but its metadata row per rank), sharded Smooth-AP per "
+            "global positive"
         ),
         "met": bool(met),
         "not_judged": "sharded mode not in this checkout" if sharded_missing else None,
@@ -958,11 +1039,20 @@ def run_traffic_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def fmt_bytes(value: float) -> str:
+    """Bytes with a binary unit, 3 significant figures (exact counts are in the JSON)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return (
+                f"{value / size:,.3g} {unit}"
+                if value / size < 1000
+                else f"{value / size:,.0f} {unit}"
+            )
     return f"{value:,.0f} B"
 
 
 def traffic_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
-    """One row per (loss, C, W, N): sharded as "ours", gathered as "baseline"; then verdicts."""
+    """One row per (loss, C, W, N): sharded as "ours", gathered as "baseline"; then verdicts
+    and the projection to large worlds (each figure marked projected)."""
     at = {
         (x["loss"], x["num_classes"], x["world_size"], x["batch"], x["sharded"]): x
         for x in r["rows"]
@@ -975,10 +1065,8 @@ def traffic_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
         fwd, bwd = fmt_bytes(row["bytes_forward"]), fmt_bytes(row["bytes_backward"])
         parts = [f"gathered {fwd} fwd + {bwd} bwd"]
         if shard is not None:
-            parts.append(
-                f"sharded {fmt_bytes(shard['bytes_forward'])} fwd + "
-                f"{fmt_bytes(shard['bytes_backward'])} bwd"
-            )
+            fwd, bwd = fmt_bytes(shard["bytes_forward"]), fmt_bytes(shard["bytes_backward"])
+            parts.append(f"sharded {fwd} fwd + {bwd} bwd")
         out.append(
             [
                 f"{name} ({loss} C={c}, W={w}, N={n:,}/rank)",
@@ -989,32 +1077,27 @@ def traffic_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
                 "",
             ]
         )
-    small, large = r["batches"]
     for v in r["verdicts"]:
-        n_ratio = ", ".join(f"W={w}: x{x:.2f}" for w, x in v["gathered_n_ratio"].items())
-        text = f"gathered: bytes x{large // small} N -> {n_ratio}"
-        if v["gathered_w_ratio"]:
-            w0, w1 = [w for w in r["worlds"] if w > 1][0], r["worlds"][-1]
-            text += (
-                "; W "
-                + f"{w0}->{w1}: "
-                + ", ".join(f"N={n:,}: x{x:.2f}" for n, x in v["gathered_w_ratio"].items())
-            )
-        if v["sharded_flat"] is not None:
-            s_ratio = ", ".join(f"W={w}: x{x:.2f}" for w, x in v["sharded_n_ratio"].items())
-            stats = sorted(set(v["sharded_statistics_bytes"].values()))
-            meta = ", ".join(
-                f"W={w}: {b:,.0f} B" for w, b in v["sharded_metadata_bytes_per_rank"].items()
-            )
-            text += (
-                f"; sharded: bytes x{large // small} N -> {s_ratio}; statistics "
-                f"{', '.join(fmt_bytes(s) for s in stats)} at every W and N; metadata per rank "
-                f"in the world {meta}"
-            )
-        met = v["gathered_grows_as_w_n"] and v["sharded_flat"] is not False
-        verdict = "yes" if met else "NO"
-        if v["sharded_flat"] is None:
+        g = v["gathered"]
+        text = (
+            f"gathered: {fmt_bytes(g['bytes_per_global_row'])} per global row + "
+            f"{fmt_bytes(g['metadata_bytes_per_rank'])} per rank (fit max error "
+            f"{g['max_error']:.0%})"
+        )
+        verdict = "yes" if v["gathered_grows_as_w_n"] and v["sharded_ok"] is not False else "NO"
+        if v["sharded_ok"] is None:
             verdict += " (gathered only: no sharded mode here)"
+        else:
+            s = v["sharded"]
+            text += (
+                f"; sharded: {fmt_bytes(s['fixed_bytes'])} + "
+                f"{fmt_bytes(s['bytes_per_global_row'])} per global row + "
+                f"{fmt_bytes(s['metadata_bytes_per_rank'])} per rank (fit max error "
+                f"{s['max_error']:.0%}); step time sharded/gathered "
+                + ", ".join(
+                    f"{k}: {x:.2f}x" for k, x in v["step_time_sharded_over_gathered"].items()
+                )
+            )
         out.append(
             [
                 f"{name} verdict ({v['loss']} C={v['num_classes']})",
@@ -1025,6 +1108,13 @@ def traffic_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
                 verdict,
             ]
         )
+    for p in r["projection"]:
+        text = f"projected: gathered {fmt_bytes(p['gathered_bytes'])}/step"
+        if p["sharded_bytes"] is not None:
+            text += f", sharded {fmt_bytes(p['sharded_bytes'])}/step"
+        where = f"W={p['world_size']:,}, N={p['batch']:,}/rank"
+        what = f"{name} projected ({p['loss']} C={p['num_classes']}, {where})"
+        out.append([what, "—", "—", text, "projected from the measured per-rank costs", ""])
     return out
 
 
@@ -1276,8 +1366,8 @@ _CASES = [
         "ddp_traffic",
         run_traffic_case,
         traffic_rows,
-        full=(512, 4096, 4),
-        quick=(32, 256, 3),
+        full=(512, 4096, 8),
+        quick=(32, 512, 3),
         default=False,
     ),
     _speed(

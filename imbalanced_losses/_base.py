@@ -28,7 +28,12 @@ from ._queue import MemoryQueue
 from ._sampling import uniform_sample
 from .functional import positive_columns, reduce_per_class
 
-STATE_VERSION = 2  # of get_extra_state() and the queue; 0: no version saved, 2: queue.iid saved
+# Of get_extra_state() and the queue; 0: no version saved, 2: queue.iid saved, 3: the queue is
+# one rank's shard (sharded mode; saved with the rank and world it belongs to). A gathered
+# loss still saves 2, so older versions read its checkpoints; they refuse a shard.
+STATE_VERSION = 3
+_GATHERED_STATE_VERSION = 2
+WHOLE = "whole"  # the queue holds rows of every rank (gathered mode, or one process)
 
 LossOutput = Tensor | tuple[Tensor, Tensor, Tensor]
 
@@ -42,6 +47,7 @@ BASE_OPTIONS: tuple[Option, ...] = (
     flag("gather_distributed", optional=True, default=None),  # a rank not gathering can't agree
     integer("max_pool_size", 1, optional=True, default=None),
     integer("seed", 0, default=0),
+    flag("sharded", agree=True, default=False),  # a rank pooling alone would be another pool
     local("process_group", default=None),
 )
 # Options the base serves for the losses that declare them.
@@ -72,6 +78,9 @@ class QueuedRankingLoss(ProcessGroupHandle):
 
     options: ClassVar[tuple[Option, ...]] = BASE_OPTIONS
     own_class_gradient_only: ClassVar[bool] = False
+    # Whether per_class_loss handles a sharded pool (Pool.sharded): reduces statistics over
+    # Pool.group instead of reading rows. A loss that does not refuses sharded=True.
+    supports_sharded: ClassVar[bool] = False
     positives: str = "pool"  # for a loss that does not declare POSITIVES
     _temperature: float  # set only by losses that declare TEMPERATURE
     num_classes: int
@@ -82,6 +91,7 @@ class QueuedRankingLoss(ProcessGroupHandle):
     gather_distributed: bool | None
     max_pool_size: int | None
     seed: int
+    sharded: bool
     process_group: Any
 
     def __init__(self, num_classes: int, **options: Any) -> None:
@@ -89,9 +99,27 @@ class QueuedRankingLoss(ProcessGroupHandle):
         options = {"num_classes": num_classes, **options}
         for name, value in validated(type(self).__name__, self.options, options).items():
             setattr(self, name, value)
+        name = type(self).__name__
+        if self.sharded and not type(self).supports_sharded:
+            raise ValueError(
+                f"sharded=True: {name} has no sharded mode (its per_class_loss reads every "
+                "pooled row); expected sharded=False for this loss"
+            )
+        if self.sharded and self.max_pool_size is not None:
+            raise ValueError(
+                f"max_pool_size={self.max_pool_size} with sharded=True: the sample is drawn "
+                "from the gathered pool's row order, which no rank holds in sharded mode; "
+                "expected max_pool_size=None with sharded=True (or sharded=False)"
+            )
         self.subsample_step = 0
-        self.queue = MemoryQueue(self.queue_size, self.num_classes)
+        # Sharded: this rank's shard, sized for the world known now; resized at the first
+        # forward (when the world is known for sure) while it is empty.
+        rank, world = self._shard_world()
+        self.queue = MemoryQueue(self.queue_size // world, self.num_classes, per_rank=self.sharded)
+        # Whose rows the queue holds: WHOLE, (rank, world) of a shard, or None (none yet).
+        self._queue_of: str | tuple[int, int] | None = None
         self._warned: set[str] = set()
+        self.register_load_state_dict_post_hook(_settle_loaded_queue)
 
     # ------------------------------------------------------------------ hooks
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
@@ -116,9 +144,15 @@ class QueuedRankingLoss(ProcessGroupHandle):
         self._warned.clear()
 
     def get_extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"version": STATE_VERSION, "subsample_step": self.subsample_step}
+        state: dict[str, Any] = {
+            "version": _GATHERED_STATE_VERSION,
+            "subsample_step": self.subsample_step,
+        }
         if self._has_temperature():
             state["temperature"] = self._temperature
+        if isinstance(self._queue_of, tuple):  # a shard: whose rows, so a resume can tell
+            state["version"] = STATE_VERSION
+            state["shard"] = list(self._queue_of)
         return state
 
     def set_extra_state(self, state: Any) -> None:
@@ -146,6 +180,31 @@ class QueuedRankingLoss(ProcessGroupHandle):
                 )
             self._temperature = saved
         self.subsample_step = step
+        self._load_queue_owner(state.get("shard"))
+
+    def _load_queue_owner(self, shard: Any) -> None:
+        """Note whose rows the checkpoint's queue holds; the next forward decides what to keep.
+
+        Runs before the queue's own buffers load (a module's extra state loads before its
+        children), so it tells the queue which capacity to accept: a shard of
+        ``queue_size // world`` rows, or the whole queue.
+        """
+        if shard is None:
+            self._queue_of = WHOLE
+            self.queue.load_capacity = None if not self.sharded else self.queue_size
+            return
+        if (
+            not isinstance(shard, (list, tuple))
+            or len(shard) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+            or not 0 <= shard[0] < shard[1]
+        ):
+            raise ValueError(
+                f"loss state: shard must be [rank, world] with 0 <= rank < world, got {shard!r}"
+            )
+        rank, world = shard
+        self._queue_of = WHOLE if world == 1 else (rank, world)
+        self.queue.load_capacity = self.queue_size // world
 
     def extra_repr(self) -> str:
         """Every option but the process group, in table order, then the group if any."""
@@ -178,12 +237,14 @@ class QueuedRankingLoss(ProcessGroupHandle):
         """
         self._warn_if_running_alone()
         updates_state = self._updates_state(update_queue)
-        live, num_finite = self._agreed_live_rows(
+        live, num_finite, shards = self._agreed_live_rows(
             logits, targets, iid_mask, sample_weight, update_queue, updates_state
         )
-        pool = self._pool(live, advance_sample=updates_state)
+        pool = self._pool(live, advance_sample=updates_state, shards=shards)
         anchor = live.scores if live.own is None else live.own
-        if pool.size == 0:
+        # Sharded: the global pool size, the same on every rank, picks the branch (a rank
+        # with no rows of its own still joins the collectives of a non-empty pool).
+        if (pool.global_size if pool.sharded else pool.size) == 0:
             # Nothing to rank; still connected to the (empty) graph, so backward() works
             # for every reduction, "none" included.
             per_class = live.scores.new_zeros(self.num_classes) + anchor.sum() * 0.0
@@ -241,8 +302,10 @@ class QueuedRankingLoss(ProcessGroupHandle):
                 "whether this step updates the loss state (train/eval mode, update_queue)",
                 float(updates_state),
             ),
-            Agreed("queue fill count", queue.count, _exchange.QUEUE_FIX),
-            Agreed("queue write position", queue.ptr, _exchange.QUEUE_FIX),
+            # Sharded: each rank's shard fills at its own pace; its count rides in the
+            # metadata row instead ("queued"), and these columns hold -1 on every rank.
+            Agreed("queue fill count", -1 if self.sharded else queue.count, *_QUEUE_SHOWN),
+            Agreed("queue write position", -1 if self.sharded else queue.ptr, *_QUEUE_SHOWN),
             Agreed("subsampling step", self.subsample_step, _exchange.CHECKPOINT_FIX),
             Agreed(
                 "logits dtype",
@@ -266,14 +329,21 @@ class QueuedRankingLoss(ProcessGroupHandle):
         sample_weight: Tensor | None,
         update_queue: Any,
         updates_state: bool,
-    ) -> tuple[Rows, int]:
+    ) -> tuple[Rows, int, tuple[Any, int] | None]:
         """This step's non-padding rows of every rank in rank order, and how many are finite.
 
         Checks this rank's inputs (value checks stay on the device and ride in the metadata
         row, so the whole validation costs the one host sync the gather needs anyway) and
         agrees with every rank; raises on every rank, before any state changes, when any
-        rank's input is invalid or the ranks disagree.
+        rank's input is invalid or the ranks disagree. Sharded (and distributed): this
+        rank's rows only, their finite count, and ``(group, global pool size)``; else the
+        third item is None.
         """
+        distributed = _distributed.should_gather(self.gather_distributed, self.process_group)
+        rank, world = _distributed.world(self.process_group) if distributed else (0, 1)
+        # Before the agreement: the shard's row count rides in the metadata row. It only
+        # settles what a loaded checkpoint left (the same on any retry), never this step.
+        self._prepare_queue(rank, world)
         device = self.queue.scores.device
         problem = _validation.static_problem(
             logits, targets, sample_weight, self.num_classes, device, iid_mask
@@ -301,6 +371,7 @@ class QueuedRankingLoss(ProcessGroupHandle):
                 counts={
                     "finite": (torch.isfinite(logits).all(dim=1) & keep).sum(),
                     "positives": positive.sum(),
+                    "queued": self.queue.count,
                 },
             )
         agreed = _exchange.agree(
@@ -312,22 +383,30 @@ class QueuedRankingLoss(ProcessGroupHandle):
                 ),
                 "weights": lambda: _validation.describe_bad_weights(sample_weight),
             },
-            counts=("finite", "positives"),
+            counts=("finite", "positives", "queued"),
             device=device,
-            distributed=_distributed.should_gather(self.gather_distributed, self.process_group),
+            distributed=distributed,
             group=self.process_group,
         )
         # agree() raised on every rank if any rank had a problem: this rank's rows exist.
+        sharded = self.sharded and agreed.distributed
+        if sharded:
+            self._check_shard_capacity(len(agreed.sizes))  # the same verdict on every rank
         iid = None if iid_mask is None else iid_mask.detach().bool()
         scores, tgt, weights = agreed.keep(keep, logits.to(dtype), tgt, weights)
         if iid is not None:
             (iid,) = agreed.keep(keep, iid)
+        if sharded:
+            live = Rows(scores, tgt, weights, iid)
+            live.num_positives = int(agreed.mine("positives"))
+            pool_size = sum(agreed.sizes) + agreed.total("queued")
+            return live, int(agreed.mine("finite")), (agreed.group, pool_size)
         if agreed.distributed:
             live = self._gather(agreed, scores, tgt, weights, iid)
         else:
             live = Rows(scores, tgt, weights, iid)
         live.num_positives = agreed.total("positives")
-        return live, agreed.total("finite")
+        return live, agreed.total("finite"), None
 
     def _gather(
         self,
@@ -361,7 +440,74 @@ class QueuedRankingLoss(ProcessGroupHandle):
             rows = live.take(true_indices(torch.isfinite(live.scores).all(dim=1), num_finite))
         self.queue.push(rows.scores.detach(), rows.targets, rows.weights, rows.iid)
 
-    def _pool(self, live: Rows, *, advance_sample: bool) -> Pool:
+    # ----------------------------------------------------------- sharded queue
+    def _shard_world(self) -> tuple[int, int]:
+        """``(rank, size)`` a shard is sized for at construction: ``(0, 1)`` unless sharded
+        under an initialised group (the first forward resizes an empty shard if need be)."""
+        if not self.sharded or self.gather_distributed is False:
+            return 0, 1
+        try:
+            return _distributed.world(self.process_group)
+        except (RuntimeError, ValueError):  # not a member of the group (yet): decided later
+            return 0, 1
+
+    def _settle_loaded_queue(self) -> None:
+        """After a load: keep, split or empty the loaded queue now if the world is known
+        (else at the first forward), so a resumed run's state is settled before any step."""
+        if self.sharded and not _distributed.is_initialized():
+            return
+        try:
+            distributed = _distributed.should_gather(self.gather_distributed, self.process_group)
+            rank, world = _distributed.world(self.process_group) if distributed else (0, 1)
+        except (RuntimeError, ValueError):  # not initialised, or not in the group: at forward
+            return
+        if 0 < self.queue_size < world and self.sharded:
+            return  # refused at the first forward, on every rank alike
+        self._prepare_queue(rank, world)
+
+    def _check_shard_capacity(self, world: int) -> None:
+        """Refuse a queue too small to give every rank a shard (raised on every rank alike)."""
+        if 0 < self.queue_size < world:
+            raise ValueError(
+                f"queue_size={self.queue_size} with sharded=True over {world} ranks leaves each "
+                f"rank a shard of queue_size // {world} = 0 rows; expected queue_size >= "
+                f"{world} (each rank keeps queue_size // world_size of its own rows; a multiple "
+                "of the global batch keeps the pool the gathered mode's) or queue_size=0 for "
+                "no queue"
+            )
+
+    def _prepare_queue(self, rank: int, world: int) -> None:
+        """Make the queue the one this step pools: a shard of ``(rank, world)`` or the whole.
+
+        A fresh or empty queue is resized silently. A whole queue (a gathered-mode checkpoint)
+        entering sharded mode is split: row ``i`` of its FIFO order goes to rank ``i % world``,
+        so the shards' union is the same pool and, with equal per-rank batches, they evict
+        what the whole queue would. Anything else (a shard of another rank or world, a shard
+        entering gathered mode) is emptied with a warning: its rows would be counted twice,
+        or belong to another rank.
+        """
+        sharded = self.sharded and world > 1
+        target: str | tuple[int, int] = (rank, world) if sharded else WHOLE
+        capacity = self.queue_size // world if sharded else self.queue_size
+        queue, held = self.queue, self._queue_of
+        if capacity == 0 and self.queue_size > 0:
+            return  # refused after the agreement, on every rank (_check_shard_capacity)
+        if held == target and queue.capacity == capacity:
+            return
+        if queue.count == 0 or (held is None and queue.capacity == capacity):
+            if queue.capacity != capacity:
+                queue.resize(capacity)
+        elif held == WHOLE and sharded and queue.capacity == self.queue_size:
+            queue.keep_every(world, rank, capacity)
+        else:
+            queue.resize(capacity)
+            self._warned.discard("shard emptied")
+            self._warn_once("shard emptied", _emptied_message(held, target, type(self).__name__))
+        self._queue_of = target
+
+    def _pool(
+        self, live: Rows, *, advance_sample: bool, shards: tuple[Any, int] | None = None
+    ) -> Pool:
         """Live rows plus the queue; a capped pool gets its sample (and warns once).
 
         Only a forward that updates the state (``advance_sample``) moves the
@@ -372,6 +518,9 @@ class QueuedRankingLoss(ProcessGroupHandle):
         dtype = live.scores.dtype
         queued = Rows(q_scores.to(dtype), q_targets, q_weights.to(dtype), self.queue.iid_rows())
         pool = Pool(live, queued, self.num_classes, positives_from=self.positives)
+        if shards is not None:  # this rank's rows; no sample (refused at construction)
+            pool.sharded, (pool.group, pool.global_size) = True, shards
+            return pool
         cap = self.max_pool_size
         if cap is not None and pool.size > cap:
             self._warn_once(
@@ -397,3 +546,36 @@ class QueuedRankingLoss(ProcessGroupHandle):
         generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
         assert self.max_pool_size is not None
         return uniform_sample(size, self.max_pool_size, generator)
+
+
+def _settle_loaded_queue(module: QueuedRankingLoss, _incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook (module level: a loss stays picklable)."""
+    module._settle_loaded_queue()
+
+
+_QUEUE_SHOWN = (
+    _exchange.QUEUE_FIX,
+    lambda v: "per rank (sharded=True)" if v == -1 else _exchange.number(v),
+)
+
+
+def _emptied_message(held: Any, target: Any, name: str) -> str:
+    """Why a loaded queue could not be kept: whose rows it held, and whose this step pools."""
+    if isinstance(held, tuple):
+        had = f"rank {held[0]}'s shard of a sharded run over {held[1]} ranks"
+    else:
+        had = "every rank's rows (a gathered-mode queue)"
+    if isinstance(target, tuple):
+        now = f"rank {target[0]} of {target[1]} with sharded=True"
+        why = (
+            "its rows would be counted twice or stand for another rank's; only the same rank "
+            "at the same world size restores its shard, and a gathered-mode checkpoint is split"
+        )
+    else:
+        now = "a loss that pools every rank's rows itself (gathered mode, or one process)"
+        why = "it holds one rank's share of the pool only"
+    return (
+        f"{name}: the loaded queue holds {had}, but this is {now}; the queue starts empty "
+        f"({why}). The rest of the loss state (temperature, subsampling step) was restored. "
+        "(Shown once per instance.)"
+    )

@@ -103,8 +103,9 @@ def real(name: str, test: Callable[[float], bool], expected: str, **kwargs: Any)
     return Option(name, check, **kwargs)
 
 
-def flag(name: str, *, optional: bool = False, **kwargs: Any) -> Option:
-    """A bool (``optional``: or ``None`` for auto); each rank's own (not agreed)."""
+def flag(name: str, *, optional: bool = False, agree: bool = False, **kwargs: Any) -> Option:
+    """A bool (``optional``: or ``None`` for auto); each rank's own unless ``agree``
+    (then agreed as 0/1 and shown as ``False``/``True``)."""
 
     def check(value: Any) -> bool | None:
         if optional and value is None:
@@ -114,7 +115,10 @@ def flag(name: str, *, optional: bool = False, **kwargs: Any) -> Option:
             raise ValueError(f"{name} must be {expected}, got {value!r}")
         return value
 
-    return Option(name, check, agree=False, **kwargs)
+    def show(code: float) -> str:
+        return repr(bool(code)) if code in (0.0, 1.0) else number(code)
+
+    return Option(name, check, agree=agree, show=show, **kwargs)
 
 
 def local(name: str, **kwargs: Any) -> Option:

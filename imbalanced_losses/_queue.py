@@ -19,6 +19,12 @@ class MemoryQueue(nn.Module):
     plain ints (no device sync to read them) saved through the module's extra
     state, so ``state_dict()`` holds everything needed to resume. A checkpoint saved
     before ``iid`` was stored loads with every row iid (what ``iid_mask=None`` means).
+
+    ``per_rank=True`` (a sharded loss's shard): the rows are this rank's own, so they are kept
+    as plain tensor attributes rather than buffers. DDP broadcasts a module's buffers from
+    rank 0 (at construction, and before each forward with ``broadcast_buffers``), which would
+    overwrite every shard with rank 0's when the loss sits inside the DDP module. They still
+    move with ``.to()``/``.double()`` and are saved and loaded under the same keys.
     """
 
     scores: Tensor
@@ -26,18 +32,59 @@ class MemoryQueue(nn.Module):
     weights: Tensor
     iid: Tensor
 
-    def __init__(self, capacity: int, width: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        width: int,
+        dtype: torch.dtype = torch.float32,
+        *,
+        per_rank: bool = False,
+    ) -> None:
         super().__init__()
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity = int(capacity)
         self.width = int(width)
-        self.register_buffer("scores", torch.zeros(capacity, width, dtype=dtype))
-        self.register_buffer("targets", torch.zeros(capacity, dtype=torch.long))
-        self.register_buffer("weights", torch.zeros(capacity, dtype=dtype))
-        self.register_buffer("iid", torch.ones(capacity, dtype=torch.bool))
+        self.per_rank = per_rank
+        rows = {
+            "scores": torch.zeros(capacity, width, dtype=dtype),
+            "targets": torch.zeros(capacity, dtype=torch.long),
+            "weights": torch.zeros(capacity, dtype=dtype),
+            "iid": torch.ones(capacity, dtype=torch.bool),
+        }
+        for name, tensor in rows.items():
+            if per_rank:
+                setattr(self, name, tensor)  # a plain attribute: no DDP buffer broadcast
+            else:
+                self.register_buffer(name, tensor)
         self.ptr = 0
         self.count = 0
+        # The capacity the next load_state_dict accepts (and resizes to) when it is not this
+        # queue's: set by a sharded loss, whose shard size depends on the saving world.
+        self.load_capacity: int | None = None
+
+    def resize(self, capacity: int) -> None:
+        """Empty the queue and give it room for ``capacity`` rows (same device and dtype)."""
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = int(capacity)
+        for name in _ROWS:
+            old = getattr(self, name)
+            fresh = old.new_ones if name == "iid" else old.new_zeros
+            setattr(self, name, fresh((self.capacity, *old.shape[1:])))
+        self.reset()
+
+    @torch.no_grad()
+    def keep_every(self, step: int, offset: int, capacity: int) -> None:
+        """Keep rows ``offset, offset + step, ...`` of the FIFO order (oldest first) in a queue
+        of ``capacity`` rows: rank ``offset``'s part of a whole queue split over ``step``."""
+        n = self.count
+        oldest = self.ptr if n == self.capacity else 0
+        order = (oldest + torch.arange(n, device=self.scores.device)) % max(self.capacity, 1)
+        kept = order[offset::step]
+        rows = (self.scores[kept], self.targets[kept], self.weights[kept], self.iid[kept])
+        self.resize(capacity)
+        self.push(*rows)
 
     def rows(self) -> tuple[Tensor, Tensor, Tensor]:
         """The filled rows ``(scores [n, C], targets [n], weights [n])``, storage order."""
@@ -89,6 +136,20 @@ class MemoryQueue(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         return {"ptr": self.ptr, "count": self.count}
 
+    def _apply(self, fn: Any, recurse: bool = True) -> MemoryQueue:
+        super()._apply(fn, recurse)
+        if self.per_rank:  # the rows are no buffers: convert them as buffers would be
+            for name in _ROWS:
+                setattr(self, name, fn(getattr(self, name)))
+        return self
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.per_rank:  # under the keys buffers would have
+            for name in _ROWS:
+                tensor = getattr(self, name)
+                destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
     def set_extra_state(self, state: Any) -> None:
         ptr, count = int(state["ptr"]), int(state["count"])
         upper = max(self.capacity - 1, 0)
@@ -116,6 +177,10 @@ class MemoryQueue(nn.Module):
         # Refuse a checkpoint from a differently sized queue with a message that
         # says which setting differs, instead of torch's generic size mismatch.
         saved = state_dict.get(prefix + "scores")
+        accepted, self.load_capacity = self.load_capacity, None
+        if saved is not None and accepted is not None and saved.shape[0] == accepted:
+            if accepted != self.capacity and tuple(saved.shape[1:]) == (self.width,):
+                self.resize(accepted)  # a shard saved at another world size: see the loss
         if saved is not None and tuple(saved.shape) != (self.capacity, self.width):
             raise ValueError(
                 f"cannot load queue state: checkpoint holds scores of shape "
@@ -126,9 +191,23 @@ class MemoryQueue(nn.Module):
         if saved is not None and prefix + "iid" not in state_dict:
             # Saved before the queue stored iid flags: its rows were all iid (no iid_mask).
             state_dict = {**state_dict, prefix + "iid": torch.ones(self.capacity, dtype=torch.bool)}
+        if self.per_rank:
+            for name in _ROWS:
+                key = prefix + name
+                if key not in state_dict:
+                    missing_keys.append(key)
+                    continue
+                with torch.no_grad():
+                    getattr(self, name).copy_(state_dict[key])
+            # The rows are loaded; the rest (the extra state) as a module loads it.
+            ours = {prefix + name for name in _ROWS}
+            state_dict = {k: v for k, v in state_dict.items() if k not in ours}
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def extra_repr(self) -> str:
         return f"capacity={self.capacity}, width={self.width}, count={self.count}"
+
+
+_ROWS = ("scores", "targets", "weights", "iid")  # the tensors of the rows, in state_dict order

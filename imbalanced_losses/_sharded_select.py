@@ -169,6 +169,7 @@ def sharded_quantile_threshold(
     *,
     group: Group = None,
     bits: int = 8,
+    total: int | None = None,
 ) -> Tensor:
     """Per-column ``(1 - quantile)`` quantile of the union of every rank's rows; returns ``[C]``.
 
@@ -180,9 +181,16 @@ def sharded_quantile_threshold(
     int64: 152 bytes), ``key width / bits`` rounds of ``C * 2**bits`` counts (int32 below 2**31
     global rows; the first round also carries C NaN counts), plus ``C`` int64 minima for
     "linear"/"midpoint" when the position is fractional. No gradient: a stop-gradient target.
+
+    ``total``: the global row count, for a caller whose own agreement already established it
+    and every argument above (the sharded loss: its metadata exchange); the check collective
+    and its host read are then skipped, so the selection adds no host sync.
     """
     blocks = [scores] if isinstance(scores, Tensor) else list(scores)
-    total = _agree(blocks, quantile, interpolation, bits, group)
+    if total is None:
+        total = _agree(blocks, quantile, interpolation, bits, group)
+    elif total <= 0:
+        raise ValueError(f"total must be the global row count (> 0), got {total!r}")
     dtype, device, columns = blocks[0].dtype, blocks[0].device, blocks[0].shape[1]
     width = _key_width(dtype)
     below, above, weight = _order_statistic_positions(total, 1.0 - quantile, interpolation, dtype)

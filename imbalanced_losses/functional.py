@@ -245,6 +245,22 @@ def soft_recall_per_class(
     0 (the caller masks it as invalid). Computed in at least float32, so the
     masses (positive counts when weights are 1) stay exact in half precision.
     """
+    weighted, mass = soft_recall_sums(own_scores, own_class, weights, threshold, temperature)
+    return recall_from_sums(weighted, mass), mass
+
+
+def soft_recall_sums(
+    own_scores: Tensor,
+    own_class: Tensor,
+    weights: Tensor,
+    threshold: Tensor,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """``(sum of w * sigmoid((s - theta_c) / tau) [C], sum of w [C])`` over each class's positives.
+
+    The two sums behind :func:`soft_recall_per_class`: sums over disjoint sets of positives
+    add up (the sharded mode adds every rank's with one ``all_reduce``).
+    """
     threshold = threshold.to(_at_least_float32(threshold.dtype))
     recall_terms = torch.sigmoid((own_scores - threshold[own_class]) / temperature)
     w = weights.to(recall_terms.dtype)
@@ -252,8 +268,12 @@ def soft_recall_per_class(
     # where, not w * terms: a weight-0 row must add 0 even if its term is inf/NaN.
     terms = torch.where(w > 0, w * recall_terms, torch.zeros_like(recall_terms))
     weighted = torch.zeros_like(threshold).index_add(0, own_class, terms)
-    recall = weighted / mass.clamp_min(torch.finfo(mass.dtype).tiny)
-    return recall, mass
+    return weighted, mass
+
+
+def recall_from_sums(weighted: Tensor, mass: Tensor) -> Tensor:
+    """Soft recall from :func:`soft_recall_sums` (0 where a class has no positive weight)."""
+    return weighted / mass.clamp_min(torch.finfo(mass.dtype).tiny)
 
 
 def soft_recall_loss(

@@ -74,6 +74,8 @@ class PAUCAtBudgetLoss(QueuedRankingLoss):
         max_pool_size: compute over a uniform sample of this many pooled rows (live and
             queued alike), redrawn at each training step.
         seed: seed of that sample's private generator (the global RNG is untouched).
+        sharded: keep each rank's rows on its rank (docs/ddp.md, "Sharded mode"); not
+            available for this loss (``ValueError``).
         process_group: the ranks whose rows are pooled (default: all).
 
     Shape:
@@ -123,6 +125,7 @@ class PAUCAtBudgetLoss(QueuedRankingLoss):
         max_pool_size: int | None = None,
         *,
         seed: int = 0,
+        sharded: bool = False,
         process_group: Any = None,
     ) -> None:
         super().__init__(**arguments(locals()))

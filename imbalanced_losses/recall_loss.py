@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,9 +10,18 @@ from torch import Tensor
 
 from ._base import BASE_OPTIONS, POSITIVES, TEMPERATURE, QueuedRankingLoss
 from ._device import HostCopy
+from ._distributed import all_reduce_replicated
 from ._options import arguments, choice, real
 from ._pool import Pool
-from .functional import INTERPOLATIONS, positive_columns, quantile_threshold, soft_recall_loss
+from ._sharded_select import sharded_quantile_threshold
+from .functional import (
+    INTERPOLATIONS,
+    positive_columns,
+    quantile_threshold,
+    recall_from_sums,
+    soft_recall_loss,
+    soft_recall_sums,
+)
 
 # The positive-fraction check waits until the pool expects this many rows above the
 # threshold: fewer, and a fraction near the quantile is sampling noise.
@@ -55,6 +65,10 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
             many pooled rows, without replacement, drawn in O(max_pool_size) and
             redrawn at each training step (recall still uses every positive).
         seed: seed of that sample's private generator (the global RNG is untouched).
+        sharded: each rank keeps a queue shard of ``queue_size // world_size`` of its own
+            rows and the ranks exchange per-class statistics, never rows: the traffic and
+            the memory per rank do not grow with the world (docs/ddp.md, "Sharded mode").
+            Not with ``max_pool_size``.
         process_group: the ranks to pool rows from (default: all). Pass the
             group DDP averages gradients over, e.g. the data-parallel group of
             a 2-D mesh: rank order and the gradient factor come from it. A deep
@@ -75,6 +89,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
     # Its gradient flows only through each positive's own-class score: under DDP the
     # gathered rows travel detached and no dense [global rows, C] gradient is built.
     own_class_gradient_only = True
+    supports_sharded = True
     options = (
         *BASE_OPTIONS,
         real("quantile", lambda q: 0.0 < q < 1.0, "a float in (0, 1)"),
@@ -99,6 +114,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         max_pool_size: int | None = None,
         *,
         seed: int = 0,
+        sharded: bool = False,
         process_group: Any = None,
         positives: str = "pool",
     ) -> None:
@@ -106,11 +122,40 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         self._pending_fraction: HostCopy | None = None
 
     def per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
+        if pool.sharded:
+            return self._sharded_per_class_loss(pool)
         blocks = pool.threshold_blocks()
         self._warn_if_pool_too_small(sum(block.shape[0] for block in blocks))
-        self._warn_if_positives_exceed_quantile(pool)
+        self._warn_if_positives_exceed_quantile(pool.size, lambda: _largest_positive_fraction(pool))
         theta = quantile_threshold(blocks, self.quantile, self.quantile_interpolation)
         return soft_recall_loss(*pool.positives(), theta, self.temperature)
+
+    def _sharded_per_class_loss(self, pool: Pool) -> tuple[Tensor, Tensor]:
+        """The same loss from this rank's rows: an exact distributed threshold, then one
+        ``all_reduce`` of ``[3, C]`` sums (recall numerator, positive weight, positive count).
+
+        Every rank gets the same threshold and the same sums, so the same loss; the sums'
+        replicated gradient rule makes DDP's average the single-process gradient. The
+        positive count (no gradient) rides along for the positive-fraction warning, which so
+        judges the global pool with no collective of its own.
+        """
+        size = pool.global_size
+        assert size is not None and size > 0
+        self._warn_if_pool_too_small(size)
+        theta = sharded_quantile_threshold(
+            pool.threshold_blocks(),
+            self.quantile,
+            self.quantile_interpolation,
+            group=pool.group,
+            total=size,  # agreed in the metadata exchange: no check collective, no host read
+        )
+        weighted, mass = soft_recall_sums(*pool.positives(), theta, self.temperature)
+        counts = _positive_counts(pool).to(weighted.dtype)
+        weighted, mass, counts = all_reduce_replicated(
+            torch.stack([weighted, mass, counts]), pool.group
+        )
+        self._warn_if_positives_exceed_quantile(size, lambda: _largest_of(counts.detach(), size))
+        return 1.0 - recall_from_sums(weighted, mass), mass > 0
 
     def reset_queue(self) -> None:
         """Empty the memory queue; re-arms the warnings (a pending check is dropped)."""
@@ -121,7 +166,8 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         """``pool * quantile < 1`` puts the threshold at the pool's top score.
 
         Judged only once the queue is full (or disabled): a filling queue is
-        small by nature and says nothing about the settings.
+        small by nature and says nothing about the settings. Sharded: ``sample_size`` is
+        the global pool, judged once this rank's shard is full.
         """
         if self.queue.count == self.queue.capacity and sample_size * self.quantile < 1:
             queue_state = " with the queue full" if self.queue.capacity else ""
@@ -132,20 +178,23 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
                 "sits at the top of the pool; use a larger queue_size or batch.",
             )
 
-    def _warn_if_positives_exceed_quantile(self, pool: Pool) -> None:
+    def _warn_if_positives_exceed_quantile(
+        self, pool_size: int, largest: Callable[[], Tensor]
+    ) -> None:
         """Warn when a class's positives make up at least ``quantile`` of the pooled rows.
 
         The threshold admits only that share of rows, so even a perfect model
         leaves some positives below it. The fraction is computed on the device;
         on CUDA its value is read at a later step, once it has reached the host,
-        so the check never makes the host wait.
+        so the check never makes the host wait. ``largest()``: ``[fraction, class]`` on the
+        device, of the pool of ``pool_size`` rows (every rank's, also in sharded mode).
         """
         if "positive fraction" in self._warned:
             return
         if self._pending_fraction is None:
-            if pool.size * self.quantile < _MIN_ROWS_TO_JUDGE_FRACTION:
+            if pool_size * self.quantile < _MIN_ROWS_TO_JUDGE_FRACTION:
                 return
-            self._pending_fraction = HostCopy(_largest_positive_fraction(pool))
+            self._pending_fraction = HostCopy(largest())
         reading = self._pending_fraction.get()
         if reading is None:  # not on the host yet
             return
@@ -156,7 +205,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         who = "positives" if self.num_classes == 1 else f"class {int(column)}'s positives"
         self._warn_once(
             "positive fraction",
-            f"{who} make up {fraction:.2%} of the {pool.size} pooled rows, at or above "
+            f"{who} make up {fraction:.2%} of the {pool_size} pooled rows, at or above "
             f"quantile={self.quantile}: the threshold admits only that share of the rows, so "
             "even a perfect model leaves some positives below it and the loss keeps pushing "
             "positives against each other; use a quantile above every class's positive "
@@ -166,6 +215,11 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
 
 def _largest_positive_fraction(pool: Pool) -> Tensor:
     """``[fraction, class]`` (float64, on the device) of the class with most pooled positives."""
+    return _largest_of(_positive_counts(pool), pool.size)
+
+
+def _positive_counts(pool: Pool) -> Tensor:
+    """``[C]`` float64 (on the device): how many of the pool's rows are positives of each class."""
     counts = torch.zeros(pool.num_classes, dtype=torch.float64, device=pool.live.scores.device)
     for rows in (pool.live, pool.queued):
         if pool.num_classes == 1:  # no row-sized temporary for the common binary case
@@ -175,7 +229,12 @@ def _largest_positive_fraction(pool: Pool) -> Tensor:
         for targets in rows.targets.split(1 << 20):
             column = positive_columns(targets, pool.num_classes)
             counts.index_add_(0, column.clamp(min=0), (column >= 0).to(torch.float64))
+    return counts
+
+
+def _largest_of(counts: Tensor, pool_size: int) -> Tensor:
+    """``[fraction, class]`` of the largest of the per-class positive ``counts``."""
     # max over a dim keeps both on the device; counts[counts.argmax()] would read the index
     # on the host (a sync on CUDA).
     largest, worst = counts.max(dim=0)
-    return torch.stack([largest / pool.size, worst.to(torch.float64)])
+    return torch.stack([largest.to(torch.float64) / pool_size, worst.to(torch.float64)])

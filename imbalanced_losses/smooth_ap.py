@@ -59,6 +59,8 @@ class SmoothAPLoss(QueuedRankingLoss):
         max_pool_size: the sums over ``j`` use a uniform sample of this many pooled
             rows, scaled up by ``pool / sample`` (each positive ``i`` still counts).
         seed: seed of that sample's private generator (the global RNG is untouched).
+        sharded: keep each rank's rows on its rank (docs/ddp.md, "Sharded mode"); not yet
+            available for this loss (``ValueError``).
         process_group: the group whose ranks' rows are pooled (default: the whole world);
             pass the group that DDP averages gradients over. A deep copy shares the
             group; pickling leaves it behind (the unpickled loss uses the default
@@ -83,6 +85,7 @@ class SmoothAPLoss(QueuedRankingLoss):
         max_pool_size: int | None = None,
         *,
         seed: int = 0,
+        sharded: bool = False,
         process_group: Any = None,
     ) -> None:
         super().__init__(**arguments(locals()))

@@ -373,6 +373,8 @@ BAD_BASE_OPTIONS = [
     ("max_pool_size", 0),
     ("max_pool_size", -5),
     ("max_pool_size", 2.5),
+    ("sharded", "yes"),
+    ("sharded", None),
 ]
 
 

@@ -99,6 +99,26 @@ def test_one_host_sync_per_forward_under_two_gloo_ranks():
         assert backward == {}, f"rank {rank}: {backward}"
 
 
+def _count_sharded_on_rank(rank: int, num_classes: int, quantile: float) -> tuple[dict, dict]:
+    loss_fn = RecallAtQuantileLoss(num_classes, quantile=quantile, queue_size=40, sharded=True)
+    forward, backward = _count_steady_state_step(
+        loss_fn, torch.Generator().manual_seed(rank), num_classes, 8 + 3 * rank
+    )
+    return dict(forward), dict(backward)
+
+
+@pytest.mark.parametrize("num_classes,quantile", [(1, 0.3), (4, 0.3), (4, 0.05)])
+def test_the_sharded_recall_loss_keeps_one_host_sync_per_forward_under_two_gloo_ranks(
+    num_classes, quantile
+):
+    """The distributed threshold reuses the metadata's global row count (no check collective,
+    no second host read); its radix rounds and the statistics' all-reduce stay on the device."""
+    results = run_ranks(_count_sharded_on_rank, 2, args=(num_classes, quantile), timeout_s=120)
+    for rank, (forward, backward) in enumerate(results):
+        assert forward == {DEVICE_TO_HOST: 1}, f"rank {rank}: {forward}"
+        assert backward == {}, f"rank {rank}: {backward}"
+
+
 @pytest.mark.parametrize("max_pool_size", [None, 24])
 @pytest.mark.parametrize("num_classes", [1, 6])
 def test_smooth_ap_syncs_at_most_twice_per_forward_and_never_in_backward(

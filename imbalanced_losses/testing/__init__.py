@@ -9,7 +9,7 @@ batch: loss on every rank, DDP gradients, the loss's state bit for bit, paramete
 build (CPU included).
 """
 
-from imbalanced_losses.testing._adapter import queue_state, whole_state_dict
+from imbalanced_losses.testing._adapter import queue_state, shard_state, whole_state_dict
 from imbalanced_losses.testing._ddp_check import (
     assert_ddp_exact,
     check_ddp_exactness,
@@ -46,5 +46,6 @@ __all__ = [
     "queue_state",
     "report_progress",
     "run_ranks",
+    "shard_state",
     "whole_state_dict",
 ]

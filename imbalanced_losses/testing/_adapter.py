@@ -21,15 +21,49 @@ import torch
 from torch import Tensor, nn
 
 from imbalanced_losses import QueuedRankingLoss
-from imbalanced_losses.testing._records import StateAccessor, cpu_copy
+from imbalanced_losses.testing._records import PER_RANK, StateAccessor, cpu_copy
 
-__all__ = ["LossAdapter", "queue_state", "whole_state_dict"]
+__all__ = ["LossAdapter", "queue_state", "shard_state", "split_sharded", "whole_state_dict"]
 
 
 def whole_state_dict(loss_fn: Any) -> dict[str, Any] | None:
-    """The default state accessor: ``loss_fn.state_dict()`` copied to CPU (None: it has none)."""
+    """The default state accessor: ``loss_fn.state_dict()`` copied to CPU (None: it has none).
+
+    A sharded loss's state is split (:func:`split_sharded`): its queue shard is its rank's own.
+    """
     state_dict = getattr(loss_fn, "state_dict", None)
-    return None if state_dict is None else cpu_copy(state_dict())
+    if state_dict is None:
+        return None
+    state = cpu_copy(state_dict())
+    return split_sharded(state) if getattr(loss_fn, "sharded", False) is True else state
+
+
+def split_sharded(state: dict[str, Any]) -> dict[str, Any]:
+    """A sharded loss's ``state_dict()`` as ``{replicated..., PER_RANK: its rank's own}``.
+
+    The rank's own: the queue shard (``queue.*``) and the extra state's ``shard`` (whose rows)
+    and ``version`` (a shard's format); everything else must match on every rank.
+    """
+    own = {k: v for k, v in state.items() if k.startswith("queue.")}
+    rest = {k: v for k, v in state.items() if not k.startswith("queue.")}
+    extra = dict(rest.get("_extra_state", {}))
+    own["_extra_state"] = {k: extra.pop(k) for k in ("shard", "version") if k in extra}
+    if "_extra_state" in rest:
+        rest["_extra_state"] = extra
+    return {**rest, PER_RANK: own}
+
+
+def shard_state(loss_fn: Any) -> dict[str, Any] | None:
+    """The queue as a per-rank part: a sharded loss's shard on a rank, and on an oracle of the
+    same shards (``reference.ShardedReference``) the list of every rank's shard.
+
+    Pass ``state=shard_state`` to compare a sharded loss with that oracle (as ``queue_state``
+    does for a gathered loss and its plain reference)."""
+    shards = getattr(loss_fn, "shards", None)
+    if shards is not None:
+        return {PER_RANK: [queue_state(shard) for shard in shards]}
+    queue = queue_state(loss_fn)
+    return None if queue is None else {PER_RANK: queue}
 
 
 def queue_state(loss_fn: Any) -> dict[str, Any] | None:

@@ -18,9 +18,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from imbalanced_losses.testing._adapter import LossAdapter
+from imbalanced_losses.testing._adapter import LossAdapter, split_sharded
 from imbalanced_losses.testing._plan import Step
-from imbalanced_losses.testing._records import SegmentRun, StepRecord, is_empty
+from imbalanced_losses.testing._records import (
+    SegmentRun,
+    StepRecord,
+    has_per_rank_part,
+    is_empty,
+    per_rank_part,
+    replicated_part,
+)
 from imbalanced_losses.testing._report import (
     Check,
     DdpReport,
@@ -32,7 +39,13 @@ from imbalanced_losses.testing._report import (
 
 __all__ = ["CaseRecords", "compare"]
 
-STATE_CHECKS = ("state identical on every rank", "state vs oracle", "state frozen in eval")
+SHARD_CHECK = "each rank's shard vs the oracle's shard of that rank"
+STATE_CHECKS = (
+    "state identical on every rank",
+    "state vs oracle",
+    "state frozen in eval",
+    SHARD_CHECK,
+)
 
 # What a check compares, for the "not informative" reason: "<what> is 0 at every step".
 _COMPARED = {
@@ -44,6 +57,7 @@ _COMPARED = {
     "state identical on every rank": "the state",
     "state vs oracle": "the oracle's state",
     "state frozen in eval": "the state",
+    SHARD_CHECK: "the oracle's shards",
     "params identical on every rank": "the parameters",
     "params vs free-running oracle": "the free-running oracle's parameters",
     "loss vs free-running oracle": "the free-running oracle's loss",
@@ -73,9 +87,10 @@ def compare(records: CaseRecords, adapter: LossAdapter, *, rtol: float, backend:
     ]
     has_state = not all(is_empty(state) for state in states)
     oracle_has_state = not all(is_empty(r.state) for r in records.replay)
+    per_rank = any(has_per_rank_part(state) for state in states)
     checks: list[Check] = []
     for indices, runs in zip(records.segments, records.runs):
-        previous_state = runs[0].start_state
+        previous_states = [run.start_state for run in runs]
         for k, i in enumerate(indices):
             ranks = [run.records[k] for run in runs]
             checks += _step_checks(
@@ -84,15 +99,15 @@ def compare(records: CaseRecords, adapter: LossAdapter, *, rtol: float, backend:
                 ranks,
                 records.replay[i],
                 records.free[i],
-                previous_state,
+                previous_states,
                 adapter=adapter,
                 rtol=rtol,
                 exact=exact,
                 compare_state=has_state,
                 compare_oracle_state=oracle_has_state,
             )
-            previous_state = ranks[0].state
-        ends = [{k: v for k, v in run.checkpoint.items() if k != "loss"} for run in runs]
+            previous_states = [r.state for r in ranks]
+        ends = [_replicated_checkpoint(run.checkpoint, per_rank) for run in runs]
         error = max(diff(end, ends[0]) for end in ends)
         name = "checkpoint identical on every rank"
         checks.append(Check(indices[-1], len(runs), name, error, 0.0, magnitude(ends[0])))
@@ -116,7 +131,7 @@ def _step_checks(
     ranks: list[StepRecord],
     replay: StepRecord,
     free: StepRecord,
-    previous_state: Any,
+    previous_states: list[Any],
     *,
     adapter: LossAdapter,
     rtol: float,
@@ -149,25 +164,42 @@ def _step_checks(
         error = relative_diff(ranks[0].grads, replay.grads)
         add("DDP grads vs oracle", error, rtol, magnitude(replay.grads))
     if compare_state:
-        state = ranks[0].state
+        # A per-rank part (a sharded loss's queue shard) is each rank's own: the ranks must
+        # match on the rest, and each rank's part must match the oracle's part for that rank.
+        replicated = [replicated_part(r.state) for r in ranks]
         add(
             "state identical on every rank",
-            across_ranks([r.state for r in ranks]),
+            across_ranks(replicated),
             0.0,
-            magnitude([r.state for r in ranks]),
+            magnitude(replicated),
         )
         if compare_oracle_state:
-            error = relative_diff(state, replay.state)
-            add("state vs oracle", error, exact, magnitude(replay.state))
+            error = relative_diff(replicated[0], replicated_part(replay.state))
+            add("state vs oracle", error, exact, magnitude(replicated_part(replay.state)))
+            parts = per_rank_part(replay.state)
+            if isinstance(parts, list) and len(parts) == world_size:
+                error = max(
+                    relative_diff(per_rank_part(r.state), part) for r, part in zip(ranks, parts)
+                )
+                add(SHARD_CHECK, error, exact, magnitude(parts))
         if not step.train and not adapter.writes_state_in_eval:
-            error = diff(state, previous_state)
-            add("state frozen in eval", error, 0.0, magnitude([state, previous_state]))
+            error = max(diff(r.state, before) for r, before in zip(ranks, previous_states))
+            add("state frozen in eval", error, 0.0, magnitude([ranks[0].state, *previous_states]))
     params = [r.params for r in ranks]
     add("params identical on every rank", across_ranks(params), 0.0, magnitude(params))
     error = relative_diff(ranks[0].params, free.params)
     add("params vs free-running oracle", error, rtol, magnitude(free.params))
     add("loss vs free-running oracle", relative_diff(value, free.out), rtol, magnitude(free.out))
     return out
+
+
+def _replicated_checkpoint(checkpoint: dict[str, Any], per_rank: bool) -> dict[str, Any]:
+    """What every rank's checkpoint must hold alike: all of it (the loss's bytes aside), or,
+    for a loss with per-rank state, all but its queue shard (``split_sharded``)."""
+    kept = {k: v for k, v in checkpoint.items() if k != "loss"}
+    if per_rank and isinstance(kept.get("loss_state"), dict):
+        kept["loss_state"] = replicated_part(split_sharded(kept["loss_state"]))
+    return kept
 
 
 def _unscaled(out: Any, factor: float) -> Any:
@@ -237,6 +269,22 @@ def _unchecked(
                 "state vs oracle",
                 "the oracle has no state to read (give oracle_state=... for it)",
             )
+        per_rank = any(has_per_rank_part(state) for state in states)
+        if per_rank:
+            notes.append(
+                "per-rank state (a sharded loss's queue shard): 'state identical on every rank' "
+                "and 'state vs oracle' compare the rest of the state; each rank's shard is "
+                "compared with the oracle's shard of that rank"
+            )
+            parts = [per_rank_part(r.state) for r in records.replay]
+            if oracle_has_state and not all(
+                isinstance(p, list) and len(p) == len(step.sizes) for p, step in zip(parts, plan)
+            ):
+                skip(
+                    SHARD_CHECK,
+                    "the oracle keeps no shard per rank; pass an oracle of the same shards "
+                    "(oracle_factory=reference.ShardedReference(...), state=shard_state)",
+                )
         if adapter.writes_state_in_eval:
             skip("state frozen in eval", "the loss writes its state in eval by design")
         elif all(step.train for step in plan):

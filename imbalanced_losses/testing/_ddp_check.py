@@ -100,13 +100,19 @@ def check_ddp_exactness(
     * ``state`` / ``oracle_state``: picklable accessors returning the loss's state (nested
       dicts, lists, tensors, numbers), by default the whole ``state_dict()`` with extra state,
       for every loss (``state=queue_state`` compares only the queue, e.g. with the plain
-      reference implementation as the oracle); an empty state is reported as not checked;
+      reference implementation as the oracle); an empty state is reported as not checked.
+      A state dict with a ``"per_rank"`` key holds a per-rank part (a sharded loss's queue
+      shard: the default splits it, ``state=shard_state`` reads only it): the ranks must
+      match on the rest, and each rank's part must equal the oracle's ``"per_rank"[rank]``;
     * ``writes_state_in_eval=True``: the loss writes its state in eval by design (default:
       a ``QueuedRankingLoss``'s ``update_queue_in_eval``, else False);
     * ``loss_scale="world_size"``: the ranks' loss value is world_size times the oracle's
       (a wrapper that multiplies by the world size so that DDP's average gives the sum);
     * ``oracle_factory`` (default: the same factory): the single-process loss, e.g. a plain
-      reference implementation;
+      reference implementation. An oracle with a ``set_rank_sizes(sizes)`` method is told
+      each step's per-rank row counts (``step.sizes``, padding rows included) before the
+      step: an oracle of per-rank state needs them (``reference.ShardedReference``, the
+      queue shards of a ``sharded=True`` loss);
     * ``loss_inside_ddp``, ``broadcast_buffers``: the layout under DDP;
     * ``local_ce_weight``: adds a per-rank cross-entropy (equal per-rank batches only);
     * ``rtol``: the relative error allowed against the oracle.
@@ -360,6 +366,9 @@ def _oracle_step(
     adapter = setup.adapter
     x, y, w = make_batch(setup.case, adapter, i, step, torch.device("cpu"))
     edges = [0, *itertools.accumulate(step.sizes)]
+    set_rank_sizes = getattr(loss_fn, "set_rank_sizes", None)
+    if callable(set_rank_sizes):  # an oracle of per-rank state: whose rows are whose
+        set_rank_sizes(tuple(step.sizes))
 
     def forward() -> tuple[Tensor, Any]:
         logits = torch.cat([model(x[a:b]) for a, b in zip(edges, edges[1:])])

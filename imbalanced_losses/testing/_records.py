@@ -13,10 +13,23 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["SegmentRun", "StateAccessor", "StepRecord", "cpu_copy", "is_empty"]
+__all__ = [
+    "PER_RANK",
+    "SegmentRun",
+    "StateAccessor",
+    "StepRecord",
+    "cpu_copy",
+    "is_empty",
+    "per_rank_part",
+    "replicated_part",
+]
 
 # Reads a loss's state: nested dicts, lists, tensors and numbers (None: it has none).
 StateAccessor = Callable[[Any], Any]
+
+# The key of a state's per-rank part (a sharded loss's queue shard): on a rank, that rank's
+# part; on an oracle, a list with one part per rank. The rest of the state is replicated.
+PER_RANK = "per_rank"
 
 
 @dataclass(frozen=True)
@@ -59,3 +72,20 @@ def is_empty(state: Any) -> bool:
     if isinstance(state, (list, tuple)):
         return all(is_empty(v) for v in state)
     return False
+
+
+def has_per_rank_part(state: Any) -> bool:
+    """Whether ``state`` splits into a replicated part and a per-rank part (:data:`PER_RANK`)."""
+    return isinstance(state, dict) and PER_RANK in state
+
+
+def replicated_part(state: Any) -> Any:
+    """``state`` without its per-rank part (the whole state when it has none)."""
+    if not has_per_rank_part(state):
+        return state
+    return {k: v for k, v in state.items() if k != PER_RANK}
+
+
+def per_rank_part(state: Any) -> Any:
+    """The per-rank part of ``state`` (None when it has none)."""
+    return state[PER_RANK] if has_per_rank_part(state) else None

@@ -37,6 +37,7 @@ from imbalanced_losses.testing.reference import (
     ReferenceRecallAtQuantileLoss,
     ReferenceSmoothAPLoss,
     ReferenceTopQuantileHingeLoss,
+    ShardedReference,
 )
 
 __all__ = ["BASE_OPTIONS", "LOSS_SPECS", "PER_ROW_LOSS_SPECS", "LossSpec", "PerRowLossSpec"]
@@ -51,9 +52,10 @@ BASE_OPTIONS = (
     "gather_distributed",
     "max_pool_size",
     "seed",
+    "sharded",
     "process_group",
 )
-_ONLY_THE_LOSS_TAKES = ("gather_distributed", "max_pool_size", "seed", "process_group")
+_ONLY_THE_LOSS_TAKES = ("gather_distributed", "max_pool_size", "seed", "sharded", "process_group")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,13 @@ class LossSpec:
             raise ValueError(f"the {self.name} reference does not model {unmodelled}")
         kept = {k: v for k, v in options.items() if k not in _ONLY_THE_LOSS_TAKES}
         return self.reference(num_classes, dtype=dtype, **kept)
+
+    def make_sharded_reference(
+        self, num_classes: int, *, dtype: torch.dtype = torch.float64, **overrides: Any
+    ) -> ShardedReference:
+        """The oracle of ``sharded=True``: the reference over one queue shard per rank."""
+        reference = self.make_reference(num_classes, dtype=dtype, **overrides)
+        return ShardedReference(reference, reference.queue.size)
 
     def __str__(self) -> str:
         return self.name

@@ -12,6 +12,7 @@ from imbalanced_losses.testing.reference.recall_at_quantile import (
     reference_recall_at_quantile,
     reference_recall_at_quantile_loss,
 )
+from imbalanced_losses.testing.reference.sharded import ShardedReference
 from imbalanced_losses.testing.reference.smooth_ap import (
     ReferenceSmoothAPLoss,
     reference_smooth_ap_loss,
@@ -25,6 +26,7 @@ __all__ = [
     "ReferenceRecallAtQuantileLoss",
     "ReferenceSmoothAPLoss",
     "ReferenceTopQuantileHingeLoss",
+    "ShardedReference",
     "reference_recall_at_quantile",
     "reference_recall_at_quantile_loss",
     "plain_pauc_per_class",

@@ -1,0 +1,132 @@
+"""``RecallAtQuantileLoss(sharded=True)`` on real gloo ranks, checked directly (no DDP model):
+each rank's loss, per-class values and gradient of its own logits equal a single process fed the
+concatenated global batch, step after step, whenever the union of the shards is the gathered
+pool (equal per-rank batches, ``queue_size`` a multiple of the global batch); no rows travel,
+and the bytes per step do not depend on the batch size or the world size.
+
+The harness checks (DDP, parameters, uneven ranks against an oracle of the same shards) are in
+``test_sharded_ddp.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imbalanced_losses import RecallAtQuantileLoss, _distributed
+from imbalanced_losses.testing import run_ranks
+
+STEPS = 5
+
+
+def _batches(world_size: int, per_rank: int, num_classes: int, weighted: bool):
+    """The global batches of every step (rank r holds rows [r * per_rank, (r + 1) * per_rank))."""
+    gen = torch.Generator().manual_seed(7 + world_size)
+    out = []
+    for _ in range(STEPS):
+        n = per_rank * world_size
+        logits = torch.randn(n, num_classes, generator=gen, dtype=torch.float64)
+        high = 2 if num_classes == 1 else num_classes
+        targets = torch.randint(0, high, (n,), generator=gen)
+        weights = 2 * torch.rand(n, generator=gen, dtype=torch.float64) if weighted else None
+        out.append((logits, targets, weights))
+    return out
+
+
+def _options(num_classes: int, per_rank: int, world_size: int, interpolation: str) -> dict:
+    return {
+        "num_classes": num_classes,
+        "quantile": 0.3,
+        "temperature": 0.5,
+        "queue_size": 2 * per_rank * world_size,
+        "quantile_interpolation": interpolation,
+        "reduction": "none",
+    }
+
+
+def _run(loss_fn, batches, rows: slice, scale: float) -> list[dict]:
+    """Each step's output and gradient of this block of rows (times ``scale``)."""
+    out = []
+    for logits, targets, weights in batches:
+        x = logits[rows].clone().requires_grad_()
+        w = None if weights is None else weights[rows]
+        loss, per_class, valid = loss_fn(x, targets[rows], sample_weight=w, return_per_class=True)
+        torch.where(valid, loss, 0.0).sum().backward()
+        out.append({"loss": loss.detach(), "valid": valid, "grad": x.grad * scale})
+    return out
+
+
+def _no_rows_travel(*args, **kwargs):
+    raise AssertionError("sharded mode gathered rows")
+
+
+def _sharded_rank(rank: int, world_size: int, per_rank: int, num_classes: int, weighted, interp):
+    for name in ("gather_rows", "gather_own_column", "_gather_padded"):
+        setattr(_distributed, name, _no_rows_travel)  # this process only (a spawned rank)
+    loss_fn = RecallAtQuantileLoss(
+        **_options(num_classes, per_rank, world_size, interp), sharded=True
+    ).double()
+    batches = _batches(world_size, per_rank, num_classes, weighted)
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    _distributed.reset_traffic()
+    steps = _run(loss_fn, batches, rows, 1.0 / world_size)  # the replicated rule's factor W
+    traffic = _distributed.traffic()
+    return {
+        "steps": steps,
+        "shard": (loss_fn.queue.capacity, loss_fn.queue.count),
+        "bytes": traffic.bytes,
+        "calls": traffic.calls,
+    }
+
+
+@pytest.mark.parametrize(
+    "world_size,num_classes,weighted,interpolation",
+    [
+        (2, 3, False, "higher"),
+        (2, 1, True, "linear"),
+        (3, 4, True, "midpoint"),
+        (4, 2, False, "lower"),
+    ],
+)
+def test_sharded_loss_and_gradient_equal_one_process_on_the_global_batch(
+    world_size, num_classes, weighted, interpolation
+):
+    per_rank = 6
+    results = run_ranks(
+        _sharded_rank,
+        world_size,
+        args=(world_size, per_rank, num_classes, weighted, interpolation),
+        timeout_s=300,
+    )
+    oracle = RecallAtQuantileLoss(**_options(num_classes, per_rank, world_size, interpolation))
+    batches = _batches(world_size, per_rank, num_classes, weighted)
+    want = _run(oracle.double(), batches, slice(None), 1.0)
+    for rank, got in enumerate(results):
+        assert got["shard"] == (2 * per_rank, 2 * per_rank), "each rank keeps queue_size // W"
+        for step, (g, w) in enumerate(zip(got["steps"], want)):
+            where = f"rank {rank}, step {step}"
+            assert torch.equal(g["valid"], w["valid"]), where
+            torch.testing.assert_close(
+                g["loss"], w["loss"], rtol=1e-12, atol=1e-12, equal_nan=True, msg=where
+            )
+            mine = w["grad"][rank * per_rank : (rank + 1) * per_rank]
+            torch.testing.assert_close(g["grad"], mine, rtol=1e-12, atol=1e-12, msg=where)
+        assert torch.equal(got["steps"][-1]["loss"], results[0]["steps"][-1]["loss"])
+
+
+def _expected_bytes_per_step(num_classes: int) -> int:
+    """float64 scores: 8 radix rounds of [C, 256] int32 counts (the first with C NaN counts),
+    then the [3, C] float64 sums; "higher" needs no second order statistic."""
+    rounds = 4 * num_classes * 257 + 7 * 4 * num_classes * 256
+    return rounds + 3 * num_classes * 8
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_bytes_per_step_depend_on_the_classes_only_not_on_the_batch_or_the_world(world_size):
+    for per_rank in (4, 32):
+        results = run_ranks(
+            _sharded_rank, world_size, args=(world_size, per_rank, 3, True, "higher"), timeout_s=300
+        )
+        for got in results:
+            assert got["calls"] == STEPS * 9  # 8 rounds + 1 sum per step, nothing else counted
+            assert got["bytes"] == STEPS * _expected_bytes_per_step(3), (per_rank, got["bytes"])

@@ -710,7 +710,8 @@ class TrafficLoss:
     """A loss the traffic case measures, and the labels it is fed.
 
     ``positive_rate`` None: classes uniform over ``C`` (every row is some class's positive);
-    otherwise binary (``C == 1``) with exactly ``round(rate * N)`` positives per rank and step,
+    otherwise binary (``C == 1``) with exactly ``max(1, round(rate * N))`` positives per rank
+    and step,
     so that the bytes of a mode that gathers positives are the same every step.
     ``sharded_grows``: what the sharded mode's bytes may grow with ("nothing": flat in N and
     W; "positives": the global positive count).
@@ -733,8 +734,16 @@ class TrafficLoss:
         if self.positive_rate is None:
             return torch.randint(0, num_classes, (n,), generator=gen)
         labels = torch.zeros(n, dtype=torch.long)
-        labels[torch.randperm(n, generator=gen)[: round(self.positive_rate * n)]] = 1
+        labels[torch.randperm(n, generator=gen)[: self.positives(n)]] = 1
         return labels
+
+    def positives(self, n: int) -> int:
+        """Positives per rank and step in the binary case (at least one)."""
+        return max(1, round((self.positive_rate or 0.0) * n))
+
+    def sharded_units(self, n: int) -> int:
+        """What the sharded mode's bytes may grow with, per rank: rows or positives."""
+        return self.positives(n) if self.sharded_grows == "positives" else n
 
     def sharded_available(self) -> bool:
         """Whether this checkout's loss accepts ``sharded=True`` (it builds one to find out)."""
@@ -860,13 +869,18 @@ def _summarise_traffic(per_rank: list[list[dict[str, Any]]], world_size: int) ->
 
 
 def traffic_model(
-    at: dict[tuple[int, int], dict[str, Any]], worlds: list[int], batches: tuple[int, int]
+    at: dict[tuple[int, int], dict[str, Any]],
+    worlds: list[int],
+    batches: tuple[int, int],
+    units: Callable[[int], int] = int,
+    unit: str = "row",
 ) -> dict[str, Any]:
-    """Bytes per step as ``fixed + per_global_row * W * N + metadata_per_rank * W``.
+    """Bytes per step as ``fixed + per_unit * W * units(N) + metadata_per_rank * W``.
 
-    Fitted at the largest measured W through the two batch sizes (metadata: the all_gather of
-    one small row per rank), then checked on every other measured W > 1: ``max_error`` is the
-    largest relative miss (0.0 when the model holds exactly, as it should for byte counts).
+    ``units(N)``: what a rank's share grows with (its rows, or its positives). Fitted at the
+    largest measured W through the two batch sizes (metadata: the all_gather of one small row
+    per rank), then checked on every other measured W > 1: ``max_error`` is the largest
+    relative miss (0.0 when the model holds exactly, as it should for byte counts).
     """
     small, large = batches
     top = max(worlds)
@@ -875,25 +889,29 @@ def traffic_model(
     def data(w: int, n: int) -> float:
         return at[w, n]["bytes_per_step"] - at[w, n]["metadata_bytes"]
 
-    per_row = (data(top, large) - data(top, small)) / (top * (large - small))
-    fixed = data(top, small) - per_row * top * small
-    errors = []
-    for w in (w for w in worlds if w > 1):
-        for n in batches:
-            predicted = fixed + per_row * w * n + metadata * w
-            errors.append(abs(predicted - at[w, n]["bytes_per_step"]) / at[w, n]["bytes_per_step"])
-    return {
+    per_unit = (data(top, large) - data(top, small)) / (top * (units(large) - units(small)))
+    fixed = data(top, small) - per_unit * top * units(small)
+    model = {
+        "unit": unit,
         "fixed_bytes": fixed,
-        "bytes_per_global_row": per_row,
+        "bytes_per_global_unit": per_unit,
         "metadata_bytes_per_rank": metadata,
-        "max_error": max(errors),
     }
+    errors = [
+        abs(project_bytes(model, w, units(n)) - at[w, n]["bytes_per_step"])
+        / at[w, n]["bytes_per_step"]
+        for w in worlds
+        if w > 1
+        for n in batches
+    ]
+    return {**model, "max_error": max(errors)}
 
 
-def project_bytes(model: dict[str, Any], world_size: int, batch: int) -> float:
+def project_bytes(model: dict[str, Any], world_size: int, units_per_rank: int) -> float:
+    """The model's bytes per step at ``world_size`` ranks of ``units_per_rank`` rows/positives."""
     return (
         model["fixed_bytes"]
-        + model["bytes_per_global_row"] * world_size * batch
+        + model["bytes_per_global_unit"] * world_size * units_per_rank
         + model["metadata_bytes_per_rank"] * world_size
     )
 
@@ -922,24 +940,28 @@ def _traffic_verdicts(
             verdict["gathered_grows_as_w_n"] = bool(
                 gathered["max_error"] < 1e-12
                 and abs(gathered["fixed_bytes"]) < 1e-6
-                and gathered["bytes_per_global_row"] >= 4 * c
+                and gathered["bytes_per_global_unit"] >= 4 * c
             )
             if not by_mode[True]:
                 verdict["sharded_ok"] = None
                 out.append(verdict)
                 continue
-            sharded = traffic_model(by_mode[True], worlds, batches)
+            unit = "positive" if spec.sharded_grows == "positives" else "row"
+            sharded = traffic_model(by_mode[True], worlds, batches, spec.sharded_units, unit)
             verdict["sharded"] = sharded
             rows_gathered = [r["forward"]["rows"] for r in by_mode[True].values()]
             exact = sharded["max_error"] < 1e-12
             if spec.sharded_grows == "nothing":
                 verdict["sharded_ok"] = bool(
-                    exact and sharded["bytes_per_global_row"] == 0 and not any(rows_gathered)
+                    exact and sharded["bytes_per_global_unit"] == 0 and not any(rows_gathered)
                 )
-            else:  # per global positive: some bytes per row, far fewer than gathered
-                ratio = sharded["bytes_per_global_row"] / gathered["bytes_per_global_row"]
-                verdict["sharded_per_row_over_gathered"] = ratio
-                verdict["sharded_ok"] = bool(exact and ratio <= 4 * (spec.positive_rate or 1))
+            else:  # per global positive, and fewer bytes than gathered at the largest point
+                top, large = max(worlds), max(batches)
+                verdict["sharded_ok"] = bool(
+                    exact
+                    and by_mode[True][top, large]["bytes_per_step"]
+                    < by_mode[False][top, large]["bytes_per_step"]
+                )
             times = {
                 f"W={w},N={n}": by_mode[True][w, n]["median_step_ms"]
                 / by_mode[False][w, n]["median_step_ms"]
@@ -994,7 +1016,11 @@ def run_traffic_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
             "world_size": w,
             "batch": n,
             "gathered_bytes": project_bytes(v["gathered"], w, n),
-            "sharded_bytes": project_bytes(v["sharded"], w, n) if "sharded" in v else None,
+            "sharded_bytes": (
+                project_bytes(v["sharded"], w, TRAFFIC_LOSSES[v["loss"]].sharded_units(n))
+                if "sharded" in v
+                else None
+            ),
         }
         for v in verdicts
         for w in TRAFFIC_PROJECTED_WORLDS
@@ -1080,7 +1106,7 @@ def traffic_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
     for v in r["verdicts"]:
         g = v["gathered"]
         text = (
-            f"gathered: {fmt_bytes(g['bytes_per_global_row'])} per global row + "
+            f"gathered: {fmt_bytes(g['bytes_per_global_unit'])} per global row + "
             f"{fmt_bytes(g['metadata_bytes_per_rank'])} per rank (fit max error "
             f"{g['max_error']:.0%})"
         )
@@ -1091,7 +1117,7 @@ def traffic_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
             s = v["sharded"]
             text += (
                 f"; sharded: {fmt_bytes(s['fixed_bytes'])} + "
-                f"{fmt_bytes(s['bytes_per_global_row'])} per global row + "
+                f"{fmt_bytes(s['bytes_per_global_unit'])} per global {s['unit']} + "
                 f"{fmt_bytes(s['metadata_bytes_per_rank'])} per rank (fit max error "
                 f"{s['max_error']:.0%}); step time sharded/gathered "
                 + ", ".join(

@@ -1031,7 +1031,7 @@ def run_traffic_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         "worlds": worlds,
         "batches": [small, large],
         "losses": [spec.name for spec in losses],
-        "classes": sorted({c for spec in losses for c in spec.classes}),
+        "classes": {spec.name: list(spec.classes) for spec in losses},
         "sharded_measured": not sharded_missing,
         "steps": TRAFFIC_STEPS,
         "steady_from_step": TRAFFIC_STEADY_FROM,

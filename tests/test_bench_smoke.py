@@ -145,7 +145,7 @@ def test_traffic_case_counts_every_configuration_the_same_on_every_rank_and_step
     grid = {(r["loss"], r["num_classes"], r["world_size"], r["batch"], r["sharded"]) for r in rows}
     expected = {
         ("recall", c, w, n, sharded)
-        for c in quick_traffic["classes"]
+        for c in quick_traffic["classes"]["recall"]
         for w in quick_traffic["worlds"]
         for n in quick_traffic["batches"]
         for sharded in modes
@@ -171,7 +171,7 @@ def test_gathered_traffic_grows_with_world_and_batch_and_classes(quick_traffic):
     at = _recall_rows(quick_traffic, sharded=False)
     worlds = [w for w in quick_traffic["worlds"] if w > 1]
     per_row = {}
-    for c in quick_traffic["classes"]:
+    for c in quick_traffic["classes"]["recall"]:
         for w in worlds:
             for n in quick_traffic["batches"]:
                 forward = at[c, w, n]["forward"]
@@ -194,7 +194,7 @@ def test_sharded_recall_traffic_is_flat_in_batch_and_world(quick_traffic):
     at = _recall_rows(quick_traffic, sharded=True)
     gathered = _recall_rows(quick_traffic, sharded=False)
     worlds = [w for w in quick_traffic["worlds"] if w > 1]
-    for c in quick_traffic["classes"]:
+    for c in quick_traffic["classes"]["recall"]:
         statistics = {
             at[c, w, n]["bytes_per_step"] - at[c, w, n]["metadata_bytes"]
             for w in worlds

@@ -224,3 +224,33 @@ def test_projection_marks_every_figure_and_extends_the_measured_model(quick_traf
         metadata = at[c, w, large]["metadata_bytes"] / w
         expected = (row_bytes * p["batch"] + metadata) * p["world_size"]
         assert abs(p["gathered_bytes"] - expected) <= 1e-9 * expected, (p, expected)
+
+
+def test_sharded_smooth_ap_traffic_follows_the_global_positives(quick_traffic):
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    spec = bench.TRAFFIC_LOSSES["smooth_ap"]
+    assert ("smooth_ap" in quick_traffic["losses"]) == spec.sharded_available()
+    if not spec.sharded_available():
+        return  # measured once this checkout's Smooth-AP has a sharded mode
+    rows = {
+        (r["world_size"], r["batch"], r["sharded"]): r
+        for r in quick_traffic["rows"]
+        if r["loss"] == "smooth_ap"
+    }
+    per_positive = set()
+    for w in (w for w in quick_traffic["worlds"] if w > 1):
+        for n in quick_traffic["batches"]:
+            sharded, gathered = rows[w, n, True], rows[w, n, False]
+            assert (
+                sharded["forward"]["rows"] == 0
+                or sharded["forward"]["rows"] < gathered["forward"]["rows"]
+            )
+            statistics = sharded["bytes_per_step"] - sharded["metadata_bytes"]
+            per_positive.add(statistics / (w * spec.positives(n)))
+    assert len(per_positive) == 1 and per_positive.pop() > 0, per_positive
+    w, n = max(quick_traffic["worlds"]), max(quick_traffic["batches"])
+    assert rows[w, n, True]["bytes_per_step"] < rows[w, n, False]["bytes_per_step"]

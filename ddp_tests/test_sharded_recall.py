@@ -41,6 +41,8 @@ def _options(num_classes: int, per_rank: int, world_size: int, interpolation: st
         "queue_size": 2 * per_rank * world_size,
         "quantile_interpolation": interpolation,
         "reduction": "none",
+        # The live positives only (the queue sets the threshold) in one case of each world.
+        "positives": "live" if interpolation in ("linear", "lower") else "pool",
     }
 
 
@@ -139,3 +141,36 @@ def test_bytes_per_step_depend_on_the_classes_only_not_on_the_batch_or_the_world
             assert got["metadata"] % (STEPS * world_size) == 0, got["metadata"]
             metadata.add(got["metadata"] // (STEPS * world_size))
     assert len(metadata) == 1 and metadata.pop() > 0
+
+
+def _misconfigured_rank(rank: int) -> dict:
+    """Each case must raise on every rank (none may wait in a collective the others skipped)."""
+    out = {}
+    cases = {
+        "sharded": dict(queue_size=8, sharded=rank == 0),
+        "queue_size": dict(queue_size=2, sharded=True),  # 3 ranks: shards of 2 // 3 = 0 rows
+    }
+    for name, options in cases.items():
+        loss_fn = RecallAtQuantileLoss(3, quantile=0.3, **options).double()
+        try:
+            loss_fn(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
+            out[name] = (None, loss_fn.queue.count)
+        except ValueError as exc:
+            out[name] = (str(exc), loss_fn.queue.count)
+    # The group still works: a good sharded step on every rank, one rank without rows.
+    good = RecallAtQuantileLoss(3, quantile=0.3, queue_size=6, sharded=True).double()
+    rows = 0 if rank == 1 else 4
+    out["good"] = good(torch.randn(rows, 3, dtype=torch.float64), torch.arange(rows) % 3)
+    return out
+
+
+def test_a_sharded_misconfiguration_raises_on_every_rank_before_any_state_changes():
+    results = run_ranks(_misconfigured_rank, 3, timeout_s=300)
+    for out in results:
+        message, count = out["sharded"]
+        assert message is not None and "sharded (rank 0: True, rank 1: False" in message, message
+        assert count == 0
+        message, count = out["queue_size"]
+        assert message is not None and "queue_size=2 with sharded=True over 3 ranks" in message
+        assert "expected queue_size >= 3" in message and count == 0
+        assert torch.equal(out["good"], results[0]["good"])

@@ -71,6 +71,11 @@ class QueuedRankingLoss(ProcessGroupHandle):
     each row's own-class score sets ``own_class_gradient_only = True``: the gathered rows
     then travel detached and only a ``[rows]`` vector carries gradient.
 
+    ``sharded=True`` (a loss that sets ``supports_sharded``): nothing is gathered; each rank
+    keeps a queue shard of ``queue_size // world_size`` of its own rows, and
+    :meth:`per_class_loss` gets this rank's rows (``Pool.sharded``) and reduces per-class
+    statistics over ``Pool.group`` with the same gradient rule (docs/ddp.md, "Sharded mode").
+
     A loss that declares ``TEMPERATURE`` lets users anneal it by assignment; ranks agree
     on it and ``state_dict()`` saves it. The forward always runs eagerly: inside a compiled
     program (``torch.compile``) it is a graph break.
@@ -371,7 +376,8 @@ class QueuedRankingLoss(ProcessGroupHandle):
                 counts={
                     "finite": (torch.isfinite(logits).all(dim=1) & keep).sum(),
                     "positives": positive.sum(),
-                    "queued": self.queue.count,
+                    # A host number: copied without blocking (pinned) on CUDA.
+                    "queued": _device.to_device(torch.tensor(self.queue.count), device),
                 },
             )
         agreed = _exchange.agree(

@@ -15,9 +15,10 @@ The one protocol of a pooled step, used by the ranking losses, the focal losses 
 3. **filter**: :meth:`Exchange.keep` drops this rank's padding rows by a count the host now
    knows (no further sync).
 4. **gather**: :meth:`Exchange.gather`, every rank's rows in rank order; a caller with its
-   own gradient rule gathers with :attr:`Exchange.sizes`. This is the seam for a sharded
-   mode, which would *reduce* per-class sums here instead of gathering rows: it needs the
-   same agreed sizes and decision, and nothing else from the steps above.
+   own gradient rule gathers with :attr:`Exchange.sizes`. The sharded mode (``sharded=True``)
+   skips it: each rank keeps its rows and the loss *reduces* per-class statistics instead,
+   with the same agreed sizes and decision (the queue shards' row counts ride in the
+   metadata row as a count), and nothing else from the steps above.
 
 Host numbers reach a CUDA device by an asynchronous copy from pinned memory; values that
 already live on the device are converted there, never read on the host.

@@ -248,7 +248,7 @@ def _traffic_on_rank(rank: int) -> dict:
                 gathers.clear()
                 _distributed.reset_traffic()
                 SoftmaxFocalLoss(reduction=reduction)(x, y)
-                out[reduction, rows - rank] = (_distributed.traffic().bytes, list(gathers))
+                out[reduction, rows - rank] = (_distributed.traffic().reduced, list(gathers))
     return out
 
 

@@ -76,7 +76,9 @@ def _sharded_rank(rank: int, world_size: int, per_rank: int, num_classes: int, w
     return {
         "steps": steps,
         "shard": (loss_fn.queue.capacity, loss_fn.queue.count),
-        "bytes": traffic.bytes,
+        "bytes": traffic.reduced,  # the statistics (all-reduces)
+        "metadata": traffic.gathered - traffic.rows,  # the agreed row of every rank
+        "rows": traffic.rows,
         "calls": traffic.calls,
     }
 
@@ -125,13 +127,20 @@ def _expected_bytes_per_step(num_classes: int) -> int:
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_bytes_per_step_depend_on_the_classes_only_not_on_the_batch_or_the_world(world_size):
+    metadata = set()
     for per_rank in (4, 32):
         results = run_ranks(
             _sharded_rank, world_size, args=(world_size, per_rank, 3, True, "higher"), timeout_s=300
         )
         for got in results:
-            assert got["calls"] == STEPS * 9  # 8 rounds + 1 sum per step, nothing else counted
+            # 8 rounds + 1 sum + the metadata gather per step, nothing else
+            assert got["calls"] == STEPS * 10
             assert got["bytes"] == STEPS * _expected_bytes_per_step(3), (per_rank, got["bytes"])
+            assert got["rows"] == 0
+            # the metadata all_gather: one row per rank, whatever the batch
+            assert got["metadata"] % (STEPS * world_size) == 0, got["metadata"]
+            metadata.add(got["metadata"] // (STEPS * world_size))
+    assert len(metadata) == 1 and metadata.pop() > 0
 
 
 def _misconfigured_rank(rank: int) -> dict:

@@ -98,9 +98,15 @@ def all_gather_rows_of_equal_shape(tensor: Tensor, group: Group = None) -> list[
 
     The results come back on ``tensor``'s device.
     """
+    return _all_gather_equal(tensor, group, rows=False)
+
+
+def _all_gather_equal(tensor: Tensor, group: Group, *, rows: bool) -> list[Tensor]:
+    """The one ``all_gather``, counted as rows or as other (metadata) bytes."""
     sendable = _on_backend(tensor.contiguous(), group)
     out = [torch.empty_like(sendable) for _ in range(world(group)[1])]
     dist.all_gather(out, sendable, group=group)
+    _count_gather(out, rows=rows)
     return [t.to(tensor.device) for t in out]
 
 
@@ -112,7 +118,7 @@ def _gather_padded(tensor: Tensor, sizes: list[int], group: Group) -> Tensor:
         return tensor.new_empty((0, *tensor.shape[1:]))
     padded = tensor.new_zeros((longest, *tensor.shape[1:]))
     padded[: sizes[rank]] = tensor
-    blocks = all_gather_rows_of_equal_shape(padded, group)
+    blocks = _all_gather_equal(padded, group, rows=True)
     return torch.cat([block[:n] for block, n in zip(blocks, sizes)], dim=0)
 
 
@@ -232,6 +238,7 @@ class _GatherRowsWithSum(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         summed = _on_backend(grad.contiguous(), ctx.group)
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
+        _count_reduce(summed)
         return _local_slice(summed, ctx.sizes, ctx.group).to(ctx.device), None, None
 
 
@@ -243,19 +250,31 @@ def all_gather_no_grad(tensor: Tensor, *, process_group: Group = None) -> Tensor
         return _gather_padded(tensor.detach(), gather_sizes(tensor, process_group), process_group)
 
 
-# --------------------------------------------------------------------------- statistics, not rows
-# The sharded mode exchanges fixed-size statistics. Each call is counted here: ``bytes`` is the
-# size of the reduced tensor each rank receives (the logical payload; a ring all-reduce moves
-# about twice that over the wire), so a benchmark reads it per step without a profiler.
+# --------------------------------------------------------------------------- traffic
+# Every collective of this module is counted where it is issued, as the bytes this rank
+# RECEIVES (the logical payload; a ring all-reduce moves about twice the reduced size over the
+# wire, an all_gather (W - 1)/W of its output), so a benchmark reads it per step without a
+# profiler. The cost when nobody reads it is a few integer additions per collective.
 
 
 @dataclass
 class Traffic:
-    """Collectives issued by this process through the counted helpers, and their bytes."""
+    """Collectives issued by this process through this module, and the bytes each received.
+
+    ``bytes = reduced + gathered``. ``reduced``: for each ``all_reduce``, the size of the
+    reduced tensor (the sharded mode's statistics, and the backward of
+    :func:`all_gather_with_grad`). ``gathered``: for each ``all_gather``, every rank's block
+    (this rank's own included, padding included: the size of the output). ``rows``: the part
+    of ``gathered`` that carried rows (the padded row gathers), the rest being metadata (the
+    agreed row, the row counts). ``recent``: the bytes of each of the last 64 calls.
+    """
 
     calls: int = 0
     bytes: int = 0
-    recent: deque[int] = field(default_factory=lambda: deque(maxlen=64))  # bytes of each call
+    reduced: int = 0
+    gathered: int = 0
+    rows: int = 0
+    recent: deque[int] = field(default_factory=lambda: deque(maxlen=64))
 
 
 _TRAFFIC = Traffic()
@@ -263,12 +282,37 @@ _TRAFFIC = Traffic()
 
 def traffic() -> Traffic:
     """A copy of the counters since the last :func:`reset_traffic`."""
-    return Traffic(_TRAFFIC.calls, _TRAFFIC.bytes, deque(_TRAFFIC.recent, maxlen=64))
+    t = _TRAFFIC
+    return Traffic(t.calls, t.bytes, t.reduced, t.gathered, t.rows, deque(t.recent, maxlen=64))
 
 
 def reset_traffic() -> None:
-    _TRAFFIC.calls, _TRAFFIC.bytes = 0, 0
+    _TRAFFIC.calls = _TRAFFIC.bytes = _TRAFFIC.reduced = _TRAFFIC.gathered = _TRAFFIC.rows = 0
     _TRAFFIC.recent.clear()
+
+
+def _count(size: int) -> None:
+    _TRAFFIC.calls += 1
+    _TRAFFIC.bytes += size
+    _TRAFFIC.recent.append(size)
+
+
+def _count_reduce(reduced: Tensor) -> None:
+    size = reduced.numel() * reduced.element_size()
+    _TRAFFIC.reduced += size
+    _count(size)
+
+
+def _count_gather(blocks: list[Tensor], *, rows: bool) -> None:
+    size = sum(b.numel() * b.element_size() for b in blocks)
+    _TRAFFIC.gathered += size
+    if rows:
+        _TRAFFIC.rows += size
+    _count(size)
+
+
+# --------------------------------------------------------------------------- statistics, not rows
+# The sharded mode exchanges fixed-size statistics (each call counted, as ``reduced``).
 
 
 def _all_reduce(tensor: Tensor, op: Any, group: Group) -> Tensor:
@@ -279,10 +323,7 @@ def _all_reduce(tensor: Tensor, op: Any, group: Group) -> Tensor:
     if reduced is tensor:
         reduced = tensor.clone()
     dist.all_reduce(reduced, op=op, group=group)
-    size = reduced.numel() * reduced.element_size()
-    _TRAFFIC.calls += 1
-    _TRAFFIC.bytes += size
-    _TRAFFIC.recent.append(size)
+    _count_reduce(reduced)
     return reduced.to(tensor.device)
 
 

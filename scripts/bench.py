@@ -32,6 +32,13 @@ size (memory ratios, collective counts), showing the speed targets as "n/a (full
   ``imbalanced_losses.testing.run_ranks``), uneven per-rank batches: every public collective
   of ``torch.distributed`` is wrapped with a counter in each rank; counts per forward and per
   backward, steady state = every step after the first.   target: <= 2 per forward, 0 in backward
+* ``ddp_traffic`` (not in the default set; about 2 min) bytes received per rank per step, the
+  gathered mode against ``sharded=True`` (when this checkout has it), counted at the collective
+  calls (``imbalanced_losses._distributed.traffic()``), for W = 1, 2, 4 gloo ranks x N = 512
+  and 4,096 rows per rank x C = 3 and 100, a ``Linear`` model under DDP, queue = one global
+  batch; forward and backward separately, and the median step time.   target: gathered row
+  bytes grow as W x N (bytes per gathered row constant), sharded bytes flat in N and their
+  statistics flat in W (judged on exact byte ratios, never on times).
 * ``c100_pool1m`` (not in the default set; for ``--device cuda``) C=100, batch 8192 + queue
   991,808 = a 1,000,000-row pool.
 * Host syncs (``c16_q64k``, ``c10k_q16k``): after the timed calls, one more steady-state step
@@ -698,6 +705,454 @@ def run_ddp_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- DDP traffic case
+# Bytes each rank receives per training step, gathered mode against sharded mode, counted at
+# the collective calls of ``imbalanced_losses._distributed`` (its ``Traffic`` counter).
+TRAFFIC_STEPS = 6  # per configuration; the first two fill the queue and warm up
+TRAFFIC_STEADY_FROM = 2  # steps from here on are measured (queue full: pool = 2 global batches)
+TRAFFIC_FEATURES = 16
+TRAFFIC_PROJECTED_WORLDS = (64, 256, 1024)
+
+
+@dataclass(frozen=True)
+class TrafficLoss:
+    """A loss the traffic case measures, and the labels it is fed.
+
+    ``positive_rate`` None: classes uniform over ``C`` (every row is some class's positive);
+    otherwise binary (``C == 1``) with exactly ``max(1, round(rate * N))`` positives per rank
+    and step,
+    so that the bytes of a mode that gathers positives are the same every step.
+    ``sharded_grows``: what the sharded mode's bytes may grow with ("nothing": flat in N and
+    W; "positives": the global positive count).
+    """
+
+    name: str
+    classes: tuple[int, ...]
+    positive_rate: float | None = None
+    sharded_grows: str = "nothing"
+
+    def build(self, num_classes: int, queue: int, sharded: bool) -> torch.nn.Module:
+        extra = {"sharded": True} if sharded else {}
+        if self.name == "recall":
+            return RecallAtQuantileLoss(num_classes, quantile=QUANTILE, queue_size=queue, **extra)
+        from imbalanced_losses import SmoothAPLoss
+
+        return SmoothAPLoss(num_classes, queue_size=queue, **extra)
+
+    def labels(self, gen: torch.Generator, n: int, num_classes: int) -> torch.Tensor:
+        if self.positive_rate is None:
+            return torch.randint(0, num_classes, (n,), generator=gen)
+        labels = torch.zeros(n, dtype=torch.long)
+        labels[torch.randperm(n, generator=gen)[: self.positives(n)]] = 1
+        return labels
+
+    def positives(self, n: int) -> int:
+        """Positives per rank and step in the binary case (at least one)."""
+        return max(1, round((self.positive_rate or 0.0) * n))
+
+    def sharded_units(self, n: int) -> int:
+        """What the sharded mode's bytes may grow with, per rank: rows or positives."""
+        return self.positives(n) if self.sharded_grows == "positives" else n
+
+    def sharded_available(self) -> bool:
+        """Whether this checkout's loss accepts ``sharded=True`` (it builds one to find out)."""
+        try:
+            self.build(self.classes[0], 0, True)
+        except TypeError:  # no such keyword: a checkout before the sharded mode
+            return False
+        except ValueError as exc:  # the base has it, this loss refuses it
+            if "sharded" not in str(exc):
+                raise
+            return False
+        return True
+
+
+TRAFFIC_LOSSES = {
+    loss.name: loss
+    for loss in (
+        TrafficLoss("recall", (3, 100)),
+        # Measured only once its sharded mode exists; binary with 1 % positives (rare
+        # positives: the case Smooth-AP's sharded mode is for).
+        TrafficLoss("smooth_ap", (1,), positive_rate=0.01, sharded_grows="positives"),
+    )
+}
+
+
+def sharded_available(loss: str) -> bool:
+    return TRAFFIC_LOSSES[loss].sharded_available()
+
+
+@dataclass(frozen=True)
+class TrafficConfig:
+    """One measured configuration on one world size."""
+
+    loss: str  # a key of TRAFFIC_LOSSES
+    num_classes: int
+    batch: int  # rows per rank per step (equal on every rank)
+    sharded: bool
+
+
+def _counter_delta(before: Any, after: Any) -> dict[str, int]:
+    keys = ("calls", "reduced", "gathered", "rows")
+    return {k: getattr(after, k) - getattr(before, k) for k in keys}
+
+
+def traffic_rank(rank: int, world_size: int, configs: list[TrafficConfig]) -> list[dict[str, Any]]:
+    """One rank: a linear model under DDP trains a few steps per configuration, counted."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from imbalanced_losses import _distributed
+    from imbalanced_losses.testing import report_progress
+
+    warnings.filterwarnings("ignore", message=".*positives make up")
+    out = []
+    for config in configs:
+        report_progress(f"traffic {config}")
+        loss_spec = TRAFFIC_LOSSES[config.loss]
+        gen = torch.Generator().manual_seed(1000 * rank + config.batch + config.num_classes)
+        torch.manual_seed(0)  # the same initial model on every rank (DDP also broadcasts it)
+        model = DistributedDataParallel(torch.nn.Linear(TRAFFIC_FEATURES, config.num_classes))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        # queue_size = one global batch (sharded: each rank keeps queue_size // W of its own)
+        queue = config.batch * world_size
+        loss_fn = loss_spec.build(config.num_classes, queue, config.sharded)
+        steps = []
+        for _ in range(TRAFFIC_STEPS):
+            x = torch.randn(config.batch, TRAFFIC_FEATURES, generator=gen)
+            y = loss_spec.labels(gen, config.batch, config.num_classes)
+            optimizer.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            before = _distributed.traffic()
+            loss = loss_fn(model(x), y)
+            middle = _distributed.traffic()
+            loss.backward()
+            after = _distributed.traffic()
+            optimizer.step()
+            elapsed = time.perf_counter() - start
+            steps.append(
+                {
+                    "forward": _counter_delta(before, middle),
+                    "backward": _counter_delta(middle, after),
+                    "ms": elapsed * 1e3,
+                    "loss": float(loss.detach()),
+                }
+            )
+        out.append({"config": config.__dict__, "queue_size": queue, "steps": steps})
+    return out
+
+
+def _bytes(part: dict[str, int]) -> int:
+    return part["reduced"] + part["gathered"]
+
+
+def _summarise_traffic(per_rank: list[list[dict[str, Any]]], world_size: int) -> list[dict]:
+    """Per configuration: the steady steps' bytes (the same on every rank and step, else the
+    largest, flagged) and the median step time over ranks and steady steps."""
+    rows = []
+    for i, first in enumerate(per_rank[0]):
+        steady = [s for r in per_rank for s in r[i]["steps"][TRAFFIC_STEADY_FROM:]]
+        forward = {k: max(s["forward"][k] for s in steady) for k in steady[0]["forward"]}
+        backward = {k: max(s["backward"][k] for s in steady) for k in steady[0]["backward"]}
+        constant = all(
+            s["forward"] == steady[0]["forward"] and s["backward"] == steady[0]["backward"]
+            for s in steady
+        )
+        losses = [[s["loss"] for s in r[i]["steps"]] for r in per_rank]
+        rows.append(
+            {
+                **first["config"],
+                "world_size": world_size,
+                "queue_size": first["queue_size"],
+                "forward": forward,
+                "backward": backward,
+                "bytes_forward": _bytes(forward),
+                "bytes_backward": _bytes(backward),
+                "bytes_per_step": _bytes(forward) + _bytes(backward),
+                "metadata_bytes": forward["gathered"] - forward["rows"],
+                "bytes_same_every_rank_and_step": constant,
+                "loss_same_on_every_rank": all(lo == losses[0] for lo in losses),
+                "median_step_ms": statistics.median(s["ms"] for s in steady),
+            }
+        )
+    return rows
+
+
+def traffic_model(
+    at: dict[tuple[int, int], dict[str, Any]],
+    worlds: list[int],
+    batches: tuple[int, int],
+    units: Callable[[int], int] = int,
+    unit: str = "row",
+) -> dict[str, Any]:
+    """Bytes per step as ``fixed + per_unit * W * units(N) + metadata_per_rank * W``.
+
+    ``units(N)``: what a rank's share grows with (its rows, or its positives). Fitted at the
+    largest measured W through the two batch sizes (metadata: the all_gather of one small row
+    per rank), then checked on every other measured W > 1: ``max_error`` is the largest
+    relative miss (0.0 when the model holds exactly, as it should for byte counts).
+    """
+    small, large = batches
+    top = max(worlds)
+    metadata = at[top, small]["metadata_bytes"] / top
+
+    def data(w: int, n: int) -> float:
+        return at[w, n]["bytes_per_step"] - at[w, n]["metadata_bytes"]
+
+    per_unit = (data(top, large) - data(top, small)) / (top * (units(large) - units(small)))
+    fixed = data(top, small) - per_unit * top * units(small)
+    model = {
+        "unit": unit,
+        "fixed_bytes": fixed,
+        "bytes_per_global_unit": per_unit,
+        "metadata_bytes_per_rank": metadata,
+    }
+    errors = [
+        abs(project_bytes(model, w, units(n)) - at[w, n]["bytes_per_step"])
+        / at[w, n]["bytes_per_step"]
+        for w in worlds
+        if w > 1
+        for n in batches
+    ]
+    return {**model, "max_error": max(errors)}
+
+
+def project_bytes(model: dict[str, Any], world_size: int, units_per_rank: int) -> float:
+    """The model's bytes per step at ``world_size`` ranks of ``units_per_rank`` rows/positives."""
+    return (
+        model["fixed_bytes"]
+        + model["bytes_per_global_unit"] * world_size * units_per_rank
+        + model["metadata_bytes_per_rank"] * world_size
+    )
+
+
+def _traffic_verdicts(
+    rows: list[dict[str, Any]], worlds: list[int], batches: tuple[int, int]
+) -> list[dict]:
+    """Per loss and C, judged on exact byte counts: gathered bytes grow as W*N (no fixed part,
+    a constant per global row); sharded bytes follow their loss's rule (recall: nothing per
+    row, flat in N and W apart from the metadata row of each rank; Smooth-AP: per global
+    positive, far less than gathered). Every point must fit the model exactly."""
+    out = []
+    for loss in sorted({r["loss"] for r in rows}):
+        spec = TRAFFIC_LOSSES[loss]
+        for c in sorted({r["num_classes"] for r in rows if r["loss"] == loss}):
+            by_mode = {
+                mode: {
+                    (r["world_size"], r["batch"]): r
+                    for r in rows
+                    if (r["loss"], r["num_classes"], r["sharded"]) == (loss, c, mode)
+                }
+                for mode in (False, True)
+            }
+            gathered = traffic_model(by_mode[False], worlds, batches)
+            verdict: dict[str, Any] = {"loss": loss, "num_classes": c, "gathered": gathered}
+            verdict["gathered_grows_as_w_n"] = bool(
+                gathered["max_error"] < 1e-12
+                and abs(gathered["fixed_bytes"]) < 1e-6
+                and gathered["bytes_per_global_unit"] >= 4 * c
+            )
+            if not by_mode[True]:
+                verdict["sharded_ok"] = None
+                out.append(verdict)
+                continue
+            unit = "positive" if spec.sharded_grows == "positives" else "row"
+            sharded = traffic_model(by_mode[True], worlds, batches, spec.sharded_units, unit)
+            verdict["sharded"] = sharded
+            rows_gathered = [r["forward"]["rows"] for r in by_mode[True].values()]
+            exact = sharded["max_error"] < 1e-12
+            if spec.sharded_grows == "nothing":
+                verdict["sharded_ok"] = bool(
+                    exact and sharded["bytes_per_global_unit"] == 0 and not any(rows_gathered)
+                )
+            else:  # per global positive, and fewer bytes than gathered at the largest point
+                top, large = max(worlds), max(batches)
+                verdict["sharded_ok"] = bool(
+                    exact
+                    and by_mode[True][top, large]["bytes_per_step"]
+                    < by_mode[False][top, large]["bytes_per_step"]
+                )
+            times = {
+                f"W={w},N={n}": by_mode[True][w, n]["median_step_ms"]
+                / by_mode[False][w, n]["median_step_ms"]
+                for (w, n) in by_mode[True]
+                if w > 1
+            }
+            verdict["step_time_sharded_over_gathered"] = times
+            out.append(verdict)
+    return out
+
+
+def traffic_worlds(largest: int) -> list[int]:
+    """1, 2, 4, ... up to ``largest``, and ``largest`` itself."""
+    worlds = [1]
+    while worlds[-1] * 2 <= largest:
+        worlds.append(worlds[-1] * 2)
+    return sorted({*worlds, largest})
+
+
+def run_traffic_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    from imbalanced_losses.testing import run_ranks
+
+    small, large, largest = case.sizes(args.quick)
+    worlds = traffic_worlds(largest)
+    # The recall loss always (its gathered mode at least); the others once they can shard.
+    losses = [
+        spec
+        for spec in TRAFFIC_LOSSES.values()
+        if spec.name == "recall" or spec.sharded_available()
+    ]
+    configs = [
+        TrafficConfig(spec.name, c, n, sharded)
+        for spec in losses
+        for c in spec.classes
+        for n in (small, large)
+        for sharded in ([False, True] if spec.sharded_available() else [False])
+    ]
+    rows = []
+    for w in worlds:
+        per_rank = run_ranks(
+            traffic_rank, w, backend="gloo", timeout_s=600.0, args=(w, configs), threads_per_rank=1
+        )
+        rows += _summarise_traffic(per_rank, w)
+    verdicts = _traffic_verdicts(rows, worlds, (small, large))
+    sharded_missing = any(v["sharded_ok"] is None for v in verdicts)
+    met = all(v["gathered_grows_as_w_n"] and v["sharded_ok"] is not False for v in verdicts)
+    met = met and all(r["bytes_same_every_rank_and_step"] for r in rows)
+    projection = [
+        {
+            "loss": v["loss"],
+            "num_classes": v["num_classes"],
+            "world_size": w,
+            "batch": n,
+            "gathered_bytes": project_bytes(v["gathered"], w, n),
+            "sharded_bytes": (
+                project_bytes(v["sharded"], w, TRAFFIC_LOSSES[v["loss"]].sharded_units(n))
+                if "sharded" in v
+                else None
+            ),
+        }
+        for v in verdicts
+        for w in TRAFFIC_PROJECTED_WORLDS
+        for n in (small, large)
+    ]
+    return {
+        "kind": "traffic",
+        "worlds": worlds,
+        "batches": [small, large],
+        "losses": [spec.name for spec in losses],
+        "classes": {spec.name: list(spec.classes) for spec in losses},
+        "sharded_measured": not sharded_missing,
+        "steps": TRAFFIC_STEPS,
+        "steady_from_step": TRAFFIC_STEADY_FROM,
+        "rows": rows,
+        "verdicts": verdicts,
+        "projection": projection,
+        "ours_median_ms": statistics.median(r["median_step_ms"] for r in rows),
+        "reference_median_ms": None,
+        "method": (
+            "for each world size, W spawned gloo ranks (FileStore in a temp dir, 1 thread each); "
+            f"each configuration builds a Linear({TRAFFIC_FEATURES}, C) under "
+            "DistributedDataParallel and the loss with queue_size = one global batch, and trains "
+            f"{TRAFFIC_STEPS} steps on fresh batches of N rows per rank; bytes received per rank "
+            "are counted at the collective calls of imbalanced_losses._distributed (all_gather: "
+            "every rank's block, own included; all_reduce: the reduced tensor; payload bytes, "
+            "not wire bytes), forward = the loss call, backward = loss.backward(); DDP's own "
+            "gradient all-reduce of the model (the same in both modes) is not counted; steps "
+            f"from index {TRAFFIC_STEADY_FROM} on (queue full) are measured; step time = forward "
+            "+ backward + optimizer step, median over ranks and measured steps. Projection: "
+            "bytes = fixed + per global row * W * N + metadata per rank * W, fitted at the "
+            "largest measured W through both N and checked exactly on every other W"
+        ),
+        "target": (
+            "bytes exact and the same on every rank and step; gathered grows as W*N; sharded "
+            "recall flat in N and W (but its metadata row per rank), sharded Smooth-AP per "
+            "global positive"
+        ),
+        "met": bool(met),
+        "not_judged": "sharded mode not in this checkout" if sharded_missing else None,
+    }
+
+
+def fmt_bytes(value: float) -> str:
+    """Bytes with a binary unit, 3 significant figures (exact counts are in the JSON)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return (
+                f"{value / size:,.3g} {unit}"
+                if value / size < 1000
+                else f"{value / size:,.0f} {unit}"
+            )
+    return f"{value:,.0f} B"
+
+
+def traffic_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
+    """One row per (loss, C, W, N): sharded as "ours", gathered as "baseline"; then verdicts
+    and the projection to large worlds (each figure marked projected)."""
+    at = {
+        (x["loss"], x["num_classes"], x["world_size"], x["batch"], x["sharded"]): x
+        for x in r["rows"]
+    }
+    out = []
+    for (loss, c, w, n, sharded), row in at.items():
+        if sharded:
+            continue
+        shard = at.get((loss, c, w, n, True))
+        fwd, bwd = fmt_bytes(row["bytes_forward"]), fmt_bytes(row["bytes_backward"])
+        parts = [f"gathered {fwd} fwd + {bwd} bwd"]
+        if shard is not None:
+            fwd, bwd = fmt_bytes(shard["bytes_forward"]), fmt_bytes(shard["bytes_backward"])
+            parts.append(f"sharded {fwd} fwd + {bwd} bwd")
+        out.append(
+            [
+                f"{name} ({loss} C={c}, W={w}, N={n:,}/rank)",
+                fmt_ms(shard["median_step_ms"]) if shard else "—",
+                fmt_ms(row["median_step_ms"]),
+                "received/rank/step: " + "; ".join(parts),
+                "",
+                "",
+            ]
+        )
+    for v in r["verdicts"]:
+        g = v["gathered"]
+        text = (
+            f"gathered: {fmt_bytes(g['bytes_per_global_unit'])} per global row + "
+            f"{fmt_bytes(g['metadata_bytes_per_rank'])} per rank (fit max error "
+            f"{g['max_error']:.0%})"
+        )
+        verdict = "yes" if v["gathered_grows_as_w_n"] and v["sharded_ok"] is not False else "NO"
+        if v["sharded_ok"] is None:
+            verdict += " (gathered only: no sharded mode here)"
+        else:
+            s = v["sharded"]
+            text += (
+                f"; sharded: {fmt_bytes(s['fixed_bytes'])} + "
+                f"{fmt_bytes(s['bytes_per_global_unit'])} per global {s['unit']} + "
+                f"{fmt_bytes(s['metadata_bytes_per_rank'])} per rank (fit max error "
+                f"{s['max_error']:.0%}); step time sharded/gathered "
+                + ", ".join(
+                    f"{k}: {x:.2f}x" for k, x in v["step_time_sharded_over_gathered"].items()
+                )
+            )
+        out.append(
+            [
+                f"{name} verdict ({v['loss']} C={v['num_classes']})",
+                "",
+                "",
+                text,
+                r["target"],
+                verdict,
+            ]
+        )
+    for p in r["projection"]:
+        text = f"projected: gathered {fmt_bytes(p['gathered_bytes'])}/step"
+        if p["sharded_bytes"] is not None:
+            text += f", sharded {fmt_bytes(p['sharded_bytes'])}/step"
+        where = f"W={p['world_size']:,}, N={p['batch']:,}/rank"
+        what = f"{name} projected ({p['loss']} C={p['num_classes']}, {where})"
+        out.append([what, "—", "—", text, "projected from the measured per-rank costs", ""])
+    return out
+
+
 # --------------------------------------------------------------------------- Smooth-AP case
 def smooth_ap_child(impl: str, rows: int, positives: int, repeats: int) -> dict[str, Any]:
     """Runs in a fresh process: forward+backward times and peak extra RSS of one implementation.
@@ -1094,6 +1549,15 @@ _CASES = [
         quick=(512, 384, 4096, 4),
         num_classes=16,
         max_collectives=(2, 0),
+    ),
+    # ---- sharded vs gathered traffic (issue 19): (N small, N large, largest world size)
+    Case(
+        "ddp_traffic",
+        run_traffic_case,
+        traffic_rows,
+        full=(512, 4096, 8),
+        quick=(32, 512, 3),
+        default=False,
     ),
     _speed(
         "c100_pool1m",

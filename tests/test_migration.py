@@ -4,6 +4,7 @@ README's migration table lists."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -318,19 +319,13 @@ def test_bad_arguments_raise_the_references_error_text(case):
 
 
 def _bad_forward(loss_fn: nn.Module, bad: str) -> None:
-    """The freezing script's ``bad_forward``: the same bad input."""
-    width = 1 if bad == "logits_1d" else 4
-    logits, targets = torch.zeros(16, width), torch.arange(16) % 2
-    weight = None
-    if bad == "logits_1d":
-        logits = logits[:, 0]
-    elif bad == "logits_width":
-        logits = logits[:, :3]
-    elif bad == "weight_shape":
-        weight = torch.ones(15)
-    elif bad == "weight_negative":
-        weight = -torch.ones(16)
-    loss_fn(logits, targets, sample_weight=weight)
+    """The freezing script's own ``bad_forward`` (one definition of the bad inputs)."""
+    path = ROOT / "scripts" / "freeze_reference_values.py"
+    spec = importlib.util.spec_from_file_location("freeze_reference_values", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.bad_forward(loss_fn, bad)
 
 
 @pytest.mark.parametrize(

@@ -368,13 +368,6 @@ def all_reduce_replicated(tensor: Tensor, group: Group = None) -> Tensor:
     return _all_reduce(tensor, dist.ReduceOp.SUM, group)
 
 
-def _count_traffic(size: int) -> None:
-    """Count one collective that brought ``size`` bytes to this rank."""
-    _TRAFFIC.calls += 1
-    _TRAFFIC.bytes += size
-    _TRAFFIC.recent.append(size)
-
-
 def gather_counts(counts: Tensor, group: Group = None) -> list[list[int]]:
     """Every rank's ``[k]`` integer counts, read on the host (one counted ``all_gather``).
 
@@ -384,9 +377,7 @@ def gather_counts(counts: Tensor, group: Group = None) -> list[list[int]]:
     if world(group)[1] == 1:
         return [counts.to("cpu", copy=True).tolist()]
     blocks = all_gather_rows_of_equal_shape(counts.long(), group)
-    stacked = torch.stack(blocks).to("cpu", copy=True)
-    _count_traffic(stacked.numel() * stacked.element_size())
-    return stacked.tolist()
+    return torch.stack(blocks).to("cpu", copy=True).tolist()
 
 
 class _GatherSummingOwn(torch.autograd.Function):
@@ -431,13 +422,10 @@ class _GatherSummingOwn(torch.autograd.Function):
 
 
 def _gather_counted(packed: Tensor, sizes: list[int], group: Group) -> Tensor:
-    """:func:`_gather_padded`, counted (what each rank receives: every rank's padded block)."""
+    """:func:`_gather_padded` (counted there), and a copy when alone."""
     if world(group)[1] == 1:
         return packed.clone()
-    gathered = _gather_padded(packed, sizes, group)
-    if max(sizes) > 0:  # otherwise no collective ran
-        _count_traffic(len(sizes) * max(sizes) * packed.shape[1] * packed.element_size())
-    return gathered
+    return _gather_padded(packed, sizes, group)
 
 
 def gather_summing_grad(

@@ -484,14 +484,19 @@ def rss_child(num_classes: int, quantile: float, batch: int, queue: int) -> dict
     loss_fn = RecallAtQuantileLoss(num_classes, quantile=quantile, queue_size=queue)
     gen = torch.Generator().manual_seed(5)
     marks = {}
+    # The kernel's high-water mark can forget a peak (a heap shrunk by brk does not update
+    # it), so the peak is the largest mark read after any step, the last one included.
+    peak = rss0
     for _ in range(-(-queue // batch) + 1):
         logits, targets = make_batch(gen, batch, num_classes)
         start = time.perf_counter()
         loss_fn(logits.requires_grad_(True), targets).backward()
         seconds = time.perf_counter() - start
+        peak = max(peak, _rss_mb()[1])
         if loss_fn.queue.count == queue and "queue_full_mb" not in marks:
-            marks["queue_full_mb"] = _rss_mb()[1] - rss0
-    rss, peak = _rss_mb()
+            marks["queue_full_mb"] = peak - rss0
+    rss, last_mark = _rss_mb()
+    peak = max(peak, last_mark)
     return {
         "pool_mb": (batch + queue) * num_classes * 4 / 2**20,
         "queue_mb": queue * num_classes * 4 / 2**20,

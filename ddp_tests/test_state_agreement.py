@@ -76,6 +76,20 @@ def _slip(name: str, rank: int) -> tuple[RecallAtQuantileLoss, torch.dtype]:
     if name == "loss dtype":
         loss_fn = RecallAtQuantileLoss(**OPTIONS)
         return (loss_fn.double() if rank == 1 else loss_fn), torch.float64
+    # Sharded: the shards fill at their own pace, so the agreed queue state is the number of
+    # training steps since they were emptied.
+    if name == "sharded: reset_queue() on one rank":
+        loss_fn = RecallAtQuantileLoss(**OPTIONS, sharded=True)
+        loss_fn(*_batch(rank, 0))  # a step every rank takes together
+        if rank == 1:
+            loss_fn.reset_queue()
+        return loss_fn, torch.float32
+    if name == "sharded: checkpoint loaded on rank 0 only":
+        loss_fn = RecallAtQuantileLoss(**OPTIONS, sharded=True)
+        loss_fn(*_batch(rank, 0))  # a step every rank takes together
+        if rank == 0:  # a one-process checkpoint: a gathered one, which restarts the count
+            loss_fn.load_state_dict(_trained(2, sharded=True).state_dict())
+        return loss_fn, torch.float32
     raise AssertionError(name)
 
 
@@ -106,6 +120,16 @@ EXPECTED = {
         r"loss dtype \(its queue\) \(rank 0: torch.float32, rank 1: torch.float64"
         r"(, rank 2: torch.float32)?\)",
         "convert the loss the same way on every rank",
+    ),
+    "sharded: reset_queue() on one rank": (
+        r"training steps written to the queue shards since they were emptied "
+        r"\(rank 0: 1, rank 1: 0(, rank 2: 1)?\)",
+        "call reset_queue() on every rank or on none",
+    ),
+    "sharded: checkpoint loaded on rank 0 only": (
+        r"training steps written to the queue shards since they were emptied "
+        r"\(rank 0: 0, rank 1: 1(, rank 2: 1)?\)",
+        "load the checkpoint on every rank",
     ),
 }
 
@@ -149,6 +173,34 @@ def _agreed_state_trains(rank: int) -> list[float]:
         loss_fn.temperature = 0.5 / (step + 1)
         losses.append(float(loss_fn(*_batch(rank, step))))
     return losses
+
+
+def _sharded_warnings_as_errors(rank: int) -> list[str]:
+    """Steps of a sharded loss whose pool is too small for its quantile, with warnings turned
+    into errors: rank 0's shard fills first (rank 1 has no rows at step 0)."""
+    loss_fn = RecallAtQuantileLoss(1, quantile=0.1, queue_size=4, temperature=0.5, sharded=True)
+    outcomes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step, rows in enumerate([(2, 0), (2, 0), (2, 2), (2, 2)]):
+            gen = torch.Generator().manual_seed(step)
+            logits = torch.randn(rows[rank], 1, generator=gen)
+            targets = torch.arange(rows[rank]) % 2
+            try:
+                loss_fn(logits, targets)
+                outcomes.append("ok")
+            except UserWarning as warning:
+                outcomes.append(type(warning).__name__ + ": " + str(warning).split(",")[0])
+    return outcomes
+
+
+def test_sharded_warnings_are_judged_on_the_global_pool_so_every_rank_warns_alike():
+    """A warning made an error on one rank only would leave the others waiting in the next
+    collective: the small-pool warning waits until every shard is full, on every rank."""
+    outcomes = run_ranks(_sharded_warnings_as_errors, 2, timeout_s=120)
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0][:2] == ["ok", "ok"], outcomes  # rank 1's shard is still empty
+    assert any("the pool holds" in o for o in outcomes[0][2:]), outcomes
 
 
 def test_ranks_with_the_same_state_train_without_error():

@@ -117,6 +117,9 @@ class QueuedRankingLoss(ProcessGroupHandle):
                 "expected max_pool_size=None with sharded=True (or sharded=False)"
             )
         self.subsample_step = 0
+        # Training steps since the queue was last emptied: the one queue state every rank
+        # shares in sharded mode (shards fill at their own pace), so it is agreed there.
+        self.queue_writes = 0
         # Sharded: this rank's shard, sized for the world known now; resized at the first
         # forward (when the world is known for sure) while it is empty.
         rank, world = self._shard_world()
@@ -146,6 +149,7 @@ class QueuedRankingLoss(ProcessGroupHandle):
     def reset_queue(self) -> None:
         """Empty the memory queue (e.g. after the score scale changed); re-arms the warnings."""
         self.queue.reset()
+        self.queue_writes = 0
         self._warned.clear()
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -158,6 +162,7 @@ class QueuedRankingLoss(ProcessGroupHandle):
         if isinstance(self._queue_of, tuple):  # a shard: whose rows, so a resume can tell
             state["version"] = STATE_VERSION
             state["shard"] = list(self._queue_of)
+            state["queue_writes"] = self.queue_writes  # agreed across the shards
         return state
 
     def set_extra_state(self, state: Any) -> None:
@@ -185,6 +190,8 @@ class QueuedRankingLoss(ProcessGroupHandle):
                 )
             self._temperature = saved
         self.subsample_step = step
+        # Missing (a gathered-mode or one-rank checkpoint): 0 on every rank that loads it.
+        self.queue_writes = integer("queue_writes", 0).check(int(state.get("queue_writes", 0)))
         self._load_queue_owner(state.get("shard"))
 
     def _load_queue_owner(self, shard: Any) -> None:
@@ -259,6 +266,7 @@ class QueuedRankingLoss(ProcessGroupHandle):
         loss = reduce_per_class(per_class, valid, self.reduction, anchor=anchor)
         if updates_state and self.queue.capacity > 0:
             self._enqueue(live, num_finite)
+        self.queue_writes += int(updates_state)
         if return_per_class:
             return loss, per_class.masked_fill(~valid, float("nan")), valid
         return loss
@@ -308,8 +316,15 @@ class QueuedRankingLoss(ProcessGroupHandle):
                 float(updates_state),
             ),
             # Sharded: each rank's shard fills at its own pace; its count rides in the
-            # metadata row instead ("queued"), and these columns hold -1 on every rank.
-            Agreed("queue fill count", -1 if self.sharded else queue.count, *_QUEUE_SHOWN),
+            # metadata row instead ("queued"), and the ranks agree on the training steps
+            # since the shards were emptied (a reset or a load on some ranks only shows there).
+            Agreed("queue fill count", queue.count, *_QUEUE_SHOWN)
+            if not self.sharded
+            else Agreed(
+                "training steps written to the queue shards since they were emptied",
+                self.queue_writes,
+                _exchange.QUEUE_FIX,
+            ),
             Agreed("queue write position", -1 if self.sharded else queue.ptr, *_QUEUE_SHOWN),
             Agreed("subsampling step", self.subsample_step, _exchange.CHECKPOINT_FIX),
             Agreed(
@@ -334,7 +349,7 @@ class QueuedRankingLoss(ProcessGroupHandle):
         sample_weight: Tensor | None,
         update_queue: Any,
         updates_state: bool,
-    ) -> tuple[Rows, int, tuple[Any, int] | None]:
+    ) -> tuple[Rows, int, tuple[Any, int, bool] | None]:
         """This step's non-padding rows of every rank in rank order, and how many are finite.
 
         Checks this rank's inputs (value checks stay on the device and ride in the metadata
@@ -406,7 +421,8 @@ class QueuedRankingLoss(ProcessGroupHandle):
             live = Rows(scores, tgt, weights, iid)
             live.num_positives = int(agreed.mine("positives"))
             pool_size = sum(agreed.sizes) + agreed.total("queued")
-            return live, int(agreed.mine("finite")), (agreed.group, pool_size)
+            full = agreed.total("queued") == len(agreed.sizes) * self.queue.capacity
+            return live, int(agreed.mine("finite")), (agreed.group, pool_size, full)
         if agreed.distributed:
             live = self._gather(agreed, scores, tgt, weights, iid)
         else:
@@ -512,7 +528,7 @@ class QueuedRankingLoss(ProcessGroupHandle):
         self._queue_of = target
 
     def _pool(
-        self, live: Rows, *, advance_sample: bool, shards: tuple[Any, int] | None = None
+        self, live: Rows, *, advance_sample: bool, shards: tuple[Any, int, bool] | None = None
     ) -> Pool:
         """Live rows plus the queue; a capped pool gets its sample (and warns once).
 
@@ -525,7 +541,7 @@ class QueuedRankingLoss(ProcessGroupHandle):
         queued = Rows(q_scores.to(dtype), q_targets, q_weights.to(dtype), self.queue.iid_rows())
         pool = Pool(live, queued, self.num_classes, positives_from=self.positives)
         if shards is not None:  # this rank's rows; no sample (refused at construction)
-            pool.sharded, (pool.group, pool.global_size) = True, shards
+            pool.sharded, (pool.group, pool.global_size, pool.shards_full) = True, shards
             return pool
         cap = self.max_pool_size
         if cap is not None and pool.size > cap:

@@ -73,9 +73,9 @@ class Pool:
 
     Sharded mode (``sharded=True`` on the loss): ``live`` and ``queued`` are this rank's
     rows only (its live rows and its queue shard); the pool is the union over the ranks of
-    ``group``, ``global_size`` rows in all. A loss then reduces per-class statistics over
-    ``group`` (``_distributed.all_reduce_replicated``, the replicated gradient rule)
-    instead of reading rows it does not hold.
+    ``group``, ``global_size`` rows in all (``shards_full``: every shard is full). A loss
+    then reduces per-class statistics over ``group`` (``_distributed.all_reduce_replicated``,
+    the replicated gradient rule) instead of reading rows it does not hold.
     """
 
     live: Rows
@@ -86,6 +86,7 @@ class Pool:
     sharded: bool = False
     group: Any = None
     global_size: int | None = None
+    shards_full: bool | None = None  # sharded: every rank's shard is full (agreed counts)
 
     @property
     def size(self) -> int:

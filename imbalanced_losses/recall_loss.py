@@ -141,7 +141,7 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         """
         size = pool.global_size
         assert size is not None and size > 0
-        self._warn_if_pool_too_small(size)
+        self._warn_if_pool_too_small(size, queue_full=pool.shards_full is True)
         theta = sharded_quantile_threshold(
             pool.threshold_blocks(),
             self.quantile,
@@ -162,14 +162,17 @@ class RecallAtQuantileLoss(QueuedRankingLoss):
         super().reset_queue()
         self._pending_fraction = None
 
-    def _warn_if_pool_too_small(self, sample_size: int) -> None:
+    def _warn_if_pool_too_small(self, sample_size: int, *, queue_full: bool | None = None) -> None:
         """``pool * quantile < 1`` puts the threshold at the pool's top score.
 
         Judged only once the queue is full (or disabled): a filling queue is
         small by nature and says nothing about the settings. Sharded: ``sample_size`` is
-        the global pool, judged once this rank's shard is full.
+        the global pool and ``queue_full`` says every rank's shard is full (agreed counts),
+        so every rank warns alike (a warning turned into an error then stops every rank).
         """
-        if self.queue.count == self.queue.capacity and sample_size * self.quantile < 1:
+        if queue_full is None:
+            queue_full = self.queue.count == self.queue.capacity
+        if queue_full and sample_size * self.quantile < 1:
             queue_state = " with the queue full" if self.queue.capacity else ""
             self._warn_once(
                 "small pool",

@@ -206,9 +206,8 @@ def gather_own_column(
 
 
 def gather_sizes(tensor: Tensor, group: Group = None) -> list[int]:
-    """Row count of every rank of ``group`` (one small collective)."""
-    n = torch.tensor([tensor.shape[0]], dtype=torch.long, device=collective_device(group))
-    return [int(t.item()) for t in all_gather_rows_of_equal_shape(n, group)]
+    """Row count of every rank of ``group`` (one small collective, one host read)."""
+    return [row[0] for row in gather_counts(torch.tensor([tensor.shape[0]]), group)]
 
 
 def all_gather_with_grad(tensor: Tensor, *, process_group: Group = None) -> Tensor:
@@ -397,7 +396,7 @@ class _GatherSummingOwn(torch.autograd.Function):
         group: Group,
     ) -> tuple[Tensor, Tensor]:
         ctx.sizes, ctx.grad_sizes, ctx.group = sizes, grad_sizes, group
-        gathered = _gather_counted(packed, sizes, group)
+        gathered = _gather_or_copy(packed, sizes, group)
         ctx.mark_non_differentiable(gathered)
         return gathered, gathered[:, 0].clone()
 
@@ -421,8 +420,8 @@ class _GatherSummingOwn(torch.autograd.Function):
         return local, None, None, None, None
 
 
-def _gather_counted(packed: Tensor, sizes: list[int], group: Group) -> Tensor:
-    """:func:`_gather_padded` (counted there), and a copy when alone."""
+def _gather_or_copy(packed: Tensor, sizes: list[int], group: Group) -> Tensor:
+    """:func:`_gather_padded`, or a copy when alone (no collective for one rank)."""
     if world(group)[1] == 1:
         return packed.clone()
     return _gather_padded(packed, sizes, group)
@@ -451,6 +450,6 @@ def gather_summing_grad(
         grad_sizes = list(sizes) if grad_sizes is None else grad_sizes
         gathered, own_all = _GatherSummingOwn.apply(own, packed, sizes, grad_sizes, group)
     else:
-        gathered = _gather_counted(packed, sizes, group)
+        gathered = _gather_or_copy(packed, sizes, group)
         own_all = gathered[:, 0]
     return own_all, gathered[:, 1:]

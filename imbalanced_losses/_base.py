@@ -463,26 +463,29 @@ class QueuedRankingLoss(ProcessGroupHandle):
         self.queue.push(rows.scores.detach(), rows.targets, rows.weights, rows.iid)
 
     # ----------------------------------------------------------- sharded queue
+    def _known_world(self) -> tuple[int, int] | None:
+        """``(rank, size)`` of the ranks this loss pools now (``(0, 1)`` alone), or None while
+        that cannot be known (not a member of the group yet)."""
+        try:
+            distributed = _distributed.should_gather(self.gather_distributed, self.process_group)
+            return _distributed.world(self.process_group) if distributed else (0, 1)
+        except (RuntimeError, ValueError):
+            return None
+
     def _shard_world(self) -> tuple[int, int]:
         """``(rank, size)`` a shard is sized for at construction: ``(0, 1)`` unless sharded
         under an initialised group (the first forward resizes an empty shard if need be)."""
-        if not self.sharded or self.gather_distributed is False:
-            return 0, 1
-        try:
-            return _distributed.world(self.process_group)
-        except (RuntimeError, ValueError):  # not a member of the group (yet): decided later
-            return 0, 1
+        return (self._known_world() or (0, 1)) if self.sharded else (0, 1)
 
     def _settle_loaded_queue(self) -> None:
         """After a load: keep, split or empty the loaded queue now if the world is known
         (else at the first forward), so a resumed run's state is settled before any step."""
         if self.sharded and not _distributed.is_initialized():
             return
-        try:
-            distributed = _distributed.should_gather(self.gather_distributed, self.process_group)
-            rank, world = _distributed.world(self.process_group) if distributed else (0, 1)
-        except (RuntimeError, ValueError):  # not initialised, or not in the group: at forward
+        known = self._known_world()
+        if known is None:  # not in the group yet: at the first forward
             return
+        rank, world = known
         if 0 < self.queue_size < world and self.sharded:
             return  # refused at the first forward, on every rank alike
         self._prepare_queue(rank, world)
